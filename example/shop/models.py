@@ -1,0 +1,56 @@
+from django.db import models
+
+import ormbridge
+
+
+class Category(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+
+    class Meta:
+        verbose_name_plural = "categories"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Tag(models.Model):
+    name = models.CharField(max_length=50, unique=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@ormbridge.register
+class Product(models.Model):
+    sku = models.CharField(max_length=32, unique=True)
+    name = models.CharField(max_length=200)
+    category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="products")
+    tags = models.ManyToManyField(Tag, blank=True, related_name="products")
+    price = models.DecimalField(max_digits=10, decimal_places=2)
+    stock = models.IntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.sku} {self.name}"
+
+
+class DiscountedProduct(Product):
+    """A proxy: its saves must still invalidate Product's cache."""
+
+    class Meta:
+        proxy = True
+
+
+class Order(models.Model):
+    class Status(models.TextChoices):
+        NEW = "new"
+        PAID = "paid"
+        SHIPPED = "shipped"
+
+    product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="orders")
+    quantity = models.PositiveIntegerField(default=1)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.NEW)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"order {self.pk} ({self.status})"

@@ -1,0 +1,194 @@
+"""System checks for ``settings.ORMBRIDGE`` (``manage.py check``)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.apps import apps
+from django.conf import settings as django_settings
+from django.core import checks
+from django.utils.module_loading import import_string
+
+from ormbridge.conf import settings
+
+REDIS_SCHEMES = {"redis", "rediss", "unix"}
+
+
+def register_checks() -> None:
+    checks.register(check_settings, "ormbridge")
+
+
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Validate ``settings.ORMBRIDGE``; one message per problem."""
+    user = getattr(django_settings, "ORMBRIDGE", {})
+    if not isinstance(user, dict):
+        return [
+            checks.Error(
+                f"ORMBRIDGE must be a dict, not {type(user).__name__}.",
+                hint='Set ORMBRIDGE = {"REDIS_URL": "redis://localhost:6379/0", ...}.',
+                id="ormbridge.E001",
+            )
+        ]
+    errors: list[checks.CheckMessage] = []
+    for name in sorted(set(user) - set(settings.keys())):
+        errors.append(
+            checks.Warning(
+                f"ORMBRIDGE has an unknown key {name!r}; it is ignored.",
+                hint=f"Known keys: {', '.join(settings.keys())}.",
+                id="ormbridge.W001",
+            )
+        )
+    errors += _check_redis_url() + _check_cache() + _check_numbers() + _check_names()
+    errors += _check_models() + _check_emitters() + _check_serializer()
+    return errors
+
+
+def _check_redis_url() -> list[checks.CheckMessage]:
+    url = settings.REDIS_URL
+    if isinstance(url, str) and urlsplit(url).scheme in REDIS_SCHEMES:
+        return []
+    return [
+        checks.Error(
+            f"ORMBRIDGE['REDIS_URL'] is not a Redis URL: {url!r}.",
+            hint="Use redis://host:port/db, rediss://… or unix:///path/to/redis.sock.",
+            id="ormbridge.E002",
+        )
+    ]
+
+
+def _check_cache() -> list[checks.CheckMessage]:
+    alias = settings.CACHE_ALIAS
+    caches = getattr(django_settings, "CACHES", {})
+    if alias not in caches:
+        return [
+            checks.Error(
+                f"ORMBRIDGE['CACHE_ALIAS'] is {alias!r}, which is not in CACHES.",
+                hint=f"Use one of: {', '.join(caches) or '(none defined)'}.",
+                id="ormbridge.E003",
+            )
+        ]
+    backend = caches[alias].get("BACKEND", "")
+    if backend.endswith(("LocMemCache", "DummyCache")):
+        return [
+            checks.Warning(
+                f"The cache {alias!r} ({backend}) is private to each process, so "
+                "invalidations run by Celery workers cannot reach it.",
+                hint="Point ORMBRIDGE['CACHE_ALIAS'] at a shared cache such as "
+                "django.core.cache.backends.redis.RedisCache.",
+                id="ormbridge.W002",
+            )
+        ]
+    return []
+
+
+def _check_numbers() -> list[checks.CheckMessage]:
+    errors = []
+    rules = {
+        "FLUSH_DELAY": (settings.FLUSH_DELAY, 0, "a number of seconds >= 0"),
+        "FLUSH_BATCH_SIZE": (settings.FLUSH_BATCH_SIZE, 1, "a whole number >= 1"),
+        "REDELIVER_AFTER": (settings.REDELIVER_AFTER, 1, "a number of seconds >= 1"),
+    }
+    for name, (value, minimum, wanted) in rules.items():
+        whole = name == "FLUSH_BATCH_SIZE"
+        kinds = int if whole else int | float
+        if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+            errors.append(
+                checks.Error(
+                    f"ORMBRIDGE[{name!r}] must be {wanted}, not {value!r}.",
+                    id="ormbridge.E004",
+                )
+            )
+    timeout = settings.CACHE_TIMEOUT
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1
+    ):
+        errors.append(
+            checks.Error(
+                f"ORMBRIDGE['CACHE_TIMEOUT'] must be a whole number of seconds >= 1 or None, "
+                f"not {timeout!r}.",
+                id="ormbridge.E004",
+            )
+        )
+    return errors
+
+
+def _check_names() -> list[checks.CheckMessage]:
+    errors = []
+    for name in ("KEY_PREFIX", "QUEUE"):
+        value = getattr(settings, name)
+        if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+            errors.append(
+                checks.Error(
+                    f"ORMBRIDGE[{name!r}] must be a non-empty string without spaces, "
+                    f"not {value!r}.",
+                    id="ormbridge.E005",
+                )
+            )
+    return errors
+
+
+def _check_models() -> list[checks.CheckMessage]:
+    from ormbridge.registry import _check_model
+
+    entries = settings.MODELS
+    if not isinstance(entries, list | tuple):
+        return [
+            checks.Error(
+                f"ORMBRIDGE['MODELS'] must be a list of 'app_label.ModelName' strings, "
+                f"not {entries!r}.",
+                id="ormbridge.E006",
+            )
+        ]
+    errors = []
+    for label in entries:
+        try:
+            _check_model(apps.get_model(label))
+        except (LookupError, ValueError, TypeError, AttributeError) as exc:
+            errors.append(
+                checks.Error(
+                    f"ORMBRIDGE['MODELS'] names {label!r}, which is not a concrete model: {exc}",
+                    hint="Use 'app_label.ModelName' of an installed, concrete model.",
+                    id="ormbridge.E006",
+                )
+            )
+    return errors
+
+
+def _check_emitters() -> list[checks.CheckMessage]:
+    paths = settings.EMITTERS
+    if not isinstance(paths, list | tuple):
+        return [
+            checks.Error(
+                f"ORMBRIDGE['EMITTERS'] must be a list of dotted paths, not {paths!r}.",
+                id="ormbridge.E007",
+            )
+        ]
+    errors = []
+    for path in paths:
+        try:
+            import_string(path)
+        except ImportError as exc:
+            errors.append(
+                checks.Error(
+                    f"ORMBRIDGE['EMITTERS'] names {path!r}, which cannot be imported: {exc}",
+                    hint="Use e.g. 'ormbridge.broadcast.LoggingEmitter'.",
+                    id="ormbridge.E007",
+                )
+            )
+    return errors
+
+
+def _check_serializer() -> list[checks.CheckMessage]:
+    accepted = getattr(django_settings, "CELERY_ACCEPT_CONTENT", ["json"])
+    serializer = getattr(django_settings, "CELERY_TASK_SERIALIZER", "json")
+    if serializer == "pickle" or "pickle" in accepted:
+        return [
+            checks.Warning(
+                "Celery is set to use pickle; ormbridge's tasks carry only JSON "
+                "and a worker that accepts pickle runs code sent to its broker.",
+                hint='Set CELERY_TASK_SERIALIZER = "json" and CELERY_ACCEPT_CONTENT = ["json"].',
+                id="ormbridge.W003",
+            )
+        ]
+    return []

@@ -1,0 +1,45 @@
+"""ormbridge's Celery tasks: thin wrappers over plain functions.
+
+Every task is fire-and-forget (no result), acknowledged late and rejected
+(redelivered) when its worker dies. They are sent with :func:`enqueue`, which
+routes them to ``ORMBRIDGE["QUEUE"]`` so a project writes no routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, shared_task
+
+from ormbridge import flush, outbox
+from ormbridge.conf import settings
+
+TASK_OPTIONS: dict[str, Any] = {
+    "ignore_result": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+}
+
+
+@shared_task(name="ormbridge.flush_invalidations", **TASK_OPTIONS)
+def flush_invalidations(model_label: str) -> None:
+    """Flush the pending invalidations of one model (``app_label.modelname``)."""
+    flush.flush(model_label)
+
+
+@shared_task(name="ormbridge.process_change_batch", **TASK_OPTIONS)
+def process_change_batch(batch_id: int, using: str = "default") -> None:
+    """Deliver one change-log row."""
+    outbox.process(int(batch_id), str(using))
+
+
+@shared_task(name="ormbridge.sweep_outbox", **TASK_OPTIONS)
+def sweep_outbox() -> None:
+    """Re-deliver what a dead broker, Redis or worker left behind."""
+    outbox.sweep()
+
+
+def enqueue(task: Task, *args: Any, countdown: float | None = None) -> None:
+    """Send ``task`` to the ormbridge queue; raises kombu's ``OperationalError`` if the
+    broker is unreachable (no retries: the change log is the retry)."""
+    task.apply_async(args=args, countdown=countdown, queue=settings.QUEUE, retry=False)
