@@ -35,12 +35,13 @@ GUARD_GRACE = 30
 
 
 class Changes:
-    """Pending changes of one transaction: encoded pending-set members per model label."""
+    """Changes recorded at one savepoint level of a transaction, as pending-set members."""
 
     def __init__(self, using: str) -> None:
         self.using = using
         self.members: dict[str, set[str]] = defaultdict(set)
         self.fields: dict[str, set[str]] = defaultdict(set)
+        self.delivered = False
 
     def add(
         self, label: str, pks: Iterable[object] | None, action: str, fields: Iterable[str] | None
@@ -52,17 +53,46 @@ class Changes:
         if action == "u":
             self.fields[label].update([store.ALL] if fields is None else fields)
 
+    def merge(self, other: Changes) -> None:
+        for label, members in other.members.items():
+            self.members[label] |= members
+        for label, fields in other.fields.items():
+            self.fields[label] |= fields
+
     def __call__(self) -> None:
-        deliver(self)
+        """The ``on_commit`` callback: deliver these changes and their committed siblings.
+
+        Every ``Changes`` of the transaction still referenced by Django survived
+        its savepoints, so the first callback to run delivers them all at once.
+        """
+        if self.delivered:
+            return
+        merged = Changes(self.using)
+        for changes in _open_changes(self.using):
+            if not changes.delivered:
+                merged.merge(changes)
+                changes.delivered = True
+        merged.merge(self)
+        self.delivered = True
+        deliver(merged)
 
 
 class _Local(threading.local):
     def __init__(self) -> None:
-        # alias -> [(savepoint path, weak reference to the Changes registered there)]
-        self.open: dict[str, list[tuple[tuple, weakref.ref[Changes]]]] = defaultdict(list)
+        # alias -> {savepoint path: weak reference to the Changes registered there}
+        self.open: dict[str, dict[tuple[str, ...], weakref.ref[Changes]]] = defaultdict(dict)
 
 
 _local = _Local()
+
+
+def _open_changes(using: str) -> list[Changes]:
+    """The ``Changes`` of the current transaction on ``using`` that Django still holds."""
+    slots = _local.open[using]
+    alive = {path: ref for path, ref in slots.items() if ref() is not None}
+    slots.clear()
+    slots.update(alive)
+    return [changes for ref in alive.values() if (changes := ref()) is not None]
 
 
 def record(
@@ -75,10 +105,9 @@ def record(
     """Note that rows of ``model`` changed in the current transaction on ``using``.
 
     ``action`` is a key of ``store.ACTIONS``; ``pks`` None means every row.
-    ``fields`` are the changed field names of an update (None: all). Changes
-    join a ``Changes`` object already registered with ``on_commit`` in this
-    transaction, at this savepoint or an enclosing one: one Redis round trip
-    per transaction.
+    ``fields`` are the changed field names of an update (None: all). Nothing
+    is sent before the commit; a rolled-back transaction or savepoint drops
+    what was recorded in it.
     """
     connection = connections[using]
     label = model._meta.label_lower
@@ -87,20 +116,17 @@ def record(
         changes.add(label, pks, action, fields)
         transaction.on_commit(changes, using=using)
         return
-    # Django keeps on_commit callbacks only as long as their transaction and
-    # savepoint live: a weak reference to our Changes dies with them.
-    path = tuple(connection.savepoint_ids)
+    # One Changes per savepoint level, registered with on_commit there: Django
+    # drops it (and our weak reference dies) if that savepoint rolls back.
+    path = tuple(sid for sid in connection.savepoint_ids if sid is not None)
     slots = _local.open[using]
-    slots[:] = [(p, ref) for p, ref in slots if ref() is not None]
-    for slot_path, ref in slots:
-        changes = ref()
-        if changes is not None and path[: len(slot_path)] == slot_path:
-            changes.add(label, pks, action, fields)
-            return
-    changes = Changes(using)
+    ref = slots.get(path)
+    changes = ref() if ref is not None else None
+    if changes is None or changes.delivered:
+        changes = Changes(using)
+        transaction.on_commit(changes, using=using)
+        slots[path] = weakref.ref(changes)
     changes.add(label, pks, action, fields)
-    transaction.on_commit(changes, using=using)
-    slots.append((path, weakref.ref(changes)))
 
 
 def invalidate(model: type[models.Model], pks: Iterable[object] | None = None) -> None:
