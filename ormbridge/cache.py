@@ -81,12 +81,12 @@ def cached_queryset(queryset: models.QuerySet[Any]) -> list[Any]:
         tokens = _tokens([store.generation_key(label) for label in labels], timeout)
     except redis.RedisError as exc:
         logger.warning("ormbridge: Redis unreachable, reading the database: %s", exc)
-        return list(queryset)
+        return list(queryset.all())
     cache = get_cache()
     hit = cache.get(entry_key)
     if hit is not None and hit[0] == tokens:
         return hit[1]
-    rows = list(queryset)
+    rows = list(queryset.all())  # a fresh clone: the queryset may hold old results
     cache.set(entry_key, (tokens, rows), timeout)
     return rows
 

