@@ -39,7 +39,20 @@ def sweep_outbox() -> None:
     outbox.sweep()
 
 
+# One quick reconnect (a broker restarted under a pooled connection), no more:
+# when the broker is really down the change log is the retry.
+PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0, "interval_max": 0.1}
+
+
 def enqueue(task: Task, *args: Any, countdown: float | None = None) -> None:
-    """Send ``task`` to the ormbridge queue; raises kombu's ``OperationalError`` if the
-    broker is unreachable (no retries: the change log is the retry)."""
-    task.apply_async(args=args, countdown=countdown, queue=settings.QUEUE, retry=False)
+    """Send ``task`` to ``ORMBRIDGE["QUEUE"]``.
+
+    Raises kombu's ``OperationalError`` when the broker cannot be reached.
+    """
+    task.apply_async(
+        args=args,
+        countdown=countdown,
+        queue=settings.QUEUE,
+        retry=True,
+        retry_policy=PUBLISH_RETRY,
+    )

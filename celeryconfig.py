@@ -1,0 +1,36 @@
+"""Reference Celery configuration for a project running ormbridge.
+
+Load it with ``app.config_from_object("celeryconfig")``, or copy the values
+into Django settings with the ``CELERY_`` prefix (as ``example/settings.py``
+does). Broker and result backend come from the environment.
+
+Run a worker that also consumes ormbridge's queue::
+
+    celery -A proj worker -Q ormbridge,celery
+"""
+
+import os
+
+broker_url = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+# ormbridge's tasks are fire-and-forget; a backend only matters for your own tasks.
+result_backend = os.environ.get("CELERY_RESULT_BACKEND") or None
+
+# JSON only: a worker that accepts pickle runs whatever is put on its broker.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+
+# A task whose worker dies is redelivered instead of lost. ormbridge's own
+# sweep hands such work out again after ORMBRIDGE["REDELIVER_AFTER"] seconds,
+# long before the broker's visibility timeout (one hour on Redis) would.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+
+# ormbridge sends its tasks to ORMBRIDGE["QUEUE"] itself; this route only
+# matters for tasks sent by name from elsewhere (e.g. a beat schedule).
+ORMBRIDGE_QUEUE = os.environ.get("ORMBRIDGE_QUEUE", "ormbridge")
+task_routes = {"ormbridge.*": {"queue": ORMBRIDGE_QUEUE}}
+
+broker_connection_retry_on_startup = True
+timezone = "UTC"
