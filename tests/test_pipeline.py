@@ -6,10 +6,12 @@ import time
 
 import pytest
 from celery import current_app
+from django.db import transaction
 
 from ormbridge import flush, store, tasks
-from ormbridge.cache import cached_instance
-from shop.models import Product
+from ormbridge.cache import cached_instance, get_cache, instance_key
+from shop.models import Category, Product
+from tests import emitters
 from tests.conftest import wait_until
 from tests.factories import make_products
 
@@ -35,11 +37,36 @@ def test_ten_thousand_saves_make_tens_of_flushes_and_every_row_reads_fresh(worke
     wait_until(lambda: flush.is_idle("shop.product"), 30, "the last flush")
     flushes = int(store.get_redis().hget(store.stats_key("shop.product"), "flushes"))
     windows = elapsed / delay
-    print(f"10,000 saves in {elapsed:.1f} s: {flushes} flushes")
     assert flushes <= windows + 3, f"{flushes} flushes in {elapsed:.1f} s"
     assert flushes < 100
     fresh = dict(Product.objects.values_list("pk", "stock"))
     assert {p.pk: cached_instance(Product, p.pk).stock for p in products} == fresh
+
+
+def test_a_rolled_back_save_leaves_the_cache_untouched_and_emits_nothing(worker):
+    [product] = make_products(1)
+    cached_instance(Product, product.pk)
+    with pytest.raises(RuntimeError), transaction.atomic():
+        product.price = 100
+        product.save()
+        raise RuntimeError
+    Category.objects.create(name="a later, committed change")
+    wait_until(lambda: emitters.recorded(), 10, "the later change's event")
+    assert [event["model"] for event in emitters.recorded()] == ["shop.category"]
+    assert get_cache().get(instance_key("shop.product", product.pk)) is not None
+
+
+def test_a_save_inside_atomic_is_not_flushed_before_the_commit(worker):
+    [product] = make_products(1)
+    cached_instance(Product, product.pk)
+    with transaction.atomic():
+        product.price = 100
+        product.save()
+        time.sleep(1)  # five debounce windows
+        assert get_cache().get(instance_key("shop.product", product.pk)) is not None
+        assert emitters.recorded() == []
+    wait_until(lambda: cached_instance(Product, product.pk).price == 100, 10, "the flush")
+    assert [event["pks"] for event in emitters.recorded()] == [[product.pk]]
 
 
 def test_tasks_reach_the_configured_queue_as_json_without_routes(idle_queue, broker, settings):
