@@ -81,6 +81,12 @@ class Settings:
         "finished (a dead worker, a lost message) is handed out again by "
         "``sweep_outbox``. Longer than your slowest flush.",
     )
+    BULK_CHUNK_SECONDS: float = _Setting(
+        0.2,
+        "Target duration of one chunk's transaction in the ``safe_bulk_*`` helpers when "
+        "no chunk size is given: chunks grow or shrink towards it (short row locks, "
+        "few round trips).",
+    )
     EMITTERS: list[str] = _Setting(
         ["ormbridge.broadcast.LoggingEmitter"],
         "Dotted paths of the classes that receive change events (one per flushed batch).",

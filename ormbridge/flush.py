@@ -68,16 +68,12 @@ def flush(label: str) -> FlushResult:
                 del batch[:batch_size]
             if cursor == 0:
                 break
-    pipe = client.pipeline(transaction=False)
     if took:
+        pipe = client.pipeline(transaction=False)
         pipe.delete(inflight, _fields_of(inflight))
         pipe.zrem(store.inflight_index_key(), inflight)
-    stats = store.stats_key(label)
-    pipe.hincrby(stats, "flushes", 1)
-    for name in ("rows", "batches", "entries", "events", "emit_failures"):
-        pipe.hincrby(stats, name, getattr(result, name))
-    pipe.hset(stats, "last_flush", time.time())
-    pipe.execute()
+        pipe.execute()
+    record_stats(label, result, flushes=1)
     return result
 
 
@@ -95,11 +91,7 @@ def apply(
         else:
             by_action[action].add(pk)
     pks = set().union(*by_action.values())
-    pipe = store.get_redis().pipeline(transaction=False)
-    entries = ormbridge_cache.forget(model, sorted(pks), pipe)
-    if everything:
-        ormbridge_cache.forget_all(model, pipe)
-    pipe.execute()
+    entries = invalidate(model, sorted(pks), everything=everything)
     events = [
         broadcast.make_event(
             store.ACTIONS[action],
@@ -115,6 +107,32 @@ def apply(
     return FlushResult(
         rows=len(pks), batches=1, entries=entries, events=len(events), emit_failures=failures
     )
+
+
+def invalidate(model: type[models.Model], pks: list[str], everything: bool = False) -> int:
+    """Delete the cache tokens and entries of ``pks`` (as text), or of every row.
+
+    Two round trips whatever the number of rows: one Redis pipeline, one
+    ``delete_many`` on the Django cache. Returns the number of entries deleted.
+    """
+    pipe = store.get_redis().pipeline(transaction=False)
+    entries = ormbridge_cache.forget(model, pks, pipe)
+    if everything:
+        ormbridge_cache.forget_all(model, pipe)
+    pipe.execute()
+    return entries
+
+
+def record_stats(label: str, result: FlushResult, flushes: int = 0) -> None:
+    """Add ``result`` to the model's counters (shown by the demo and status)."""
+    stats = store.stats_key(label)
+    pipe = store.get_redis().pipeline(transaction=False)
+    if flushes:
+        pipe.hincrby(stats, "flushes", flushes)
+    for name in result.__dataclass_fields__:
+        pipe.hincrby(stats, name, getattr(result, name))
+    pipe.hset(stats, "last_flush", time.time())
+    pipe.execute()
 
 
 def event_pk(model: type[models.Model], pk: str) -> Any:

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
+
+
+class SnapshotEncoder(DjangoJSONEncoder):
+    """JSON for row snapshots: Django's types, and bytes as base64 (as BinaryField reads them)."""
+
+    def default(self, o: object) -> object:
+        if isinstance(o, bytes | memoryview):
+            return base64.b64encode(bytes(o)).decode("ascii")
+        return super().default(o)
 
 
 class ChangeBatch(models.Model):
@@ -34,6 +45,15 @@ class ChangeBatch(models.Model):
     )
     fields = models.JSONField(
         null=True, blank=True, help_text="Changed field names of an update; null means all."
+    )
+    replay = models.BooleanField(
+        default=False, help_text="Send post_save/post_delete for each row when delivered."
+    )
+    snapshot = models.JSONField(
+        null=True,
+        blank=True,
+        encoder=SnapshotEncoder,
+        help_text='Deleted rows\' values: {"fields": [attname, ...], "rows": [[value, ...], ...]}.',
     )
     state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
     attempts = models.PositiveIntegerField(default=0)

@@ -16,13 +16,14 @@ from datetime import timedelta
 from typing import Any
 
 import redis
+from django.apps import apps
 from django.conf import settings as django_settings
-from django.db import DatabaseError, router, transaction
+from django.db import DatabaseError, models, router, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from ormbridge import flush, registry, store
+from ormbridge import broadcast, flush, registry, replay
 from ormbridge.conf import settings
 
 logger = logging.getLogger("ormbridge")
@@ -129,8 +130,34 @@ def _hand_out(using: str, limit: int, result: SweepResult) -> int:
     return sent
 
 
+def dispatch(batch_ids: list[int], using: str) -> None:
+    """Send ``process_change_batch`` for rows written in state enqueued.
+
+    Called after their transaction committed. If the broker is unreachable the
+    rows go back to pending, for the sweep: nothing is lost.
+    """
+    from ormbridge import tasks
+    from ormbridge.models import ChangeBatch
+
+    for position, batch_id in enumerate(batch_ids):
+        try:
+            tasks.enqueue(tasks.process_change_batch, batch_id, using)
+        except (BrokerError, OSError) as exc:
+            logger.warning(
+                "ormbridge: broker unreachable, change batches left to the sweep: %s", exc
+            )
+            ChangeBatch.objects.using(using).filter(id__in=batch_ids[position:]).update(
+                state=ChangeBatch.State.PENDING, last_error=f"{type(exc).__name__}: {exc}"
+            )
+            return
+
+
 def process(batch_id: int, using: str = "default") -> flush.FlushResult:
-    """Deliver one change-log row: invalidate its rows, emit its events, mark it done."""
+    """Deliver one change-log row: replay its signals if asked, invalidate, emit one event.
+
+    Idempotent enough for at-least-once delivery: a row already done is skipped;
+    a row whose delivery fails keeps its error and is handed out again later.
+    """
     from ormbridge.models import ChangeBatch
 
     result = flush.FlushResult()
@@ -138,21 +165,44 @@ def process(batch_id: int, using: str = "default") -> flush.FlushResult:
     if batch is None or batch.state == ChangeBatch.State.DONE:
         return result
     try:
-        model = registry.get_model(batch.model)
-        action = {name: code for code, name in store.ACTIONS.items()}[batch.action]
-        if batch.pks is None:
-            result.add(flush.apply(model, [store.ALL], None))
-        size = int(settings.FLUSH_BATCH_SIZE)
-        pks = batch.pks or []
-        for start in range(0, len(pks), size):
-            members = [store.member(action, pk) for pk in pks[start : start + size]]
-            result.add(flush.apply(model, members, batch.fields))
+        model = apps.get_model(batch.model)
+        pk_field = model._meta.pk
+        pks = None if batch.pks is None else [pk_field.to_python(pk) for pk in batch.pks]
+        if batch.replay and batch.action == ChangeBatch.Action.DELETE:
+            replay.replay_deletes(model, batch.snapshot or {"fields": [], "rows": []}, using)
+        elif batch.replay and pks:
+            created = batch.action == ChangeBatch.Action.CREATE
+            replay.replay_saves(model, pks, batch.fields, created, using)
+        if registry.is_registered(model):
+            result = _invalidate(model, batch.action, pks, batch.fields)
     except Exception as exc:
         ChangeBatch.objects.using(using).filter(id=batch_id).update(
-            last_error=f"{type(exc).__name__}: {exc}"
+            last_error=f"{type(exc).__name__}: {exc}"[:2000]
         )
         raise
     ChangeBatch.objects.using(using).filter(id=batch_id).update(
         state=ChangeBatch.State.DONE, finished_at=timezone.now(), last_error=""
     )
+    return result
+
+
+def _invalidate(
+    model: type[models.Model], action: str, pks: list[Any] | None, fields: list[str] | None
+) -> flush.FlushResult:
+    """Invalidate a change-log row's rows in batches; one event for the whole row."""
+    label = model._meta.label_lower
+    result = flush.FlushResult(events=1)
+    if pks is None:
+        result.entries = flush.invalidate(model, [], everything=True)
+    else:
+        texts = [str(pk) for pk in pks]
+        size = int(settings.FLUSH_BATCH_SIZE)
+        for start in range(0, len(texts), size):
+            result.entries += flush.invalidate(model, texts[start : start + size])
+            result.batches += 1
+        result.rows = len(texts)
+    event_pks = None if pks is None else [flush.event_pk(model, str(pk)) for pk in pks]
+    event = broadcast.make_event(action, label, event_pks, fields if action == "update" else None)
+    result.emit_failures = broadcast.emit([event])
+    flush.record_stats(label, result)
     return result

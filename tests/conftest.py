@@ -11,10 +11,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
-from django.conf import settings as django_settings
 from django.db import connection
 
 from ormbridge import store
@@ -121,10 +121,18 @@ def idle_queue(settings, broker: redis.Redis) -> Callable[[], int]:
 class Worker:
     """A real ``celery worker`` process consuming the ormbridge queue."""
 
-    def __init__(self, db_name: str, pool: str = "solo") -> None:
+    def __init__(
+        self,
+        db_name: str,
+        queue: str = "ormbridge",
+        pool: str = "solo",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.log = RUN_DIR / f"worker-{uuid.uuid4().hex[:8]}.log"
         self.db_name = db_name
+        self.queue = queue
         self.pool = pool
+        self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -133,6 +141,7 @@ class Worker:
             "DJANGO_SETTINGS_MODULE": "tests.settings",
             "ORMBRIDGE_TEST_DB_NAME": self.db_name,
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "example")]),
+            **self.env,
         }
         self.process = subprocess.Popen(
             [
@@ -204,9 +213,20 @@ def worker(django_db_setup, django_db_blocker, redis_servers) -> Iterator[Worker
 
 
 @pytest.fixture
-def run_dir() -> Path:
-    return RUN_DIR
+def start_worker(
+    django_db_setup, django_db_blocker, redis_servers
+) -> Iterator[Callable[..., Worker]]:
+    """Start extra workers (for tests that kill them); stopped at the end of the test."""
+    started: list[Worker] = []
+    with django_db_blocker.unblock():
+        db_name = connection.settings_dict["NAME"]
 
+    def start(**options: Any) -> Worker:
+        process = Worker(db_name, **options)
+        process.start()
+        started.append(process)
+        return process
 
-def ormbridge_settings(**overrides: object) -> dict:
-    return {**django_settings.ORMBRIDGE, **overrides}
+    yield start
+    for process in started:
+        process.stop()

@@ -18,7 +18,9 @@ os.environ["CELERY_BROKER_URL"] = f"redis+socket://{RUN_DIR}/broker.sock"
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 
 from example.settings import *  # noqa: E402, F403
-from example.settings import CACHES, DATABASES, ORMBRIDGE  # noqa: E402
+from example.settings import CACHES, DATABASES, INSTALLED_APPS, ORMBRIDGE  # noqa: E402
+
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp"]
 
 CACHES["default"]["LOCATION"] = f"unix://{RUN_DIR}/cache.sock"
 CACHES["default"]["KEY_PREFIX"] = "test"

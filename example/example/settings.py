@@ -58,9 +58,12 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
-    # Web process and worker share the file: WAL lets readers and a writer overlap.
+    # Web process and worker share the file: WAL lets readers and a writer overlap,
+    # and IMMEDIATE transactions wait for the write lock instead of failing when a
+    # transaction that began by reading turns into a writer.
     DATABASES["default"]["OPTIONS"] = {
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
         "timeout": 30,
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -81,7 +84,7 @@ ORMBRIDGE = {
     "REDIS_URL": REDIS_URL,
     "FLUSH_DELAY": float(os.environ.get("ORMBRIDGE_FLUSH_DELAY", "1.0")),
     # Product registers itself with @ormbridge.register; these by name.
-    "MODELS": ["shop.Category", "shop.Tag", "shop.Order"],
+    "MODELS": ["shop.Category", "shop.Tag", "shop.Customer", "shop.Order"],
 }
 
 

@@ -41,6 +41,13 @@ class DiscountedProduct(Product):
         proxy = True
 
 
+class Customer(models.Model):
+    email = models.EmailField(unique=True)
+
+    def __str__(self) -> str:
+        return self.email
+
+
 class Order(models.Model):
     class Status(models.TextChoices):
         NEW = "new"
@@ -48,6 +55,9 @@ class Order(models.Model):
         SHIPPED = "shipped"
 
     product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="orders")
+    customer = models.ForeignKey(
+        Customer, null=True, blank=True, on_delete=models.SET_NULL, related_name="orders"
+    )
     quantity = models.PositiveIntegerField(default=1)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.NEW)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -1,0 +1,566 @@
+"""Bulk writes that keep every signal: ``safe_bulk_update`` and friends.
+
+Each helper works chunk by chunk. A chunk is one short transaction (unless
+``atomic=True``) that writes the rows *and* their change-log row
+(:class:`~ormbridge.models.ChangeBatch`); after the commit the row is handed to
+a worker (``replay="async"``) or delivered in the caller (``"sync"``), which
+replays ``post_save``/``post_delete`` per row, invalidates the cache in
+batches and emits one event. Pks are captured by keyset pagination on the
+primary key, so memory stays bounded whatever the table size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from django.core.exceptions import EmptyResultSet, FieldDoesNotExist
+from django.db import NotSupportedError, connections, models, router, transaction
+from django.db.models import sql
+from django.db.models.deletion import Collector
+from django.db.models.signals import post_delete
+from django.utils import timezone
+
+from ormbridge import outbox, registry, signals
+from ormbridge.conf import settings
+from ormbridge.replay import snapshot as take_snapshot
+
+M = TypeVar("M", bound=models.Model)
+
+REPLAY_MODES = ("async", "sync", "none")
+SUPPORTED_VENDORS = ("postgresql", "sqlite")
+FIRST_CHUNK = 1000
+MIN_CHUNK = 100
+MAX_CHUNK = 50_000
+WAIT_POLL = 0.05
+
+
+class BulkOperationFailed(RuntimeError):
+    """A change batch of a bulk operation was given up (state ``failed``)."""
+
+
+@dataclass
+class BulkResult:
+    """What a ``safe_bulk_*`` call did.
+
+    Attributes:
+        model: the model written.
+        using: the database alias written.
+        rows: rows updated, deleted or created (cascaded deletes not included).
+        chunks: chunks (transactions, unless ``atomic=True``) written.
+        batch_ids: ids of the change-log rows written, one or more per chunk.
+        objects: the created objects (``safe_bulk_create`` only).
+    """
+
+    model: type[models.Model]
+    using: str
+    rows: int = 0
+    chunks: int = 0
+    batch_ids: list[int] = field(default_factory=list)
+    objects: list[Any] | None = None
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every change-log row of this operation has been delivered.
+
+        Raises:
+            TimeoutError: rows are still undelivered after ``timeout`` seconds.
+            BulkOperationFailed: a row was given up.
+        """
+        from ormbridge.models import ChangeBatch
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waiting = list(self.batch_ids)
+        while waiting:
+            still = []
+            for start in range(0, len(waiting), 500):
+                rows = ChangeBatch.objects.using(self.using).filter(
+                    id__in=waiting[start : start + 500]
+                )
+                for batch_id, state in rows.exclude(state=ChangeBatch.State.DONE).values_list(
+                    "id", "state"
+                ):
+                    if state == ChangeBatch.State.FAILED:
+                        raise BulkOperationFailed(f"change batch {batch_id} failed")
+                    still.append(batch_id)
+            waiting = still
+            if waiting and deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(waiting)} of {len(self.batch_ids)} change batches of this "
+                    f"{self.model._meta.label} operation not delivered after {timeout} s"
+                )
+            if waiting:
+                time.sleep(WAIT_POLL)
+
+
+def safe_bulk_update(
+    queryset: models.QuerySet[Any],
+    *,
+    chunk_size: int | None = None,
+    replay: str = "async",
+    atomic: bool = False,
+    allow_unregistered: bool = False,
+    **values: Any,
+) -> BulkResult:
+    """``queryset.update(**values)``, chunked, with a replayed ``post_save`` per row.
+
+    Values may be plain values or expressions (``F()``, ``Case``, ``Value``).
+    Each chunk re-applies the queryset's filter, so a row that stopped matching
+    is left alone. ``chunk_size=None`` sizes chunks towards
+    ``BULK_CHUNK_SECONDS``. ``replay``: ``"async"`` (workers), ``"sync"`` (this
+    process, after each commit) or ``"none"`` (invalidate and broadcast only).
+
+    Raises:
+        ValueError, TypeError, LookupError: bad input, before anything is written.
+    """
+    name = "safe_bulk_update"
+    model = queryset.model
+    using = _write_alias(queryset)
+    _check_common(name, model, using, replay, chunk_size, allow_unregistered)
+    _check_queryset(name, queryset)
+    if not values:
+        raise ValueError(f"{name}(): give at least one field=value to set.")
+    fields = _check_fields(name, model, values)
+    base = queryset.all()
+    with contextlib.suppress(EmptyResultSet):  # values are resolved first: bad ones fail here
+        _compile_update(base.filter(pk__in=[]), values, using)
+    frozen = frozenset(fields)
+    result = BulkResult(model, using)
+
+    def write(pks: list[Any]) -> tuple[list[Any], list[int]]:
+        if signals.pre_bulk_update.has_listeners(model):
+            signals.pre_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
+        updated = _update_returning(base.filter(pk__gte=pks[0], pk__lte=pks[-1]), values, using)
+        batch = _log(model, "update", updated, sorted(fields), replay, using)
+        return updated, [batch]
+
+    def committed(pks: list[Any]) -> None:
+        signals.post_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
+
+    _run_chunks(result, base, chunk_size, atomic, replay, write, committed, lock=False)
+    return result
+
+
+def safe_bulk_delete(
+    queryset: models.QuerySet[Any],
+    *,
+    chunk_size: int | None = None,
+    replay: str = "async",
+    atomic: bool = False,
+    allow_unregistered: bool = False,
+) -> BulkResult:
+    """``queryset.delete()``, chunked, with a replayed ``post_delete`` per deleted row.
+
+    ``on_delete`` rules are applied as Django's ``delete()`` applies them
+    (cascade, set null, protect, restrict); a protected row raises Django's
+    ``ProtectedError`` before its chunk is deleted. Deleted rows' values are
+    kept in the change log, so replayed ``post_delete`` instances carry them.
+
+    Raises:
+        ValueError, TypeError, LookupError: bad input, before anything is written.
+        django.db.models.ProtectedError, RestrictedError: as ``delete()`` would.
+    """
+    name = "safe_bulk_delete"
+    model = queryset.model
+    using = _write_alias(queryset)
+    _check_common(name, model, using, replay, chunk_size, allow_unregistered)
+    _check_queryset(name, queryset)
+    base = queryset.all()
+    result = BulkResult(model, using)
+    empty: frozenset[str] = frozenset()
+
+    def write(pks: list[Any]) -> tuple[list[Any], list[int]]:
+        if signals.pre_bulk_delete.has_listeners(model):
+            signals.pre_bulk_delete.send(sender=model, pks=pks, fields=empty, using=using)
+        collector = _Collector(using=using, origin=queryset)
+        collector.collect(base.filter(pk__gte=pks[0], pk__lte=pks[-1]))
+        return _delete_collected(collector, model, replay, using)
+
+    def committed(pks: list[Any]) -> None:
+        signals.post_bulk_delete.send(sender=model, pks=pks, fields=empty, using=using)
+
+    _run_chunks(result, base, chunk_size, atomic, replay, write, committed, lock=True)
+    return result
+
+
+def safe_bulk_create(
+    model: type[M],
+    objs: Iterable[M],
+    *,
+    batch_size: int | None = None,
+    replay: str = "async",
+    allow_unregistered: bool = False,
+) -> BulkResult:
+    """``model.objects.bulk_create(objs)`` in batches, with a replayed ``post_save(created=True)``.
+
+    ``BulkResult.objects`` holds the created objects, with their pks where the
+    database returns them (PostgreSQL, SQLite).
+
+    Raises:
+        ValueError, TypeError, LookupError: bad input, before anything is written.
+    """
+    name = "safe_bulk_create"
+    using = router.db_for_write(model)
+    _check_common(name, model, using, replay, batch_size, allow_unregistered)
+    objs = list(objs)
+    _check_objects(name, model, objs, need_pk=False)
+    result = BulkResult(model, using, objects=[])
+    empty: frozenset[str] = frozenset()
+
+    def write(batch: list[M]) -> tuple[list[Any], list[int]]:
+        created = model._base_manager.using(using).bulk_create(batch)
+        result.objects.extend(created)
+        pks = [obj.pk for obj in created]
+        return pks, [_log(model, "create", pks, None, replay, using)]
+
+    def committed(pks: list[Any]) -> None:
+        signals.post_bulk_create.send(sender=model, pks=pks, fields=empty, using=using)
+
+    _run_batches(result, objs, batch_size, replay, write, committed)
+    return result
+
+
+def safe_bulk_update_objects(
+    objs: Iterable[models.Model],
+    fields: Sequence[str],
+    *,
+    batch_size: int | None = None,
+    replay: str = "async",
+    allow_unregistered: bool = False,
+) -> BulkResult:
+    """``bulk_update(objs, fields)`` in batches, with a replayed ``post_save`` per object.
+
+    Raises:
+        ValueError, TypeError, LookupError: bad input, before anything is written.
+    """
+    name = "safe_bulk_update_objects"
+    objs = list(objs)
+    if not objs:
+        raise ValueError(f"{name}(): no objects given.")
+    model = type(objs[0])._meta.concrete_model
+    using = router.db_for_write(model)
+    _check_common(name, model, using, replay, batch_size, allow_unregistered)
+    _check_objects(name, model, objs, need_pk=True)
+    if isinstance(fields, str) or not fields:
+        raise ValueError(f"{name}(): fields must be a non-empty list of field names.")
+    names = _check_fields(name, model, dict.fromkeys(fields))
+    frozen = frozenset(names)
+    result = BulkResult(model, using)
+
+    def write(batch: list[models.Model]) -> tuple[list[Any], list[int]]:
+        pks = [obj.pk for obj in batch]
+        if signals.pre_bulk_update.has_listeners(model):
+            signals.pre_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
+        model._base_manager.using(using).bulk_update(batch, names)
+        return pks, [_log(model, "update", pks, sorted(names), replay, using)]
+
+    def committed(pks: list[Any]) -> None:
+        signals.post_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
+
+    _run_batches(result, objs, batch_size, replay, write, committed)
+    return result
+
+
+# -- chunking ---------------------------------------------------------------
+
+
+class _ChunkSizer:
+    """A fixed chunk size, or one adapted so each chunk takes about ``BULK_CHUNK_SECONDS``."""
+
+    def __init__(self, fixed: int | None) -> None:
+        self.fixed = fixed is not None
+        self.size = fixed if fixed is not None else FIRST_CHUNK
+
+    def record(self, rows: int, seconds: float) -> None:
+        if self.fixed or rows < self.size or seconds <= 0:
+            return
+        ideal = self.size * float(settings.BULK_CHUNK_SECONDS) / seconds
+        self.size = int(min(max(ideal, self.size / 2, MIN_CHUNK), self.size * 4, MAX_CHUNK))
+
+
+def _run_chunks(
+    result: BulkResult,
+    base: models.QuerySet[Any],
+    chunk_size: int | None,
+    atomic: bool,
+    replay: str,
+    write: Callable[[list[Any]], tuple[list[Any], list[int]]],
+    committed: Callable[[list[Any]], None],
+    lock: bool,
+) -> None:
+    """Walk ``base`` by pk in chunks; ``write`` each inside its own transaction."""
+    using = result.using
+    sizer = _ChunkSizer(chunk_size)
+    last = None
+    outer = transaction.atomic(using=using) if atomic else contextlib.nullcontext()
+    with outer:
+        while True:
+            size = sizer.size
+            started = time.perf_counter()
+            with transaction.atomic(using=using, savepoint=not atomic):
+                page = base if last is None else base.filter(pk__gt=last)
+                page = page.order_by("pk")
+                if lock and connections[using].features.has_select_for_update:
+                    page = page.select_for_update(of=("self",))
+                pks = list(page.values_list("pk", flat=True)[:size])
+                if not pks:
+                    break
+                written, batch_ids = write(pks)
+                _after_commit(result, written, batch_ids, replay, committed)
+            sizer.record(len(pks), time.perf_counter() - started)
+            last = pks[-1]
+            if len(pks) < size:
+                break
+
+
+def _run_batches(
+    result: BulkResult,
+    objs: list[Any],
+    batch_size: int | None,
+    replay: str,
+    write: Callable[[list[Any]], tuple[list[Any], list[int]]],
+    committed: Callable[[list[Any]], None],
+) -> None:
+    """Write ``objs`` in batches, each in its own transaction."""
+    sizer = _ChunkSizer(batch_size)
+    position = 0
+    while position < len(objs):
+        batch = objs[position : position + sizer.size]
+        started = time.perf_counter()
+        with transaction.atomic(using=result.using):
+            written, batch_ids = write(batch)
+            _after_commit(result, written, batch_ids, replay, committed)
+        sizer.record(len(batch), time.perf_counter() - started)
+        position += len(batch)
+
+
+def _after_commit(
+    result: BulkResult,
+    written: list[Any],
+    batch_ids: list[int],
+    replay: str,
+    committed: Callable[[list[Any]], None],
+) -> None:
+    """Account for a written chunk and arrange its delivery once it commits."""
+    using = result.using
+    result.rows += len(written)
+    result.chunks += 1
+    result.batch_ids.extend(batch_ids)
+
+    def deliver() -> None:
+        if replay == "sync":
+            for batch_id in batch_ids:
+                outbox.process(batch_id, using)
+        else:
+            outbox.dispatch(batch_ids, using)
+        if written:
+            committed(written)
+
+    transaction.on_commit(deliver, using=using)
+
+
+# -- writing ------------------------------------------------------------------
+
+
+def _update_returning(
+    queryset: models.QuerySet[Any], values: dict[str, Any], using: str
+) -> list[Any]:
+    """Run ``queryset.update(**values)`` and return the pks of the rows it changed."""
+    model = queryset.model
+    sql_text, params = _compile_update(queryset, values, using)
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    returning = f" RETURNING {quote(model._meta.db_table)}.{quote(model._meta.pk.column)}"
+    with connection.cursor() as cursor:
+        cursor.execute(sql_text + returning, params)
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _compile_update(
+    queryset: models.QuerySet[Any], values: dict[str, Any], using: str
+) -> tuple[str, tuple[Any, ...]]:
+    """The SQL ``queryset.update(**values)`` would run (as ``QuerySet.update`` builds it)."""
+    query = queryset.query.chain(sql.UpdateQuery)
+    query.add_update_values(values)
+    query.order_by = ()
+    query.annotations = {}
+    return query.get_compiler(using).as_sql()
+
+
+def _log(
+    model: type[models.Model],
+    action: str,
+    pks: list[Any],
+    fields: list[str] | None,
+    replay: str,
+    using: str,
+    snapshot: dict[str, Any] | None = None,
+    wants_replay: bool = True,
+) -> int:
+    """Write a change-log row in the current transaction; returns its id."""
+    from ormbridge.models import ChangeBatch
+
+    to_python = model._meta.pk.to_python
+    handed_out = replay != "sync"
+    batch = ChangeBatch.objects.using(using).create(
+        model=model._meta.label_lower,
+        action=action,
+        pks=[to_python(pk) for pk in pks],
+        fields=fields,
+        replay=wants_replay and replay != "none",
+        snapshot=snapshot,
+        state=ChangeBatch.State.ENQUEUED if handed_out else ChangeBatch.State.PENDING,
+        enqueued_at=timezone.now() if handed_out else None,
+        attempts=1 if handed_out else 0,
+    )
+    return batch.pk
+
+
+class _Collector(Collector):
+    """Django's collector, for what it decides (cascade, set null, protect), not for deleting.
+
+    Deleting through it would send ``pre_delete``/``post_delete`` for every row in
+    the caller's thread; ormbridge deletes itself and replays ``post_delete`` later.
+    """
+
+    def __init__(self, using: str, origin: Any = None) -> None:
+        super().__init__(using, origin)
+        self.updates: list[tuple[models.Field, Any, Any]] = []
+
+    def add_field_update(self, field: models.Field, value: Any, objs: Any) -> None:
+        self.updates.append((field, value, objs))
+
+
+def _delete_collected(
+    collector: _Collector, model: type[models.Model], replay: str, using: str
+) -> tuple[list[Any], list[int]]:
+    """Delete what ``collector`` gathered, in Django's order, logging every registered row."""
+    batch_ids = []
+    for qs in collector.fast_deletes:  # models nobody listens to: no rows to remember
+        qs._raw_delete(using=using)
+    for target, value, objs in collector.updates:  # SET_NULL, SET_DEFAULT, SET(...)
+        related = target.model
+        if isinstance(objs, models.QuerySet):
+            rows = objs
+        else:
+            rows = related._base_manager.using(using).filter(pk__in=[obj.pk for obj in objs])
+        if registry.is_registered(related):
+            pks = list(rows.values_list("pk", flat=True))
+            log_id = _log(related, "update", pks, [target.name], replay, using, wants_replay=False)
+            batch_ids.append(log_id)
+        rows.update(**{target.name: value})
+    collector.sort()
+    deleted: list[Any] = []
+    for victim, instances in collector.data.items():
+        rows = sorted(instances, key=lambda obj: obj.pk)
+        pks = [obj.pk for obj in rows]
+        listened = post_delete.has_listeners(victim)
+        if registry.is_registered(victim) or listened:
+            batch_ids.append(
+                _log(
+                    victim,
+                    "delete",
+                    pks,
+                    None,
+                    replay,
+                    using,
+                    snapshot=take_snapshot(victim, rows),
+                    wants_replay=listened,
+                )
+            )
+        sql.DeleteQuery(victim).delete_batch(pks, using)
+        if victim is model:
+            deleted = pks
+    return deleted, batch_ids
+
+
+# -- validation ----------------------------------------------------------------
+
+
+def _write_alias(queryset: models.QuerySet[Any]) -> str:
+    return queryset._db or router.db_for_write(queryset.model)
+
+
+def _check_common(
+    name: str,
+    model: type[models.Model],
+    using: str,
+    replay: str,
+    size: int | None,
+    allow_unregistered: bool,
+) -> None:
+    if not (isinstance(model, type) and issubclass(model, models.Model)):
+        raise TypeError(f"{name}() works on Django models, not {model!r}.")
+    if replay not in REPLAY_MODES:
+        raise ValueError(
+            f"{name}(): replay must be one of {', '.join(REPLAY_MODES)}, not {replay!r}."
+        )
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(
+            f"{name}(): the chunk/batch size must be a whole number >= 1 or None, not {size!r}."
+        )
+    if not allow_unregistered and not registry.is_registered(model):
+        raise LookupError(
+            f"{name}(): {model._meta.label} is not registered with ormbridge; register it, "
+            "or pass allow_unregistered=True to replay signals without cache invalidation."
+        )
+    vendor = connections[using].vendor
+    if vendor not in SUPPORTED_VENDORS:
+        raise NotSupportedError(f"{name}() supports PostgreSQL and SQLite, not {vendor}.")
+
+
+def _check_queryset(name: str, queryset: models.QuerySet[Any]) -> None:
+    query = queryset.query
+    problem = None
+    if query.is_sliced:
+        problem = "is sliced"
+    elif query.combinator:
+        problem = f"is combined with {query.combinator}()"
+    elif query.distinct or query.distinct_fields:
+        problem = "uses distinct()"
+    elif query.group_by is not None or any(
+        getattr(expr, "contains_aggregate", False) for expr in query.annotations.values()
+    ):
+        problem = "is aggregated"
+    if problem:
+        raise TypeError(f"{name}(): the queryset {problem}; pass a plain filtered queryset.")
+
+
+def _check_fields(name: str, model: type[models.Model], values: dict[str, Any]) -> list[str]:
+    """The field names of ``values``, each a concrete, local, non-pk field of ``model``."""
+    names = []
+    for key in values:
+        try:
+            field = model._meta.get_field(key)
+        except FieldDoesNotExist:
+            raise ValueError(f"{name}(): {model._meta.label} has no field {key!r}.") from None
+        if field.auto_created and not field.concrete:
+            raise ValueError(
+                f"{name}(): {key!r} is a reverse relation of "
+                f"{model._meta.label}, not a field of it."
+            )
+        if not field.concrete or field.many_to_many:
+            raise ValueError(f"{name}(): {key!r} is not a concrete field of {model._meta.label}.")
+        if field.primary_key:
+            raise ValueError(f"{name}(): {key!r} is the primary key; it cannot be bulk-updated.")
+        if field.model is not model._meta.concrete_model:
+            raise ValueError(
+                f"{name}(): {key!r} lives in the table of {field.model._meta.label} "
+                "(multi-table inheritance); update it through that model."
+            )
+        names.append(field.name)
+    return names
+
+
+def _check_objects(name: str, model: type[models.Model], objs: list[Any], need_pk: bool) -> None:
+    concrete = model._meta.concrete_model
+    for position, obj in enumerate(objs):
+        if not isinstance(obj, models.Model) or obj._meta.concrete_model is not concrete:
+            raise TypeError(
+                f"{name}(): object {position} is {obj!r}, not a "
+                f"{model._meta.label}: objects of mixed models."
+            )
+        if need_pk and obj.pk is None:
+            raise ValueError(f"{name}(): object {position} has no primary key.")

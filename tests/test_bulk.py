@@ -1,0 +1,366 @@
+"""safe_bulk_*: chunked writes whose per-row signals are replayed by a real worker."""
+
+from decimal import Decimal
+
+import pytest
+from django.db import transaction
+from django.db.models import Count, F, ProtectedError
+
+import ormbridge
+from ormbridge import outbox, signals
+from ormbridge.cache import cached_instance, get_cache, instance_key
+from ormbridge.models import ChangeBatch
+from shop.models import Category, Customer, Order, Product
+from tests import emitters, replays
+from tests.factories import make_products
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def bulk_signals():
+    """Every bulk signal sent in this process, as (name, sender label, pks, fields)."""
+    sent = []
+    names = [
+        "pre_bulk_update",
+        "post_bulk_update",
+        "pre_bulk_delete",
+        "post_bulk_delete",
+        "post_bulk_create",
+    ]
+
+    def receiver(signal_name):
+        def record(sender, pks, fields, using, **kwargs):
+            sent.append((signal_name, sender._meta.label_lower, list(pks), fields))
+
+        return record
+
+    receivers = {name: receiver(name) for name in names}
+    for name, function in receivers.items():
+        getattr(signals, name).connect(function, weak=False)
+    yield sent
+    for name, function in receivers.items():
+        getattr(signals, name).disconnect(function)
+
+
+def table(model=Product) -> list[tuple]:
+    return list(model.objects.order_by("pk").values_list())
+
+
+def test_update_replays_one_post_save_per_matching_row(worker, bulk_signals):
+    category = Category.objects.create(name="bulk")
+    matching = make_products(20_000, category=category)
+    others = make_products(2_000, category=category)
+    Product.objects.filter(pk__in=[p.pk for p in others]).update(stock=5)
+    sample = matching[::1000] + others[:20]
+    for product in sample:
+        cached_instance(Product, product.pk)
+
+    result = ormbridge.safe_bulk_update(Product.objects.filter(stock=0), price=F("price") + 1)
+    result.wait(timeout=120)
+
+    assert result.rows == 20_000
+    assert replays.saves() == {p.pk: 1 for p in matching}
+    assert replays.update_fields() == {("price",)}
+    assert replays.created_flags() == {False}
+    assert set(Product.objects.filter(stock=0).values_list("price", flat=True)) == {Decimal(2)}
+    assert set(Product.objects.filter(stock=5).values_list("price", flat=True)) == {Decimal(1)}
+    pre = [s for s in bulk_signals if s[0] == "pre_bulk_update"]
+    post = [s for s in bulk_signals if s[0] == "post_bulk_update"]
+    assert len(pre) == len(post) == result.chunks > 1
+    assert sorted(pk for s in post for pk in s[2]) == [p.pk for p in matching]
+    assert {s[3] for s in post} == {frozenset({"price"})}
+    cache = get_cache()
+    assert all(cache.get(instance_key("shop.product", p.pk)) is None for p in matching[::1000])
+    assert all(cache.get(instance_key("shop.product", p.pk)) is not None for p in others[:20])
+    events = [e for e in emitters.recorded() if e["model"] == "shop.product"]
+    assert len(events) == len(result.batch_ids)  # one event per chunk, not per row
+
+
+def test_delete_replays_post_delete_with_the_deleted_values(worker, bulk_signals):
+    products = make_products(3_000)
+    Product.objects.filter(pk__in=[p.pk for p in products[::2]]).update(name="doomed", stock=7)
+    doomed = products[::2]
+    customer = Customer.objects.create(email="a@example.com")
+    orders = Order.objects.bulk_create(
+        Order(product=p, customer=customer, quantity=3) for p in doomed[:50]
+    )
+    cached_instance(Product, doomed[0].pk)
+
+    result = ormbridge.safe_bulk_delete(Product.objects.filter(name="doomed"), chunk_size=700)
+    result.wait(timeout=120)
+
+    assert result.rows == len(doomed) and result.chunks == 3
+    assert not Product.objects.filter(name="doomed").exists()
+    assert Product.objects.count() == len(products) - len(doomed)
+    assert replays.deletes() == {p.pk: 1 for p in doomed}
+    values = replays.deleted_values()
+    assert {v["name"] for v in values.values()} == {"doomed"}
+    assert {v["stock"] for v in values.values()} == {"7"}
+    assert values[doomed[0].pk]["sku"] == doomed[0].sku
+    assert replays.deletes("shop.order") == {o.pk: 1 for o in orders}  # cascaded, as delete()
+    assert not Order.objects.exists()
+    assert get_cache().get(instance_key("shop.product", doomed[0].pk)) is None
+    post = [s for s in bulk_signals if s[0] == "post_bulk_delete"]
+    assert sorted(pk for s in post for pk in s[2]) == [p.pk for p in doomed]
+
+
+def test_delete_applies_set_null_like_delete_does(worker):
+    [product] = make_products(1)
+    customers = Customer.objects.bulk_create(Customer(email=f"{n}@example.com") for n in range(3))
+    Order.objects.bulk_create(Order(product=product, customer=c) for c in customers)
+    result = ormbridge.safe_bulk_delete(Customer.objects.all())
+    result.wait(timeout=60)
+    assert Order.objects.filter(customer__isnull=True).count() == 3
+    assert replays.deletes("shop.customer") == {c.pk: 1 for c in customers}
+    assert replays.saves("shop.order") == {}  # delete() sends no post_save for SET_NULL
+    assert ChangeBatch.objects.filter(model="shop.order", action="update").exists()
+
+
+def test_a_protected_row_stops_the_delete_before_its_chunk(worker):
+    books = Category.objects.create(name="books")
+    make_products(3, category=books)
+    Category.objects.bulk_create([Category(name="empty")])
+    before = table(Category)
+    with pytest.raises(ProtectedError):
+        ormbridge.safe_bulk_delete(Category.objects.filter(name="books"))
+    assert table(Category) == before
+    assert not ChangeBatch.objects.exists()
+
+
+def test_create_replays_post_save_with_created(worker, bulk_signals):
+    category = Category.objects.create(name="new")
+    objs = [Product(sku=f"new-{n}", name="new", category=category, price=1) for n in range(5_000)]
+    result = ormbridge.safe_bulk_create(Product, objs)
+    result.wait(timeout=60)
+    assert result.rows == 5_000
+    assert all(obj.pk for obj in result.objects)
+    assert replays.saves() == {obj.pk: 1 for obj in result.objects}
+    assert replays.created_flags() == {True}
+    assert replays.update_fields() == {None}
+    created = [s for s in bulk_signals if s[0] == "post_bulk_create"]
+    assert sorted(pk for s in created for pk in s[2]) == sorted(o.pk for o in result.objects)
+
+
+def test_update_objects_replays_post_save_with_its_fields(worker, bulk_signals):
+    products = make_products(5_000)
+    for product in products[:10]:
+        cached_instance(Product, product.pk)
+    for n, product in enumerate(products):
+        product.stock = n
+    result = ormbridge.safe_bulk_update_objects(products, ["stock"], batch_size=1_000)
+    result.wait(timeout=60)
+    assert result.chunks == 5
+    assert dict(Product.objects.values_list("pk", "stock")) == {
+        p.pk: n for n, p in enumerate(products)
+    }
+    assert replays.saves() == {p.pk: 1 for p in products}
+    assert replays.update_fields() == {("stock",)}
+    assert all(cached_instance(Product, p.pk).stock == n for n, p in enumerate(products[:10]))
+
+
+def test_sync_replay_runs_in_the_caller_after_commit(idle_queue):
+    products = make_products(300)
+    result = ormbridge.safe_bulk_update(Product.objects.all(), replay="sync", stock=4)
+    assert idle_queue() == 0
+    assert replays.saves() == {p.pk: 1 for p in products}
+    result.wait(timeout=0)
+
+
+def test_replay_none_invalidates_and_broadcasts_without_signals(worker):
+    products = make_products(50)
+    cached_instance(Product, products[0].pk)
+    result = ormbridge.safe_bulk_update(Product.objects.all(), replay="none", stock=4)
+    result.wait(timeout=30)
+    assert replays.saves() == {}
+    assert cached_instance(Product, products[0].pk).stock == 4
+    assert sorted(emitters.recorded()[0]["pks"]) == [p.pk for p in products]
+
+
+def test_a_row_that_stops_matching_is_not_written(idle_queue):
+    products = make_products(10)
+    escaping = products[3]
+
+    def escape(sender, pks, **kwargs):
+        Product.objects.filter(pk=escaping.pk).update(stock=9)  # inside the chunk's transaction
+
+    signals.pre_bulk_update.connect(escape, sender=Product)
+    try:
+        result = ormbridge.safe_bulk_update(
+            Product.objects.filter(stock=0), replay="sync", name="x"
+        )
+    finally:
+        signals.pre_bulk_update.disconnect(escape, sender=Product)
+    assert result.rows == 9
+    assert Product.objects.get(pk=escaping.pk).name == escaping.name
+    assert escaping.pk not in replays.saves()
+
+
+def test_atomic_rolls_back_every_chunk_on_failure(idle_queue):
+    make_products(50)
+    before = table()
+    calls = []
+
+    def fail_third(sender, pks, **kwargs):
+        calls.append(pks)
+        if len(calls) == 3:
+            raise RuntimeError("third chunk")
+
+    signals.pre_bulk_update.connect(fail_third, sender=Product)
+    try:
+        with pytest.raises(RuntimeError):
+            ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=10, atomic=True, stock=1)
+    finally:
+        signals.pre_bulk_update.disconnect(fail_third, sender=Product)
+    assert table() == before
+    assert not ChangeBatch.objects.exists()
+    assert idle_queue() == 0
+
+
+def test_without_atomic_finished_chunks_stay_committed(idle_queue):
+    make_products(50)
+    calls = []
+
+    def fail_third(sender, pks, **kwargs):
+        calls.append(pks)
+        if len(calls) == 3:
+            raise RuntimeError("third chunk")
+
+    signals.pre_bulk_update.connect(fail_third, sender=Product)
+    try:
+        with pytest.raises(RuntimeError):
+            ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=10, stock=1)
+    finally:
+        signals.pre_bulk_update.disconnect(fail_third, sender=Product)
+    assert Product.objects.filter(stock=1).count() == 20
+    assert ChangeBatch.objects.count() == 2
+    assert idle_queue() == 2
+
+
+def test_with_the_broker_down_chunks_wait_for_the_sweep(worker, redis_servers):
+    products = make_products(20)
+    redis_servers["broker"].stop()
+    result = ormbridge.safe_bulk_update(Product.objects.all(), stock=3)
+    assert set(ChangeBatch.objects.values_list("state", flat=True)) == {"pending"}
+    redis_servers["broker"].start()
+    outbox.sweep()
+    result.wait(timeout=60)
+    assert replays.saves() == {p.pk: 1 for p in products}
+
+
+def test_wait_times_out_with_a_clear_message(idle_queue):
+    make_products(5)
+    result = ormbridge.safe_bulk_update(Product.objects.all(), stock=3)
+    with pytest.raises(TimeoutError, match=r"1 of 1 change batches of this shop\.Product"):
+        result.wait(timeout=0.2)
+
+
+def test_unregistered_models_need_allow_unregistered(idle_queue):
+    from django.contrib.auth.models import Group
+
+    Group.objects.bulk_create([Group(name="a"), Group(name="b")])
+    with pytest.raises(LookupError, match="not registered with ormbridge"):
+        ormbridge.safe_bulk_update(Group.objects.all(), name=F("name"))
+    result = ormbridge.safe_bulk_update(
+        Group.objects.filter(name="a"), replay="sync", allow_unregistered=True, name="c"
+    )
+    assert result.rows == 1
+    assert sorted(Group.objects.values_list("name", flat=True)) == ["b", "c"]
+
+
+BAD_UPDATES = [
+    (lambda: Product.objects.all(), {"colour": "red"}, ValueError, "has no field 'colour'"),
+    (lambda: Product.objects.all(), {"tags": 1}, ValueError, "not a concrete field"),
+    (lambda: Product.objects.all(), {"id": 1}, ValueError, "primary key"),
+    (lambda: Product.objects.all(), {"orders": 1}, ValueError, "reverse relation"),
+    (lambda: Product.objects.all()[:5], {"stock": 1}, TypeError, "is sliced"),
+    (
+        lambda: Product.objects.all().union(Product.objects.all()),
+        {"stock": 1},
+        TypeError,
+        "combined",
+    ),
+    (lambda: Product.objects.distinct(), {"stock": 1}, TypeError, "distinct"),
+    (lambda: Product.objects.annotate(n=Count("orders")), {"stock": 1}, TypeError, "aggregated"),
+    (lambda: Product.objects.all(), {"stock": F("nope")}, Exception, "nope"),
+    (lambda: Product.objects.all(), {}, ValueError, "at least one field"),
+]
+
+
+@pytest.mark.parametrize("make_queryset,values,error,message", BAD_UPDATES)
+def test_bad_update_input_fails_before_any_write(idle_queue, make_queryset, values, error, message):
+    make_products(20)
+    before = table()
+    with pytest.raises(error, match=message):
+        ormbridge.safe_bulk_update(make_queryset(), **values)
+    assert table() == before
+    assert not ChangeBatch.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"chunk_size": 0}, "whole number >= 1"),
+        ({"chunk_size": -5}, "whole number >= 1"),
+        ({"chunk_size": "10"}, "whole number >= 1"),
+        ({"replay": "later"}, "replay must be one of"),
+    ],
+)
+def test_bad_options_fail_before_any_write(idle_queue, options, message):
+    make_products(20)
+    before = table()
+    with pytest.raises(ValueError, match=message):
+        ormbridge.safe_bulk_update(Product.objects.all(), stock=1, **options)
+    with pytest.raises(ValueError, match=message):
+        ormbridge.safe_bulk_delete(Product.objects.all(), **options)
+    assert table() == before
+    assert not ChangeBatch.objects.exists()
+
+
+def test_bad_delete_querysets_fail_before_any_write(idle_queue):
+    make_products(20)
+    before = table()
+    with pytest.raises(TypeError, match="is sliced"):
+        ormbridge.safe_bulk_delete(Product.objects.all()[:3])
+    assert table() == before
+
+
+def test_mixed_models_fail_before_any_write(idle_queue):
+    [product] = make_products(1)
+    category = Category.objects.create(name="x")
+    before = table(Category)
+    with pytest.raises(TypeError, match="mixed models"):
+        ormbridge.safe_bulk_create(Category, [Category(name="y"), product])
+    with pytest.raises(TypeError, match="mixed models"):
+        ormbridge.safe_bulk_update_objects([category, product], ["name"])
+    assert table(Category) == before
+    assert not ChangeBatch.objects.exists()
+
+
+def test_bad_update_objects_input_fails_before_any_write(idle_queue):
+    products = make_products(3)
+    before = table()
+    with pytest.raises(ValueError, match="has no primary key"):
+        ormbridge.safe_bulk_update_objects([*products, Product(sku="z")], ["stock"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        ormbridge.safe_bulk_update_objects(products, "stock")
+    with pytest.raises(ValueError, match="primary key"):
+        ormbridge.safe_bulk_update_objects(products, ["id"])
+    with pytest.raises(ValueError, match="no objects"):
+        ormbridge.safe_bulk_update_objects([], ["stock"])
+    assert table() == before
+
+
+def test_bulk_signals_are_not_sent_by_plain_orm_calls(idle_queue, bulk_signals):
+    make_products(3)
+    Product.objects.update(stock=2)
+    Product.objects.all().delete()
+    assert bulk_signals == []
+
+
+def test_post_signals_wait_for_the_callers_transaction(idle_queue, bulk_signals):
+    make_products(3)
+    with transaction.atomic():
+        ormbridge.safe_bulk_update(Product.objects.all(), stock=2)
+        assert [s[0] for s in bulk_signals] == ["pre_bulk_update"]
+    assert [s[0] for s in bulk_signals] == ["pre_bulk_update", "post_bulk_update"]

@@ -1,0 +1,53 @@
+"""Receivers that record replayed signals in Redis, where a test can read what a worker did."""
+
+import json
+import os
+import time
+
+from django.apps import AppConfig
+from django.db.models.signals import post_delete, post_save
+
+from ormbridge import store
+
+
+def replays_key(label: str, kind: str) -> str:
+    return store.key("test", "replays", label, kind)
+
+
+def record_save(sender, instance, created, update_fields, **kwargs):
+    if not kwargs.get("ormbridge_replay"):
+        return
+    label = sender._meta.label_lower
+    fields = None if update_fields is None else sorted(update_fields)
+    pipe = store.get_redis().pipeline(transaction=False)
+    pipe.hincrby(replays_key(label, "save"), instance.pk, 1)
+    pipe.sadd(replays_key(label, "update_fields"), json.dumps(fields))
+    pipe.sadd(replays_key(label, "created"), json.dumps(created))
+    pipe.execute()
+    delay = float(os.environ.get("ORMBRIDGE_TEST_REPLAY_DELAY", "0"))
+    if delay:
+        time.sleep(delay)
+
+
+def record_delete(sender, instance, **kwargs):
+    if not kwargs.get("ormbridge_replay"):
+        return
+    label = sender._meta.label_lower
+    values = {f.attname: str(getattr(instance, f.attname)) for f in sender._meta.concrete_fields}
+    pipe = store.get_redis().pipeline(transaction=False)
+    pipe.hincrby(replays_key(label, "delete"), instance.pk, 1)
+    pipe.hset(replays_key(label, "deleted"), instance.pk, json.dumps(values))
+    pipe.execute()
+
+
+class TestAppConfig(AppConfig):
+    name = "tests.testapp"
+    label = "testapp"
+
+    def ready(self) -> None:
+        from django.apps import apps
+
+        for name in ("Product", "Order", "Customer", "Category"):
+            model = apps.get_model("shop", name)
+            post_save.connect(record_save, sender=model, dispatch_uid=f"test-save-{name}")
+            post_delete.connect(record_delete, sender=model, dispatch_uid=f"test-delete-{name}")
