@@ -152,7 +152,7 @@ class Worker:
                 "example",
                 "worker",
                 "-Q",
-                "ormbridge",
+                self.queue,
                 "-P",
                 self.pool,
                 "-c",

@@ -1,5 +1,6 @@
 """safe_bulk_*: chunked writes whose per-row signals are replayed by a real worker."""
 
+import uuid
 from decimal import Decimal
 
 import pytest
@@ -12,6 +13,7 @@ from ormbridge.cache import cached_instance, get_cache, instance_key
 from ormbridge.models import ChangeBatch
 from shop.models import Category, Customer, Order, Product
 from tests import emitters, replays
+from tests.conftest import wait_until
 from tests.factories import make_products
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -364,3 +366,26 @@ def test_post_signals_wait_for_the_callers_transaction(idle_queue, bulk_signals)
         ormbridge.safe_bulk_update(Product.objects.all(), stock=2)
         assert [s[0] for s in bulk_signals] == ["pre_bulk_update"]
     assert [s[0] for s in bulk_signals] == ["pre_bulk_update", "post_bulk_update"]
+
+
+def test_a_worker_killed_mid_replay_loses_nothing(start_worker, settings):
+    """SIGKILL the worker while it replays; the sweep hands the work to a new one."""
+    queue = f"kill-{uuid.uuid4().hex[:8]}"
+    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "QUEUE": queue, "REDELIVER_AFTER": 1}
+    products = make_products(3_000)
+    victim = start_worker(queue=queue, env={"ORMBRIDGE_TEST_REPLAY_DELAY": "0.002"})
+
+    result = ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=1_000, stock=1)
+    wait_until(lambda: len(replays.saves()) >= 200, 30, "the replay to be under way")
+    victim.kill()
+    replayed = len(replays.saves())
+    assert 0 < replayed < 3_000
+    with pytest.raises(TimeoutError):
+        result.wait(timeout=1.5)  # nobody is working on it: no progress, and past REDELIVER_AFTER
+
+    start_worker(queue=queue)
+    assert outbox.sweep().enqueued >= 1
+    result.wait(timeout=60)
+    saves = replays.saves()
+    assert set(saves) == {p.pk for p in products}
+    assert min(saves.values()) >= 1
