@@ -408,6 +408,7 @@ def _log(
         model=model._meta.label_lower,
         action=action,
         pks=[to_python(pk) for pk in pks],
+        rows=len(pks),
         fields=fields,
         replay=wants_replay and replay != "none",
         snapshot=snapshot,

@@ -61,6 +61,15 @@ class ChangeBatch(models.Model):
     enqueued_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
+    rows = models.PositiveIntegerField(default=0, help_text="Number of pks (0: every row).")
+    job = models.ForeignKey(
+        "ResyncJob",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="batches",
+        help_text="The resync job this batch is a chunk of.",
+    )
 
     class Meta:
         verbose_name = "change batch"
@@ -70,3 +79,48 @@ class ChangeBatch(models.Model):
     def __str__(self) -> str:
         count = "all" if self.pks is None else len(self.pks)
         return f"{self.action} {self.model} ({count} rows, {self.state})"
+
+
+class ResyncJob(models.Model):
+    """A run of ``manage.py ormbridge_resync``: which rows, how far it got, how it ended.
+
+    Its chunks are :class:`ChangeBatch` rows (``job`` points here), written
+    together with ``last_pks``, so a resumed job plans no chunk twice and
+    redoes only chunks that never finished.
+    """
+
+    class State(models.TextChoices):
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+        INTERRUPTED = "interrupted"
+
+    class Mode(models.TextChoices):
+        REPLAY = "replay"
+        INVALIDATE = "invalidate"
+
+    labels = models.JSONField(help_text='Model labels, e.g. ["shop.product"].')
+    filters = models.JSONField(default=list, help_text='[["field__lookup", "value"], ...]')
+    excludes = models.JSONField(default=list, help_text='[["field__lookup", "value"], ...]')
+    mode = models.CharField(max_length=10, choices=Mode.choices, default=Mode.REPLAY)
+    chunk_size = models.PositiveIntegerField()
+    sync = models.BooleanField(default=False, help_text="Worked in the command's own process.")
+    state = models.CharField(max_length=12, choices=State.choices, default=State.RUNNING)
+    rows_total = models.PositiveBigIntegerField(default=0)
+    rows_planned = models.PositiveBigIntegerField(default=0)
+    progress = models.JSONField(
+        default=dict,
+        encoder=DjangoJSONEncoder,
+        help_text='Per model label: {"last_pk": pk put in the last chunk, "planned": bool}.',
+    )
+    planned = models.BooleanField(default=False, help_text="Every chunk has been written.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        verbose_name = "resync job"
+
+    def __str__(self) -> str:
+        return f"resync job {self.pk} ({', '.join(self.labels)}, {self.state})"

@@ -55,6 +55,7 @@ def write(using: str, batches: list[NewBatch], error: BaseException | None = Non
                     model=batch.label,
                     action=batch.action,
                     pks=batch.pks,
+                    rows=len(batch.pks or ()),
                     fields=batch.fields,
                     last_error="" if error is None else f"{type(error).__name__}: {error}",
                 )
@@ -183,6 +184,10 @@ def process(batch_id: int, using: str = "default") -> flush.FlushResult:
     ChangeBatch.objects.using(using).filter(id=batch_id).update(
         state=ChangeBatch.State.DONE, finished_at=timezone.now(), last_error=""
     )
+    if batch.job_id is not None:
+        from ormbridge import resync
+
+        resync.finish_if_complete(batch.job_id)
     return result
 
 

@@ -1,0 +1,335 @@
+"""Resync: replay ``post_save`` for, or invalidate, every selected row, in resumable chunks.
+
+For when data changed behind ormbridge's back (a migration, raw SQL, a
+restore). A job walks each model by pk (keyset, bounded memory) and writes
+one :class:`~ormbridge.models.ChangeBatch` per chunk, together with the job's
+progress, in one transaction. Chunks are delivered by workers, or by the
+calling process (``sync``). A job interrupted in any way is continued with
+:func:`run` again: chunks already written are not planned twice, chunks not
+delivered are delivered (again: at least once), finished chunks are left alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.exceptions import FieldDoesNotExist, FieldError, ValidationError
+from django.db import models, router, transaction
+from django.db.models import Q, Sum
+from django.utils import timezone
+
+from ormbridge import outbox, registry
+
+TEXT_LOOKUPS = {
+    "contains", "icontains", "startswith", "istartswith", "endswith", "iendswith",
+    "regex", "iregex", "iexact",
+}  # fmt: skip
+LIST_LOOKUPS = {"in", "range"}
+DEFAULT_CHUNK = 5000
+
+
+class ResyncError(ValueError):
+    """Bad input for a resync, or a conflicting job; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a resync touches: models, and lookups as ``(FIELD__LOOKUP, raw value)`` pairs."""
+
+    models: tuple[type[models.Model], ...]
+    filters: tuple[tuple[str, str], ...] = ()
+    excludes: tuple[tuple[str, str], ...] = ()
+
+    def queryset(self, model: type[models.Model]) -> models.QuerySet[Any]:
+        queryset = model._base_manager.using(router.db_for_write(model))
+        for key, raw in self.filters:
+            queryset = queryset.filter(lookup(model, key, raw))
+        for key, raw in self.excludes:
+            queryset = queryset.exclude(lookup(model, key, raw))
+        return queryset
+
+
+def select(
+    labels: list[str],
+    *,
+    all_models: bool = False,
+    filters: list[str] = (),
+    excludes: list[str] = (),
+) -> Selection:
+    """Validate a selection given as text (as on the command line).
+
+    Raises:
+        ResyncError: unknown or unregistered model, malformed lookup, unknown
+            field or lookup, or a value the field cannot take.
+    """
+    if all_models == bool(labels):
+        raise ResyncError("name models as app_label.Model, or pass --all (not both).")
+    chosen = registry.registered_models() if all_models else [_model(label) for label in labels]
+    if not chosen:
+        raise ResyncError("no model is registered with ormbridge.")
+    selection = Selection(
+        models=tuple(dict.fromkeys(chosen)),
+        filters=tuple(_split(text, "--filter") for text in filters),
+        excludes=tuple(_split(text, "--exclude") for text in excludes),
+    )
+    for model in selection.models:
+        queryset = selection.queryset(model)
+        try:
+            queryset.query.get_compiler(queryset.db).as_sql()
+        except FieldError as exc:
+            raise ResyncError(f"{model._meta.label}: {exc}") from None
+    return selection
+
+
+def lookup(model: type[models.Model], key: str, raw: str) -> Q:
+    """``Q(key=value)`` with ``raw`` converted by the field ``key`` ends on.
+
+    Raises:
+        ResyncError: unknown field or lookup, or a value the field rejects.
+    """
+    parts = key.split("__")
+    field = None
+    meta = model._meta
+    used = 0
+    for part in parts:
+        if meta is None:
+            break
+        try:
+            field = meta.get_field(part)
+        except FieldDoesNotExist:
+            break
+        used += 1
+        meta = field.related_model._meta if field.is_relation and field.related_model else None
+    if field is None:
+        raise ResyncError(f"{model._meta.label} has no field {parts[0]!r}.")
+    rest = parts[used:]
+    name = rest[0] if rest else "exact"
+    if len(rest) > 1 or field.get_lookup(name) is None:
+        raise ResyncError(
+            f"{model._meta.label}: unknown lookup {'__'.join(rest)!r} for field {field.name!r}."
+        )
+    return Q(**{key: _convert(model, key, field, name, raw)})
+
+
+def _convert(model: type[models.Model], key: str, field: Any, name: str, raw: str) -> Any:
+    if name == "isnull":
+        if raw.lower() not in {"true", "false", "1", "0"}:
+            raise ResyncError(f"{key}: expected true or false, not {raw!r}.")
+        return raw.lower() in {"true", "1"}
+    if name in TEXT_LOOKUPS:
+        return raw
+    target = field.target_field if field.is_relation and hasattr(field, "target_field") else field
+    try:
+        if name in LIST_LOOKUPS:
+            values = [target.to_python(item) for item in raw.split(",")]
+            if name == "range" and len(values) != 2:
+                raise ValidationError("a range takes two values: LOW,HIGH")
+            return values
+        return target.to_python(raw)
+    except (ValidationError, ValueError, TypeError) as exc:
+        message = "; ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
+        raise ResyncError(f"{model._meta.label}: {key}={raw!r} is not valid: {message}") from None
+
+
+def count(selection: Selection) -> dict[str, int]:
+    """Rows per model label that a resync of ``selection`` would touch."""
+    return {m._meta.label_lower: selection.queryset(m).count() for m in selection.models}
+
+
+def start(
+    selection: Selection,
+    *,
+    mode: str = "replay",
+    chunk_size: int = DEFAULT_CHUNK,
+    sync: bool = False,
+    force: bool = False,
+) -> Any:
+    """Record a new job for ``selection`` (run it with :func:`run`).
+
+    Raises:
+        ResyncError: a bad mode or chunk size, or a running job already covers
+            one of the models (unless ``force``).
+    """
+    from ormbridge.models import ResyncJob
+
+    if mode not in ResyncJob.Mode.values:
+        raise ResyncError(f"mode must be replay or invalidate, not {mode!r}.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ResyncError(f"the chunk size must be a whole number >= 1, not {chunk_size!r}.")
+    labels = [m._meta.label_lower for m in selection.models]
+    if not force:
+        for job in ResyncJob.objects.filter(state=ResyncJob.State.RUNNING):
+            shared = sorted(set(job.labels) & set(labels))
+            if shared:
+                raise ResyncError(
+                    f"resync job {job.pk} is running on {', '.join(shared)} (started "
+                    f"{job.started_at:%Y-%m-%d %H:%M:%S}); wait for it, continue it with "
+                    f"--resume {job.pk}, or pass --force."
+                )
+    totals = count(selection)
+    return ResyncJob.objects.create(
+        labels=labels,
+        filters=[list(pair) for pair in selection.filters],
+        excludes=[list(pair) for pair in selection.excludes],
+        mode=mode,
+        chunk_size=chunk_size,
+        sync=sync,
+        rows_total=sum(totals.values()),
+        started_at=timezone.now(),
+    )
+
+
+def get_job(job_id: int) -> Any:
+    """The job to resume. Raises ``ResyncError`` if it does not exist or is done."""
+    from ormbridge.models import ResyncJob
+
+    job = ResyncJob.objects.filter(pk=job_id).first()
+    if job is None:
+        raise ResyncError(f"there is no resync job {job_id}.")
+    if job.state == ResyncJob.State.DONE:
+        raise ResyncError(f"resync job {job_id} is already done.")
+    return job
+
+
+def selection_of(job: Any) -> Selection:
+    return Selection(
+        models=tuple(registry.get_model(label) for label in job.labels),
+        filters=tuple(tuple(pair) for pair in job.filters),
+        excludes=tuple(tuple(pair) for pair in job.excludes),
+    )
+
+
+def run(
+    job: Any, *, sync: bool | None = None, on_rows: Callable[[int], None] | None = None
+) -> None:
+    """Plan the rest of ``job`` and deliver it (here if ``sync``, else on workers).
+
+    Safe to call again on an interrupted job. ``on_rows`` is told of rows
+    delivered (sync) or handed out (async) as they are.
+    """
+    from ormbridge.models import ChangeBatch, ResyncJob
+
+    sync = job.sync if sync is None else sync
+    if job.state != ResyncJob.State.RUNNING or job.sync != sync:
+        job.state, job.sync, job.error = ResyncJob.State.RUNNING, sync, ""
+        job.save(update_fields=["state", "sync", "error"])
+    undone = ChangeBatch.objects.filter(job=job).exclude(state=ChangeBatch.State.DONE)
+    if sync:
+        for batch_id, rows in undone.order_by("id").values_list("id", "rows"):
+            outbox.process(batch_id)
+            _tell(on_rows, rows)
+    else:
+        ids = list(undone.values_list("id", flat=True))
+        undone.update(state=ChangeBatch.State.ENQUEUED, enqueued_at=timezone.now())
+        outbox.dispatch(ids, "default")
+    selection = selection_of(job)
+    action = "update" if job.mode == ResyncJob.Mode.REPLAY else "invalidate"
+    for model in selection.models:
+        label = model._meta.label_lower
+        state = job.progress.get(label, {"last_pk": None, "planned": False})
+        pk_field = model._meta.pk
+        last = None if state["last_pk"] is None else pk_field.to_python(state["last_pk"])
+        queryset = selection.queryset(model).order_by("pk")
+        while not state["planned"]:
+            with transaction.atomic():
+                page = queryset if last is None else queryset.filter(pk__gt=last)
+                pks = list(page.values_list("pk", flat=True)[: job.chunk_size])
+                batch = None
+                if pks:
+                    batch = ChangeBatch.objects.create(
+                        model=label,
+                        action=action,
+                        pks=pks,
+                        rows=len(pks),
+                        replay=job.mode == ResyncJob.Mode.REPLAY,
+                        job=job,
+                        state=ChangeBatch.State.PENDING if sync else ChangeBatch.State.ENQUEUED,
+                        enqueued_at=None if sync else timezone.now(),
+                        attempts=0 if sync else 1,
+                    )
+                    last = pks[-1]
+                state = {"last_pk": last, "planned": len(pks) < job.chunk_size}
+                job.progress[label] = state
+                job.rows_planned += len(pks)
+                job.save(update_fields=["progress", "rows_planned"])
+                if batch is not None and not sync:
+                    transaction.on_commit(lambda ids=[batch.pk]: outbox.dispatch(ids, "default"))
+            if batch is not None:
+                if sync:
+                    outbox.process(batch.pk)
+                _tell(on_rows, len(pks))
+    job.planned = True
+    job.save(update_fields=["planned"])
+    finish_if_complete(job.pk)
+
+
+def finish_if_complete(job_id: int) -> bool:
+    """Mark the job done if it is fully planned and every chunk delivered."""
+    from ormbridge.models import ChangeBatch, ResyncJob
+
+    undone = ChangeBatch.objects.filter(job_id=job_id).exclude(state=ChangeBatch.State.DONE)
+    if undone.exists():
+        return False
+    return bool(
+        ResyncJob.objects.filter(pk=job_id, planned=True, state=ResyncJob.State.RUNNING).update(
+            state=ResyncJob.State.DONE, finished_at=timezone.now()
+        )
+    )
+
+
+def rows_done(job: Any) -> int:
+    from ormbridge.models import ChangeBatch
+
+    done = ChangeBatch.objects.filter(job=job, state=ChangeBatch.State.DONE)
+    return done.aggregate(rows=Sum("rows"))["rows"] or 0
+
+
+def interrupt(job: Any, reason: str) -> None:
+    from ormbridge.models import ResyncJob
+
+    ResyncJob.objects.filter(pk=job.pk, state=ResyncJob.State.RUNNING).update(
+        state=ResyncJob.State.INTERRUPTED, error=reason
+    )
+
+
+def wait(job: Any, *, poll: float = 0.5, on_rows: Callable[[int], None] | None = None) -> None:
+    """Follow an async job until its workers finished it."""
+    from ormbridge.models import ResyncJob
+
+    seen = 0
+    while True:
+        job.refresh_from_db()
+        done = rows_done(job)
+        _tell(on_rows, done - seen)
+        seen = done
+        if job.state == ResyncJob.State.DONE or finish_if_complete(job.pk):
+            _tell(on_rows, rows_done(job) - seen)
+            return
+        time.sleep(poll)
+
+
+def _tell(on_rows: Callable[[int], None] | None, rows: int) -> None:
+    if on_rows is not None and rows:
+        on_rows(rows)
+
+
+def _model(label: str) -> type[models.Model]:
+    from django.apps import apps
+
+    try:
+        model = apps.get_model(label)
+    except (LookupError, ValueError):
+        raise ResyncError(f"unknown model {label!r}; use app_label.ModelName.") from None
+    if not registry.is_registered(model):
+        raise ResyncError(f"{model._meta.label} is not registered with ormbridge.")
+    return model
+
+
+def _split(text: str, option: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ResyncError(f"{option} takes FIELD__LOOKUP=VALUE, not {text!r}.")
+    return key.strip(), value
