@@ -87,6 +87,21 @@ class Settings:
         "no chunk size is given: chunks grow or shrink towards it (short row locks, "
         "few round trips).",
     )
+    MAX_ATTEMPTS: int = _Setting(
+        5,
+        "Times ``sweep_outbox`` hands a change-log row out before giving up on it "
+        "(state ``failed``, error kept; retry it from the admin).",
+    )
+    SWEEP_INTERVAL: int = _Setting(
+        60,
+        "Seconds between runs of ``sweep_outbox`` and ``flush_pending`` in the schedule "
+        "``manage.py ormbridge_schedule`` installs.",
+    )
+    STATUS_MAX_PENDING_AGE: int = _Setting(
+        600,
+        "``manage.py ormbridge_status`` exits non-zero when the oldest undelivered "
+        "change-log row is older than this many seconds.",
+    )
     EMITTERS: list[str] = _Setting(
         ["ormbridge.broadcast.LoggingEmitter"],
         "Dotted paths of the classes that receive change events (one per flushed batch).",

@@ -186,13 +186,24 @@ def schedule_orphans() -> int:
 
     Happens when a flush task was lost (a broker restart) after its guard was set.
     """
-    client = store.get_redis()
+    return sum(ensure_scheduled(label) for label in waiting_labels())
+
+
+def flush_waiting() -> int:
+    """Flush, here and now, every registered model whose pending set is not empty."""
+    waiting = waiting_labels()
+    for label in waiting:
+        flush(label)
+    return len(waiting)
+
+
+def waiting_labels() -> list[str]:
+    """Labels of the registered models whose pending set is not empty (one round trip)."""
     labels = [model._meta.label_lower for model in registry.registered_models()]
-    pipe = client.pipeline(transaction=False)
+    pipe = store.get_redis().pipeline(transaction=False)
     for label in labels:
         pipe.exists(store.pending_key(label))
-    waiting = [label for label, exists in zip(labels, pipe.execute(), strict=True) if exists]
-    return sum(ensure_scheduled(label) for label in waiting)
+    return [label for label, exists in zip(labels, pipe.execute(), strict=True) if exists]
 
 
 def is_idle(label: str) -> bool:

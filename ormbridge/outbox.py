@@ -71,6 +71,7 @@ def write(using: str, batches: list[NewBatch], error: BaseException | None = Non
 @dataclass
 class SweepResult:
     enqueued: int = 0
+    failed: int = 0
     restored: int = 0
     scheduled: int = 0
     errors: list[str] = field(default_factory=list)
@@ -113,7 +114,14 @@ def _hand_out(using: str, limit: int, result: SweepResult) -> int:
                 | Q(state=ChangeBatch.State.ENQUEUED, enqueued_at__lt=stale)
             )
         )
-        ids = list(due.order_by("id").values_list("id", flat=True)[:limit])
+        rows = list(due.order_by("id").values_list("id", "attempts")[:limit])
+        spent = [batch_id for batch_id, attempts in rows if attempts >= settings.MAX_ATTEMPTS]
+        ids = [batch_id for batch_id, attempts in rows if attempts < settings.MAX_ATTEMPTS]
+        if spent:
+            ChangeBatch.objects.using(using).filter(id__in=spent).update(
+                state=ChangeBatch.State.FAILED, finished_at=now
+            )
+            result.failed += len(spent)
         ChangeBatch.objects.using(using).filter(id__in=ids).update(
             state=ChangeBatch.State.ENQUEUED, enqueued_at=now, attempts=F("attempts") + 1
         )

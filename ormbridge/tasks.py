@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from ormbridge import flush, outbox
+from ormbridge import flush, outbox, resync
 from ormbridge.conf import settings
 
 TASK_OPTIONS: dict[str, Any] = {
@@ -42,6 +42,18 @@ def sweep_outbox() -> None:
 # One quick reconnect (a broker restarted under a pooled connection), no more:
 # when the broker is really down the change log is the retry.
 PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0, "interval_max": 0.1}
+
+
+@shared_task(name="ormbridge.flush_pending", **TASK_OPTIONS)
+def flush_pending() -> None:
+    """Safety net: flush every registered model that has pending invalidations."""
+    flush.flush_waiting()
+
+
+@shared_task(name="ormbridge.resume_resync", **TASK_OPTIONS)
+def resume_resync(job_id: int) -> None:
+    """Continue a resync job on the workers (the admin's "retry")."""
+    resync.run(resync.get_job(int(job_id)), sync=False)
 
 
 def enqueue(task: Task, *args: Any, countdown: float | None = None) -> None:

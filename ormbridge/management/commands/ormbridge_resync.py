@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import time
+from argparse import RawDescriptionHelpFormatter
+from typing import Any
+
+from django.core.management.base import (
+    BaseCommand,
+    CommandError,
+    CommandParser,
+    DjangoHelpFormatter,
+)
+from tqdm import tqdm
+
+from ormbridge import resync
+
+EXAMPLES = """
+examples:
+  manage.py ormbridge_resync shop.Product
+  manage.py ormbridge_resync shop.Product --filter category__name=books --exclude stock=0
+  manage.py ormbridge_resync --all --mode invalidate --sync
+  manage.py ormbridge_resync shop.Product --dry-run
+  manage.py ormbridge_resync --resume 12 --wait
+"""
+
+
+class Command(BaseCommand):
+    help = (
+        "Replay post_save for (or invalidate) every selected row of registered models, in "
+        "resumable chunks: after data changed behind ormbridge's back."
+    )
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        parser.formatter_class = _HelpFormatter
+        parser.epilog = EXAMPLES
+        return parser
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "args",
+            nargs="*",
+            metavar="app_label.Model",
+            help="Models to resync, e.g. shop.Product.",
+        )
+        parser.add_argument("--all", action="store_true", help="Resync every registered model.")
+        parser.add_argument(
+            "--filter",
+            action="append",
+            default=[],
+            metavar="FIELD__LOOKUP=VALUE",
+            help="Only rows matching this lookup, e.g. --filter price__gte=10. Repeatable.",
+        )
+        parser.add_argument(
+            "--exclude",
+            action="append",
+            default=[],
+            metavar="FIELD__LOOKUP=VALUE",
+            help="Leave out rows matching this lookup, e.g. --exclude stock=0. Repeatable.",
+        )
+        parser.add_argument(
+            "--chunk-size",
+            metavar="N",
+            default=str(resync.DEFAULT_CHUNK),
+            help=f"Rows per chunk (default {resync.DEFAULT_CHUNK}), e.g. --chunk-size 20000.",
+        )
+        parser.add_argument(
+            "--mode",
+            default="replay",
+            help="replay (default): send post_save per row and invalidate; "
+            "invalidate: only invalidate caches and broadcast. E.g. --mode invalidate.",
+        )
+        parser.add_argument(
+            "--sync",
+            action="store_true",
+            help="Do the work in this process (no worker needed), e.g. --sync.",
+        )
+        parser.add_argument(
+            "--wait", action="store_true", help="Follow the job on the workers until it is done."
+        )
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Print how many rows and chunks a run would touch; change nothing.",
+        )
+        parser.add_argument(
+            "--no-progress", action="store_true", help="Print no progress bar or progress lines."
+        )
+        parser.add_argument(
+            "--resume",
+            metavar="JOB_ID",
+            help="Continue an interrupted job, e.g. --resume 12 (finished chunks are not redone).",
+        )
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="Start even though another job is running on the same models.",
+        )
+
+    def handle(
+        self,
+        *labels: str,
+        all: bool,
+        filter: list[str],
+        exclude: list[str],
+        chunk_size: str,
+        mode: str,
+        sync: bool,
+        wait: bool,
+        dry_run: bool,
+        no_progress: bool,
+        resume: str | None,
+        force: bool,
+        **options: Any,
+    ) -> None:
+        try:
+            if resume is not None:
+                if labels or all or filter or exclude or dry_run:
+                    raise resync.ResyncError("--resume takes no models, filters or --dry-run.")
+                job = resync.get_job(_whole(resume, "--resume"))
+            else:
+                selection = resync.select(
+                    list(labels), all_models=all, filters=filter, excludes=exclude
+                )
+                size = _whole(chunk_size, "--chunk-size")
+                if mode not in ("replay", "invalidate"):
+                    raise resync.ResyncError(f"--mode must be replay or invalidate, not {mode!r}.")
+                if dry_run:
+                    self._dry_run(selection, size)
+                    return
+                job = resync.start(selection, mode=mode, chunk_size=size, sync=sync, force=force)
+        except resync.ResyncError as exc:
+            raise CommandError(str(exc)) from None
+        self.stdout.write(
+            f"resync job {job.pk}: {job.rows_total:,} rows of {', '.join(job.labels)}, "
+            f"chunks of {job.chunk_size:,}, mode {job.mode}, "
+            + ("in this process" if sync else "on the workers")
+        )
+        self._run(job, sync=sync, wait=wait, progress=not no_progress)
+
+    def _run(self, job: Any, *, sync: bool, wait: bool, progress: bool) -> None:
+        done_before = resync.rows_done(job)
+        try:
+            if sync:
+                with self._progress(job, progress, done_before, "replayed") as on_rows:
+                    resync.run(job, sync=True, on_rows=on_rows)
+            else:
+                resync.run(job, sync=False)
+                if wait:
+                    with self._progress(job, progress, done_before, "done") as on_rows:
+                        resync.wait(job, on_rows=on_rows)
+        except KeyboardInterrupt:
+            resync.interrupt(job, "interrupted")
+            raise CommandError(
+                f"resync job {job.pk} interrupted; continue it with --resume {job.pk}."
+            ) from None
+        job.refresh_from_db()
+        if sync or wait:
+            self.stdout.write(
+                self.style.SUCCESS(f"resync job {job.pk} done: {resync.rows_done(job):,} rows.")
+            )
+        else:
+            self.stdout.write(
+                f"resync job {job.pk} handed to the workers ({job.rows_planned:,} rows); follow it "
+                f"with manage.py ormbridge_status or --resume {job.pk} --wait."
+            )
+
+    def _dry_run(self, selection: resync.Selection, size: int) -> None:
+        counts = resync.count(selection)
+        for label, rows in counts.items():
+            self.stdout.write(f"{label}: {rows:,} rows in {-(-rows // size):,} chunks of {size:,}")
+        total = sum(counts.values())
+        self.stdout.write(f"total: {total:,} rows (dry run: nothing changed)")
+
+    def _progress(self, job: Any, enabled: bool, initial: int, verb: str) -> _Progress:
+        return _Progress(self, job.rows_total, initial, verb, enabled)
+
+
+class _HelpFormatter(DjangoHelpFormatter, RawDescriptionHelpFormatter):
+    """Django's option order, and the examples epilog kept as written."""
+
+
+class _Progress:
+    """A tqdm bar on a terminal, a line every few seconds elsewhere, or nothing."""
+
+    LINE_EVERY = 5.0
+
+    def __init__(
+        self, command: BaseCommand, total: int, initial: int, verb: str, enabled: bool
+    ) -> None:
+        self.command, self.total, self.done, self.verb = command, total, initial, verb
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+        self.last_line = time.monotonic()
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return None
+        if self.command.stderr.isatty():
+            self.bar = tqdm(
+                total=self.total, initial=self.done, unit="row", unit_scale=True,
+                file=_Stream(self.command), desc=self.verb,
+            )  # fmt: skip
+        return self.update
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        if self.bar is not None:
+            self.bar.update(rows)
+        elif time.monotonic() - self.last_line >= self.LINE_EVERY:
+            self.last_line = time.monotonic()
+            self._line()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            self._line()
+
+    def _line(self) -> None:
+        share = self.done / self.total if self.total else 1
+        self.command.stderr.write(f"{self.done:,} / {self.total:,} rows {self.verb} ({share:.0%})")
+
+
+class _Stream:
+    """tqdm's file: the command's stderr, without the newline OutputWrapper adds."""
+
+    def __init__(self, command: BaseCommand) -> None:
+        self.command = command
+
+    def write(self, text: str) -> None:
+        self.command.stderr.write(text, ending="")
+
+    def flush(self) -> None:
+        self.command.stderr.flush()
+
+
+def _whole(text: str, option: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise resync.ResyncError(f"{option} takes a whole number, not {text!r}.") from None
+    if value < 1:
+        raise resync.ResyncError(f"{option} must be 1 or more, not {value}.")
+    return value

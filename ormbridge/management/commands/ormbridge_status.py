@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from ormbridge import status
+
+
+class Command(BaseCommand):
+    help = (
+        "Show ormbridge's pipeline: pending invalidations, the change log, resync jobs, and "
+        "whether Redis, the broker and a worker answer. Exits non-zero when change-log rows "
+        "failed or the oldest undelivered one is older than STATUS_MAX_PENDING_AGE, so it "
+        "can serve as a health check. Example: manage.py ormbridge_status --json"
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            dest="as_json",
+            help="Print one JSON document (see docs/status.md).",
+        )
+
+    def handle(self, *args: Any, as_json: bool, **options: Any) -> None:
+        report = status.collect()
+        if as_json:
+            self.stdout.write(_dumps(report))
+        else:
+            self._print(report)
+        if not report["healthy"]:
+            raise CommandError("unhealthy: " + "; ".join(report["problems"]))
+
+    def _print(self, report: dict[str, Any]) -> None:
+        out, style = self.stdout, self.style
+        for name, service in report["services"].items():
+            state = style.SUCCESS("ok") if service["ok"] else style.ERROR("DOWN")
+            detail = ", ".join(service.get("names") or []) or service["error"] or ""
+            out.write(f"{name:<8} {state} {detail}".rstrip())
+        out.write("")
+        out.write(
+            f"{'model':<24} {'pending':>8}  {'change log p/e/d/f':<20} {'oldest':>9}  last flush"
+        )
+        for model in report["models"]:
+            log = model["change_log"]
+            counts = f"{log['pending']}/{log['enqueued']}/{log['done']}/{log['failed']}"
+            age = model["oldest_undelivered_age"]
+            pending = model["pending_invalidations"]
+            out.write(
+                f"{model['model']:<24} {'?' if pending is None else pending:>8}  {counts:<20} "
+                f"{'-' if age is None else f'{age:,.0f} s':>9}  {status.ago(model['last_flush'])}"
+            )
+        if report["jobs"]:
+            out.write("")
+            out.write("resync jobs:")
+        for job in report["jobs"]:
+            share = job["rows_done"] / job["rows_total"] if job["rows_total"] else 1
+            out.write(
+                f"  {job['id']:>5}  {job['state']:<11} {', '.join(job['models'])}  "
+                f"{job['rows_done']:,} / {job['rows_total']:,} rows ({share:.0%})  {job['mode']}"
+            )
+        out.write("")
+        out.write(style.SUCCESS("healthy") if report["healthy"] else style.ERROR("unhealthy"))
+
+
+def _dumps(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=True)

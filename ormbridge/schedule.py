@@ -1,0 +1,58 @@
+"""ormbridge's periodic tasks, for django-celery-beat or ``CELERY_BEAT_SCHEDULE``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ormbridge.conf import settings
+
+# task name -> name of its PeriodicTask row
+PERIODIC_TASKS = {
+    "ormbridge.sweep_outbox": "ormbridge: deliver the change log (sweep_outbox)",
+    "ormbridge.flush_pending": "ormbridge: flush pending invalidations (flush_pending)",
+}
+
+
+def beat_schedule() -> dict[str, dict[str, Any]]:
+    """The same schedule as a ``CELERY_BEAT_SCHEDULE`` dict, for projects without the
+    database scheduler."""
+    return {
+        task: {
+            "task": task,
+            "schedule": float(settings.SWEEP_INTERVAL),
+            "options": {"queue": settings.QUEUE},
+        }
+        for task in PERIODIC_TASKS
+    }
+
+
+def install() -> list[tuple[str, bool]]:
+    """Create or update the ``PeriodicTask`` rows; returns ``(name, created)`` per task.
+
+    Idempotent: running it again updates the rows in place, never duplicates them.
+    """
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    every = int(settings.SWEEP_INTERVAL)
+    interval = IntervalSchedule.objects.filter(every=every, period=IntervalSchedule.SECONDS).first()
+    if interval is None:
+        interval = IntervalSchedule.objects.create(every=every, period=IntervalSchedule.SECONDS)
+    done = []
+    for task, name in PERIODIC_TASKS.items():
+        _, created = PeriodicTask.objects.update_or_create(
+            name=name,
+            defaults={
+                "task": task,
+                "interval": interval,
+                "crontab": None,
+                "solar": None,
+                "clocked": None,
+                "queue": settings.QUEUE,
+                "args": "[]",
+                "kwargs": "{}",
+                "enabled": True,
+                "one_off": False,
+            },
+        )
+        done.append((name, created))
+    return done

@@ -1,0 +1,150 @@
+"""What the pipeline is doing: the data behind ``manage.py ormbridge_status``.
+
+The shape of :func:`collect`'s result is documented in ``docs/status.md`` and
+``docs/status.schema.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+from celery import current_app
+from django.db.models import Count, Min
+from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerError
+
+from ormbridge import registry, resync, store
+from ormbridge.conf import settings
+
+RECENT_JOBS = 5
+UNDELIVERED = ("pending", "enqueued")
+
+
+def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
+    """The status document. Never raises because a service is down: it reports it."""
+    from ormbridge.models import ChangeBatch
+
+    now = timezone.now()
+    services = {"redis": _redis(), "broker": _broker()}
+    services["workers"] = _workers(ping_timeout) if services["broker"]["ok"] else {
+        "ok": False, "error": "broker unreachable", "names": []
+    }  # fmt: skip
+    labels = [model._meta.label_lower for model in registry.registered_models()]
+    by_state: dict[str, dict[str, int]] = {label: {} for label in labels}
+    for row in ChangeBatch.objects.values("model", "state").annotate(n=Count("id")):
+        by_state.setdefault(row["model"], {})[row["state"]] = row["n"]
+    oldest = {
+        row["model"]: row["oldest"]
+        for row in ChangeBatch.objects.filter(state__in=UNDELIVERED)
+        .values("model")
+        .annotate(oldest=Min("created_at"))
+    }
+    redis_stats = _redis_stats(labels) if services["redis"]["ok"] else {}
+    models = []
+    for label in sorted(by_state):
+        counts = {state: by_state[label].get(state, 0) for state in ChangeBatch.State.values}
+        age = (now - oldest[label]).total_seconds() if label in oldest else None
+        pending, last_flush = redis_stats.get(label, (None, None))
+        models.append(
+            {
+                "model": label,
+                "registered": label in labels,
+                "pending_invalidations": pending,
+                "last_flush": last_flush,
+                "change_log": counts,
+                "oldest_undelivered_age": age,
+            }
+        )
+    failed = sum(m["change_log"]["failed"] for m in models)
+    ages = [m["oldest_undelivered_age"] for m in models if m["oldest_undelivered_age"] is not None]
+    oldest_age = max(ages, default=None)
+    problems = []
+    if failed:
+        problems.append(f"{failed} change-log rows failed")
+    if oldest_age is not None and oldest_age > settings.STATUS_MAX_PENDING_AGE:
+        problems.append(
+            f"oldest undelivered change-log row is {oldest_age:.0f} s old "
+            f"(limit {settings.STATUS_MAX_PENDING_AGE} s)"
+        )
+    return {
+        "time": now.isoformat(),
+        "healthy": not problems,
+        "problems": problems,
+        "services": services,
+        "models": models,
+        "jobs": _jobs(),
+    }
+
+
+def _redis() -> dict[str, Any]:
+    try:
+        store.get_redis().ping()
+    except (redis.RedisError, OSError) as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"ok": True, "error": None}
+
+
+def _broker() -> dict[str, Any]:
+    try:
+        with current_app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+    except (BrokerError, OSError) as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"ok": True, "error": None}
+
+
+def _workers(timeout: float) -> dict[str, Any]:
+    try:
+        replies = current_app.control.ping(timeout=timeout) or []
+    except (BrokerError, OSError) as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "names": []}
+    names = sorted(name for reply in replies for name in reply)
+    return {"ok": bool(names), "error": None if names else "no worker answered", "names": names}
+
+
+def _redis_stats(labels: list[str]) -> dict[str, tuple[int, float | None]]:
+    pipe = store.get_redis().pipeline(transaction=False)
+    for label in labels:
+        pipe.scard(store.pending_key(label))
+        pipe.hget(store.stats_key(label), "last_flush")
+    try:
+        replies = pipe.execute()
+    except (redis.RedisError, OSError):
+        return {}
+    stats = {}
+    for position, label in enumerate(labels):
+        pending, last = replies[2 * position], replies[2 * position + 1]
+        stats[label] = (int(pending), None if last is None else float(last))
+    return stats
+
+
+def _jobs() -> list[dict[str, Any]]:
+    from ormbridge.models import ResyncJob
+
+    running = list(ResyncJob.objects.filter(state=ResyncJob.State.RUNNING).order_by("id"))
+    recent = list(
+        ResyncJob.objects.exclude(state=ResyncJob.State.RUNNING).order_by("-id")[:RECENT_JOBS]
+    )
+    return [
+        {
+            "id": job.pk,
+            "models": job.labels,
+            "mode": job.mode,
+            "state": job.state,
+            "rows_total": job.rows_total,
+            "rows_done": resync.rows_done(job),
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "error": job.error,
+        }
+        for job in [*running, *recent]
+    ]
+
+
+def ago(timestamp: float | None) -> str:
+    """A Unix time as "12 s ago" (or "never")."""
+    if timestamp is None:
+        return "never"
+    return f"{max(0.0, time.time() - timestamp):,.0f} s ago"

@@ -1,0 +1,208 @@
+"""manage.py ormbridge_resync: chunked, resumable, on workers or in its own process."""
+
+import signal
+import uuid
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from ormbridge import resync
+from ormbridge.cache import cached_instance, get_cache, instance_key
+from ormbridge.models import ChangeBatch, ResyncJob
+from shop.models import Product
+from tests import commands, replays
+from tests.conftest import wait_until
+from tests.factories import make_products
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def resync_command(*args: str) -> str:
+    out = StringIO()
+    call_command("ormbridge_resync", *args, "--no-progress", stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def test_an_async_resync_replays_every_row_once(worker):
+    products = make_products(50_000)
+    resync_command("shop.Product", "--wait", "--chunk-size", "10000")
+    assert replays.saves() == {p.pk: 1 for p in products}
+    assert replays.update_fields() == {None}
+    job = ResyncJob.objects.get()
+    assert (job.state, job.rows_total, resync.rows_done(job)) == ("done", 50_000, 50_000)
+
+
+def test_a_sync_resync_needs_no_worker(idle_queue):
+    products = make_products(50_000)
+    output = resync_command("shop.Product", "--sync", "--chunk-size", "10000")
+    assert replays.saves() == {p.pk: 1 for p in products}
+    assert idle_queue() == 0
+    assert "done: 50,000 rows" in output
+    assert ResyncJob.objects.get().state == "done"
+
+
+def test_invalidate_mode_replays_nothing_but_clears_caches(worker):
+    products = make_products(300)
+    for product in products[:10]:
+        cached_instance(Product, product.pk)
+    resync_command("shop.Product", "--mode", "invalidate", "--wait")
+    assert replays.saves() == {}
+    assert all(get_cache().get(instance_key("shop.product", p.pk)) is None for p in products[:10])
+
+
+def test_filters_and_excludes_choose_the_rows(idle_queue):
+    products = make_products(30)
+    Product.objects.filter(pk__in=[p.pk for p in products[:10]]).update(stock=5)
+    Product.objects.filter(pk=products[0].pk).update(name="skip me")
+    resync_command("shop.Product", "--sync", "--filter", "stock__gte=5", "--exclude",
+                   "name__startswith=skip")  # fmt: skip
+    assert set(replays.saves()) == {p.pk for p in products[1:10]}
+
+
+def test_dry_run_counts_and_changes_nothing(idle_queue):
+    make_products(12_345)
+    output = resync_command("shop.Product", "--dry-run", "--chunk-size", "5000")
+    assert "shop.product: 12,345 rows in 3 chunks of 5,000" in output
+    assert not ResyncJob.objects.exists()
+    assert not ChangeBatch.objects.exists()
+
+
+def test_a_second_job_on_the_same_model_is_refused(idle_queue):
+    make_products(10)
+    running = resync.start(resync.select(["shop.Product"]))
+    with pytest.raises(CommandError, match=f"resync job {running.pk} is running on shop.product"):
+        resync_command("shop.Product", "--sync")
+    resync_command("shop.Product", "--sync", "--force")
+    assert ResyncJob.objects.count() == 2
+
+
+def test_progress_is_printed_as_lines_when_not_a_terminal(idle_queue):
+    make_products(100)
+    err = StringIO()
+    call_command("ormbridge_resync", "shop.Product", "--sync", stdout=StringIO(), stderr=err)
+    assert "100 / 100 rows replayed (100%)" in err.getvalue()
+
+
+def test_no_progress_prints_nothing_on_stderr(idle_queue):
+    make_products(100)
+    err = StringIO()
+    call_command("ormbridge_resync", "shop.Product", "--sync", "--no-progress",
+                 stdout=StringIO(), stderr=err)  # fmt: skip
+    assert err.getvalue() == ""
+
+
+def done_chunk_pks(job_id: int) -> set[int]:
+    done = ChangeBatch.objects.filter(job_id=job_id, state="done")
+    return {int(pk) for pks in done.values_list("pks", flat=True) for pk in pks}
+
+
+def test_a_killed_sync_resync_is_finished_by_resume(idle_queue):
+    products = make_products(6_000)
+    command = commands.manage(
+        "ormbridge_resync", "shop.Product", "--sync", "--chunk-size", "1000", "--no-progress",
+        env={"ORMBRIDGE_TEST_REPLAY_DELAY": "0.0005"},
+    )  # fmt: skip
+    wait_until(lambda: len(replays.saves()) >= 2_500, 60, "a few chunks to be replayed")
+    command.send_signal(signal.SIGKILL)
+    command.wait()
+    job = ResyncJob.objects.get()
+    assert job.state == "running"
+    finished = done_chunk_pks(job.pk)
+    assert 0 < len(finished) < 6_000
+
+    resync_command("--resume", str(job.pk), "--sync")
+    saves = replays.saves()
+    assert set(saves) == {p.pk for p in products}
+    assert all(saves[pk] == 1 for pk in finished)  # no finished chunk redone
+    assert ResyncJob.objects.get().state == "done"
+
+
+def test_a_job_whose_worker_was_killed_is_finished_by_resume(start_worker, settings):
+    queue = f"resync-{uuid.uuid4().hex[:8]}"
+    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "QUEUE": queue}
+    products = make_products(6_000)
+    victim = start_worker(queue=queue, env={"ORMBRIDGE_TEST_REPLAY_DELAY": "0.0005"})
+    resync_command("shop.Product", "--chunk-size", "1000")
+    wait_until(lambda: len(replays.saves()) >= 2_500, 60, "a few chunks to be replayed")
+    victim.kill()
+    job = ResyncJob.objects.get()
+    finished = done_chunk_pks(job.pk)
+    assert 0 < len(finished) < 6_000
+
+    start_worker(queue=queue)
+    resync_command("--resume", str(job.pk), "--wait")
+    saves = replays.saves()
+    assert set(saves) == {p.pk for p in products}
+    assert all(saves[pk] == 1 for pk in finished)
+    assert ResyncJob.objects.get().state == "done"
+
+
+def test_ctrl_c_marks_the_job_interrupted_and_resume_finishes_it(idle_queue):
+    make_products(3_000)
+    command = commands.manage(
+        "ormbridge_resync", "shop.Product", "--sync", "--chunk-size", "500", "--no-progress",
+        env={"ORMBRIDGE_TEST_REPLAY_DELAY": "0.0005"},
+    )  # fmt: skip
+    wait_until(lambda: len(replays.saves()) >= 600, 60, "the first chunks")
+    command.send_signal(signal.SIGINT)
+    _, stderr = command.communicate(timeout=60)
+    assert command.returncode == 1
+    job = ResyncJob.objects.get()
+    assert stderr.strip().splitlines()[-1] == (
+        f"CommandError: resync job {job.pk} interrupted; continue it with --resume {job.pk}."
+    )
+    assert job.state == "interrupted"
+    resync_command("--resume", str(job.pk), "--sync")
+    assert len(replays.saves()) == 3_000
+
+
+BAD_ARGUMENTS = [
+    (["shop.Nope"], "unknown model 'shop.Nope'"),
+    (["auth.Group"], "auth.Group is not registered with ormbridge"),
+    ([], "name models as app_label.Model, or pass --all"),
+    (["shop.Product", "--filter", "colour=red"], "has no field 'colour'"),
+    (["shop.Product", "--filter", "price__near=3"], "unknown lookup 'near' for field 'price'"),
+    (["shop.Product", "--filter", "price__gte=cheap"], "price__gte='cheap' is not valid"),
+    (["shop.Product", "--filter", "price"], "--filter takes FIELD__LOOKUP=VALUE"),
+    (["shop.Product", "--chunk-size", "0"], "--chunk-size must be 1 or more"),
+    (["shop.Product", "--chunk-size", "many"], "--chunk-size takes a whole number"),
+    (["shop.Product", "--mode", "both"], "--mode must be replay or invalidate"),
+    (["--resume", "424242"], "there is no resync job 424242"),
+]
+
+
+@pytest.mark.parametrize("arguments,message", BAD_ARGUMENTS)
+def test_bad_input_exits_non_zero_with_one_line_and_changes_nothing(idle_queue, arguments, message):
+    make_products(5)
+    done = commands.run("ormbridge_resync", *arguments)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("CommandError: ")
+    assert message in lines[0]
+    assert not ResyncJob.objects.exists()
+    assert not ChangeBatch.objects.exists()
+    assert replays.saves() == {}
+
+
+def test_help_documents_every_option_with_an_example():
+    done = commands.run("ormbridge_resync", "--help")
+    for option in ["--all", "--filter", "--exclude", "--chunk-size", "--mode", "--sync", "--wait",
+                   "--dry-run", "--no-progress", "--resume", "--force"]:  # fmt: skip
+        assert option in done.stdout
+    assert "examples:" in done.stdout
+    assert "manage.py ormbridge_resync --resume 12 --wait" in done.stdout
+
+
+def test_resync_all_covers_every_registered_model(idle_queue):
+    products = make_products(5)
+    resync_command("--all", "--sync")
+    assert set(replays.saves()) == {p.pk for p in products}
+    assert set(ResyncJob.objects.get().labels) == {
+        "shop.category",
+        "shop.customer",
+        "shop.order",
+        "shop.product",
+        "shop.tag",
+    }
