@@ -3,8 +3,8 @@
     python bench/resync_memory.py                     # 10,000 and 1,000,000 rows
     python bench/resync_memory.py --rows 10000 200000
 
-Same services and receiver as bench/bulk_update.py. Each resync runs as its own
-``manage.py`` process; its peak RSS is read from the kernel when it exits.
+Same services and receiver as bench/bulk_update.py. Each resync runs in a fresh
+process, which reports its own peak RSS (VmHWM) when the command returns.
 """
 
 from __future__ import annotations
@@ -16,42 +16,40 @@ import subprocess
 import sys
 import time
 
-from bulk_update import ROOT, ensure_database, seed, setup_django
+from bulk_update import ensure_database, peak_rss_mb, seed, setup_django
 
 
 def resync_peak(rows: int) -> tuple[float, float]:
     """Seconds and peak RSS (MB) of one ``ormbridge_resync --sync`` over ``rows`` rows."""
     seed(rows)
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "bench.settings",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "example")]),
-    }
-    started = time.perf_counter()
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "example" / "manage.py"),
-            "ormbridge_resync",
-            "shop.Product",
-            "--sync",
-            "--no-progress",
-            "--force",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
+    out = subprocess.run(
+        [sys.executable, __file__, "--child"], check=True, capture_output=True, text=True
     )
-    _, status, usage = os.wait4(child.pid, 0)
-    if status:
-        sys.exit(f"ormbridge_resync failed over {rows:,} rows (status {status})")
-    return time.perf_counter() - started, usage.ru_maxrss / 1024
+    seconds, peak = out.stdout.split()[-2:]
+    return float(seconds), float(peak)
+
+
+def child() -> None:
+    """Run the command in this process, then print its duration and this process's peak."""
+    from django.core.management import call_command
+
+    started = time.perf_counter()
+    with open(os.devnull, "w") as quiet:
+        call_command(
+            "ormbridge_resync", "shop.Product", "--sync", "--no-progress", "--force", stdout=quiet
+        )
+    print(time.perf_counter() - started, peak_rss_mb())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs=2, default=[10_000, 1_000_000])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     setup_django()
+    if args.child:
+        child()
+        return
     ensure_database()
     small, large = sorted(args.rows)
     print(f"# ormbridge bench/resync_memory.py, {datetime.datetime.now(datetime.UTC):%Y-%m-%d}")

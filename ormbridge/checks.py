@@ -88,10 +88,13 @@ def _check_numbers() -> list[checks.CheckMessage]:
         "FLUSH_DELAY": (settings.FLUSH_DELAY, 0, "a number of seconds >= 0"),
         "FLUSH_BATCH_SIZE": (settings.FLUSH_BATCH_SIZE, 1, "a whole number >= 1"),
         "REDELIVER_AFTER": (settings.REDELIVER_AFTER, 1, "a number of seconds >= 1"),
+        "BULK_CHUNK_SECONDS": (settings.BULK_CHUNK_SECONDS, 0.001, "a number of seconds > 0"),
+        "MAX_ATTEMPTS": (settings.MAX_ATTEMPTS, 1, "a whole number >= 1"),
+        "SWEEP_INTERVAL": (settings.SWEEP_INTERVAL, 1, "a whole number of seconds >= 1"),
+        "STATUS_MAX_PENDING_AGE": (settings.STATUS_MAX_PENDING_AGE, 1, "a number of seconds >= 1"),
     }
     for name, (value, minimum, wanted) in rules.items():
-        whole = name == "FLUSH_BATCH_SIZE"
-        kinds = int if whole else int | float
+        kinds = int if "whole" in wanted else int | float
         if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
             errors.append(
                 checks.Error(

@@ -98,7 +98,7 @@ def lookup(model: type[models.Model], key: str, raw: str) -> Q:
         if meta is None:
             break
         try:
-            field = meta.get_field(part)
+            field = meta.pk if part == "pk" else meta.get_field(part)
         except FieldDoesNotExist:
             break
         used += 1

@@ -1,0 +1,14 @@
+"""The documentation keeps up with the code."""
+
+from pathlib import Path
+
+from ormbridge.conf import settings
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_every_setting_is_documented_with_its_default():
+    text = (DOCS / "settings.md").read_text()
+    for name in settings.keys():
+        default = type(settings).__dict__[name].default
+        assert f"| `{name}` | `{default!r}` |" in text, name
