@@ -133,8 +133,9 @@ def safe_bulk_update(
         if signals.pre_bulk_update.has_listeners(model):
             signals.pre_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
         updated = _update_returning(base.filter(pk__gte=pks[0], pk__lte=pks[-1]), values, using)
-        batch = _log(model, "update", updated, sorted(fields), replay, using)
-        return updated, [batch]
+        if not updated:  # every row of the chunk stopped matching
+            return updated, []
+        return updated, [_log(model, "update", updated, sorted(fields), replay, using)]
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)

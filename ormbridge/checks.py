@@ -31,11 +31,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             )
         ]
     errors: list[checks.CheckMessage] = []
-    for name in sorted(set(user) - set(settings.keys())):
+    for name in sorted(set(user) - set(settings.names())):
         errors.append(
             checks.Warning(
                 f"ORMBRIDGE has an unknown key {name!r}; it is ignored.",
-                hint=f"Known keys: {', '.join(settings.keys())}.",
+                hint=f"Known keys: {', '.join(settings.names())}.",
                 id="ormbridge.W001",
             )
         )

@@ -107,7 +107,7 @@ class Settings:
         "Dotted paths of the classes that receive change events (one per flushed batch).",
     )
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         """Names of all known settings."""
         return [name for name, value in vars(type(self)).items() if isinstance(value, _Setting)]
 

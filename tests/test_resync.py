@@ -60,6 +60,13 @@ def test_filters_and_excludes_choose_the_rows(idle_queue):
     assert set(replays.saves()) == {p.pk for p in products[1:10]}
 
 
+def test_pk_lookups_and_lists_are_converted(idle_queue):
+    products = make_products(10)
+    first, second = products[0].pk, products[1].pk
+    resync_command("shop.Product", "--sync", "--filter", f"pk__in={first},{second}")
+    assert set(replays.saves()) == {first, second}
+
+
 def test_dry_run_counts_and_changes_nothing(idle_queue):
     make_products(12_345)
     output = resync_command("shop.Product", "--dry-run", "--chunk-size", "5000")
