@@ -1,4 +1,4 @@
-"""Change events: one per flushed batch, handed to the configured emitters.
+"""Change events: one per batch (a flush batch or a bulk chunk) and namespace.
 
 An event says which rows of which model changed, never their values::
 
@@ -7,7 +7,14 @@ An event says which rows of which model changed, never their values::
 
 ``type`` is ``create``, ``update``, ``delete`` or ``invalidate``; ``pks`` is
 None when every row of the model is concerned; ``fields`` lists the changed
-fields of an update (None: unknown or all).
+fields of an update (None: unknown or all). A model registered with
+``payload=`` adds ``"payload": {pk: data}``.
+
+Every model's events go to its namespace ``app_label.model``; a model
+registered with ``namespaces=`` also sends each row's events to
+``app_label.model::<name>`` for every name the resolver returns for the row.
+The names a row had last time are remembered in Redis, so a row that moves
+from one namespace to another produces events in both.
 """
 
 from __future__ import annotations
@@ -17,16 +24,23 @@ import json
 import logging
 import time
 import uuid
+from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any, TypedDict
 
+from django.db import models
 from django.utils.module_loading import import_string
 
+from ormbridge import registry, store
 from ormbridge.conf import settings
 
 logger = logging.getLogger("ormbridge.events")
 
+SEPARATOR = "::"
+LOAD_SIZE = 2000
 
-class Event(TypedDict):
+
+class Event(TypedDict, total=False):
     id: str
     type: str
     model: str
@@ -34,20 +48,97 @@ class Event(TypedDict):
     pks: list[Any] | None
     fields: list[str] | None
     ts: float
+    payload: dict[str, Any]
 
 
 def make_event(
-    type: str, label: str, pks: list[Any] | None, fields: list[str] | None = None
+    type: str,
+    label: str,
+    pks: list[Any] | None,
+    fields: list[str] | None = None,
+    namespace: str | None = None,
 ) -> Event:
     return Event(
         id=uuid.uuid4().hex,
         type=type,
         model=label,
-        namespace=label,
+        namespace=namespace or label,
         pks=pks,
         fields=fields,
         ts=time.time(),
     )
+
+
+def events_for(
+    model: type[models.Model],
+    action: str,
+    pks: list[Any] | None,
+    fields: list[str] | None = None,
+    rows: Iterable[models.Model] | None = None,
+) -> list[Event]:
+    """The events of one batch: one per namespace the batch's rows are (or were) in.
+
+    ``rows`` are the deleted rows' last values, when known (bulk deletes).
+    """
+    label = model._meta.label_lower
+    event_fields = fields if action == "update" else None
+    options = registry.options(model) if registry.is_registered(model) else None
+    if pks is None or options is None or not (options.namespaces or options.payload):
+        return [make_event(action, label, pks, event_fields)]
+    by_namespace: dict[str, list[Any]] = defaultdict(list)
+    payload: dict[str, Any] = {}
+    loaded = {obj.pk: obj for obj in rows or ()}
+    if action != "delete" and not loaded:
+        loaded = _load(model, pks)
+    now = {pk: _names(options, loaded.get(pk)) for pk in pks}
+    before = _remember(label, now, forget=action == "delete") if options.namespaces else {}
+    for pk in pks:
+        by_namespace[label].append(pk)
+        for name in sorted(now[pk] | before.get(pk, set())):
+            by_namespace[f"{label}{SEPARATOR}{name}"].append(pk)
+        if options.payload and pk in loaded and action != "delete":
+            payload[str(pk)] = options.payload(loaded[pk])
+    events = []
+    for namespace, members in by_namespace.items():
+        event = make_event(action, label, members, event_fields, namespace)
+        if payload:
+            event["payload"] = {str(pk): payload[str(pk)] for pk in members if str(pk) in payload}
+        events.append(event)
+    return events
+
+
+def _load(model: type[models.Model], pks: list[Any]) -> dict[Any, models.Model]:
+    manager = model._base_manager
+    loaded = {}
+    for start in range(0, len(pks), LOAD_SIZE):
+        for obj in manager.filter(pk__in=pks[start : start + LOAD_SIZE]):
+            loaded[obj.pk] = obj
+    return loaded
+
+
+def _names(options: registry.Options, obj: models.Model | None) -> set[str]:
+    if obj is None or options.namespaces is None:
+        return set()
+    return {str(name) for name in options.namespaces(obj)}
+
+
+def _remember(label: str, now: dict[Any, set[str]], forget: bool) -> dict[Any, set[str]]:
+    """Swap each row's remembered namespace names for ``now``; returns the old ones."""
+    key = store.key(label, "namespaces")
+    client = store.get_redis()
+    fields = [str(pk) for pk in now]
+    old = client.hmget(key, fields) if fields else []
+    pipe = client.pipeline(transaction=False)
+    if forget:
+        pipe.hdel(key, *fields)
+    else:
+        mapping = {str(pk): "\x1f".join(sorted(names)) for pk, names in now.items()}
+        pipe.hset(key, mapping=mapping)
+    pipe.execute()
+    return {
+        pk: set(filter(None, (value or "").split("\x1f")))
+        for pk, value in zip(now, old, strict=True)
+    }
 
 
 class Emitter:
@@ -63,6 +154,29 @@ class LoggingEmitter(Emitter):
     def emit(self, events: list[Event]) -> None:
         for event in events:
             logger.info("%s", json.dumps(event, default=str))
+
+
+class RedisStreamEmitter(Emitter):
+    """Appends each event to its namespace's Redis stream, trimmed to ``EVENTS_MAXLEN``.
+
+    The Server-Sent Events endpoint reads these streams; the stream entry id is
+    the event's position for ``Last-Event-ID``.
+    """
+
+    def emit(self, events: list[Event]) -> None:
+        pipe = store.get_redis().pipeline(transaction=False)
+        for event in events:
+            pipe.xadd(
+                stream_key(event["namespace"]),
+                {"event": json.dumps(event, default=str)},
+                maxlen=int(settings.EVENTS_MAXLEN),
+                approximate=True,
+            )
+        pipe.execute()
+
+
+def stream_key(namespace: str) -> str:
+    return store.key("events", namespace)
 
 
 def emit(events: list[Event]) -> int:

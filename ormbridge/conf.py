@@ -103,8 +103,25 @@ class Settings:
         "change-log row is older than this many seconds.",
     )
     EMITTERS: list[str] = _Setting(
-        ["ormbridge.broadcast.LoggingEmitter"],
-        "Dotted paths of the classes that receive change events (one per flushed batch).",
+        ["ormbridge.broadcast.RedisStreamEmitter"],
+        "Dotted paths of the classes that receive change events (one per batch and "
+        "namespace): ``ormbridge.broadcast.RedisStreamEmitter`` (feeds the events "
+        "endpoint), ``ormbridge.broadcast.LoggingEmitter``, "
+        "``ormbridge.contrib.pusher.PusherEmitter``.",
+    )
+    EVENTS_MAXLEN: int = _Setting(
+        10_000,
+        "Events kept per namespace stream (approximately): how far back a reconnecting "
+        "client can resume with ``Last-Event-ID``.",
+    )
+    EVENTS_PERMISSION: str | None = _Setting(
+        None,
+        "Dotted path of ``f(request, namespace) -> bool`` deciding who may subscribe to a "
+        "namespace. None: an authenticated user with the model's ``view`` permission.",
+    )
+    EVENTS_HEARTBEAT: float = _Setting(
+        15.0,
+        "Seconds between heartbeat comments on an idle events stream.",
     )
 
     def names(self) -> list[str]:

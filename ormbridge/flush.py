@@ -92,18 +92,24 @@ def apply(
             by_action[action].add(pk)
     pks = set().union(*by_action.values())
     entries = invalidate(model, sorted(pks), everything=everything)
-    events = [
-        broadcast.make_event(
-            store.ACTIONS[action],
-            label,
-            sorted((event_pk(model, pk) for pk in action_pks), key=str),
-            fields if action == "u" else None,
-        )
-        for action, action_pks in sorted(by_action.items())
-    ]
+    events = []
+    for action, action_pks in sorted(by_action.items()):
+        values = sorted((event_pk(model, pk) for pk in action_pks), key=str)
+        events += broadcast.events_for(model, store.ACTIONS[action], values, fields)
     if everything:
         events.append(broadcast.make_event("invalidate", label, None))
     failures = broadcast.emit(events)
+    if failures:  # the change log keeps the batch: the sweep delivers it again
+        from ormbridge import outbox
+
+        outbox.write(
+            "default",
+            [
+                outbox.NewBatch(label, store.ACTIONS[action], sorted(action_pks), fields)
+                for action, action_pks in sorted(by_action.items())
+            ],
+            error=RuntimeError(f"{failures} emitter(s) failed"),
+        )
     return FlushResult(
         rows=len(pks), batches=1, entries=entries, events=len(events), emit_failures=failures
     )

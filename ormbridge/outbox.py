@@ -183,7 +183,10 @@ def process(batch_id: int, using: str = "default") -> flush.FlushResult:
             created = batch.action == ChangeBatch.Action.CREATE
             replay.replay_saves(model, pks, batch.fields, created, using)
         if registry.is_registered(model):
-            result = _invalidate(model, batch.action, pks, batch.fields)
+            rows = None
+            if batch.snapshot:
+                rows = list(replay.rebuild(model, batch.snapshot, using))
+            result = _invalidate(model, batch.action, pks, batch.fields, rows)
     except Exception as exc:
         ChangeBatch.objects.using(using).filter(id=batch_id).update(
             last_error=f"{type(exc).__name__}: {exc}"[:2000]
@@ -200,11 +203,18 @@ def process(batch_id: int, using: str = "default") -> flush.FlushResult:
 
 
 def _invalidate(
-    model: type[models.Model], action: str, pks: list[Any] | None, fields: list[str] | None
+    model: type[models.Model],
+    action: str,
+    pks: list[Any] | None,
+    fields: list[str] | None,
+    rows: list[models.Model] | None = None,
 ) -> flush.FlushResult:
-    """Invalidate a change-log row's rows in batches; one event for the whole row."""
+    """Invalidate a change-log row's rows in batches; one event per namespace.
+
+    Raises ``RuntimeError`` when an emitter failed, so the row is delivered again.
+    """
     label = model._meta.label_lower
-    result = flush.FlushResult(events=1)
+    result = flush.FlushResult()
     if pks is None:
         result.entries = flush.invalidate(model, [], everything=True)
     else:
@@ -215,7 +225,10 @@ def _invalidate(
             result.batches += 1
         result.rows = len(texts)
     event_pks = None if pks is None else [flush.event_pk(model, str(pk)) for pk in pks]
-    event = broadcast.make_event(action, label, event_pks, fields if action == "update" else None)
-    result.emit_failures = broadcast.emit([event])
+    events = broadcast.events_for(model, action, event_pks, fields, rows)
+    result.events = len(events)
+    result.emit_failures = broadcast.emit(events)
     flush.record_stats(label, result)
+    if result.emit_failures:
+        raise RuntimeError(f"{result.emit_failures} emitter(s) failed; delivered again later")
     return result

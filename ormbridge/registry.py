@@ -7,7 +7,7 @@ Django's slow path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -27,6 +27,10 @@ class Options:
 
     cache_timeout: int | None = None
     """Seconds cached instances and querysets of this model live; None: ``CACHE_TIMEOUT``."""
+    namespaces: Callable[[Any], Iterable[str]] | None = None
+    """Extra event namespaces of a row: names ``n`` give ``app_label.model::n`` (e.g. a tenant)."""
+    payload: Callable[[Any], Any] | None = None
+    """Opt in to field values in events: returns the JSON-able data of a row."""
 
 
 _registry: dict[str, Options] = {}
@@ -42,6 +46,8 @@ def register(model: M | None = None, **options: Any) -> M | Callable[[M], M]:
     """Watch ``model``: its saves, deletes and m2m changes invalidate caches.
 
     Usable as ``register(Product)``, ``@register`` or ``@register(cache_timeout=60)``.
+    Options: ``cache_timeout``, ``namespaces`` (a row's extra event namespaces),
+    ``payload`` (field values in events; off by default).
     Registering a model again with the same options does nothing.
 
     Raises:

@@ -28,7 +28,7 @@ CACHES["default"]["KEY_PREFIX"] = "test"
 ORMBRIDGE = {
     **ORMBRIDGE,
     "FLUSH_DELAY": 0.2,
-    "EMITTERS": ["tests.emitters.RecordingEmitter"],
+    "EMITTERS": ["tests.emitters.RecordingEmitter", "ormbridge.broadcast.RedisStreamEmitter"],
 }
 
 # A worker started by the tests is pointed at the test database by name.
