@@ -13,6 +13,7 @@ class Category(models.Model):
         return self.name
 
 
+@ormbridge.register(payload=lambda tag: {"name": tag.name})  # tags are public: events carry them
 class Tag(models.Model):
     name = models.CharField(max_length=50, unique=True)
 
@@ -48,6 +49,12 @@ class Customer(models.Model):
         return self.email
 
 
+def order_namespaces(order: "Order") -> list[str]:
+    """Each customer's orders also go to their own namespace: shop.order::customer-<id>."""
+    return [f"customer-{order.customer_id}"] if order.customer_id else []
+
+
+@ormbridge.register(namespaces=order_namespaces)
 class Order(models.Model):
     class Status(models.TextChoices):
         NEW = "new"
