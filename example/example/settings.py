@@ -115,3 +115,4 @@ LOGGING = {
         "ormbridge.events": {"handlers": ["console"], "level": "WARNING", "propagate": False},
     },
 }
+LOGIN_URL = "/admin/login/"
