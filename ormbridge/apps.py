@@ -9,8 +9,11 @@ class OrmbridgeConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from ormbridge import checks, registry
+        from django.core.signals import setting_changed
 
+        from ormbridge import broadcast, checks, registry
+
+        setting_changed.connect(broadcast.settings_changed, dispatch_uid="ormbridge-settings")
         checks.register_checks()
         registry.register_from_settings()
         registry.connect_related()

@@ -188,7 +188,13 @@ def emit(events: list[Event]) -> int:
     failures = 0
     if not events:
         return failures
-    for emitter in _emitters(tuple(settings.EMITTERS)):
+    paths = tuple(settings.EMITTERS)
+    try:
+        emitters = _emitters(paths)
+    except Exception:
+        logger.exception("ormbridge: the emitters %s could not be set up", ", ".join(paths))
+        return len(paths)
+    for emitter in emitters:
         try:
             emitter.emit(events)
         except Exception:
@@ -200,3 +206,9 @@ def emit(events: list[Event]) -> int:
 @functools.lru_cache(maxsize=8)
 def _emitters(paths: tuple[str, ...]) -> list[Emitter]:
     return [import_string(path)() for path in paths]
+
+
+def settings_changed(setting: str, **kwargs: Any) -> None:
+    """Emitters are built from settings once; build them again when the settings change."""
+    if setting == "ORMBRIDGE":
+        _emitters.cache_clear()

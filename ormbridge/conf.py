@@ -109,6 +109,12 @@ class Settings:
         "endpoint), ``ormbridge.broadcast.LoggingEmitter``, "
         "``ormbridge.contrib.pusher.PusherEmitter``.",
     )
+    PUSHER: dict | None = _Setting(
+        None,
+        "Keyword arguments of ``pusher.Pusher`` (``app_id``, ``key``, ``secret``, "
+        "``cluster`` …) for ``ormbridge.contrib.pusher.PusherEmitter``, plus an optional "
+        "``channel_prefix`` (default ``private-``).",
+    )
     EVENTS_MAXLEN: int = _Setting(
         10_000,
         "Events kept per namespace stream (approximately): how far back a reconnecting "
