@@ -18,6 +18,7 @@ from typing import Any
 
 import redis.asyncio
 from asgiref.sync import sync_to_async
+from django.db import connections
 from django.http import (
     HttpRequest,
     HttpResponse,
@@ -45,13 +46,23 @@ def may_subscribe(request: HttpRequest, namespace: str) -> bool:
     return request.user.has_perm(f"{meta.app_label}.view_{meta.model_name}")
 
 
-def _check(request: HttpRequest, namespaces: list[str]) -> tuple[list[str], list[str]]:
-    hook = settings.EVENTS_PERMISSION
-    allowed_by = import_string(hook) if hook else may_subscribe
-    allowed, denied = [], []
-    for namespace in namespaces:
-        (allowed if allowed_by(request, namespace) else denied).append(namespace)
-    return allowed, denied
+def _authorize(request: HttpRequest, namespaces: list[str]) -> tuple[bool, list[str], list[str]]:
+    """Whether the user is logged in, and which namespaces they may and may not see.
+
+    Closes this thread's database connections afterwards: a stream lives long,
+    and must not hold a connection for its whole life.
+    """
+    try:
+        if not request.user.is_authenticated:
+            return False, [], namespaces
+        hook = settings.EVENTS_PERMISSION
+        allowed_by = import_string(hook) if hook else may_subscribe
+        allowed, denied = [], []
+        for namespace in namespaces:
+            (allowed if allowed_by(request, namespace) else denied).append(namespace)
+        return True, allowed, denied
+    finally:
+        connections.close_all()
 
 
 async def events(request: HttpRequest) -> HttpResponse:
@@ -59,10 +70,9 @@ async def events(request: HttpRequest) -> HttpResponse:
     namespaces = list(dict.fromkeys(request.GET.getlist("ns")))
     if not namespaces:
         return HttpResponseBadRequest("ask for at least one namespace: ?ns=app_label.model")
-    user = await request.auser()
-    if not user.is_authenticated:
+    logged_in, allowed, denied = await sync_to_async(_authorize)(request, namespaces)
+    if not logged_in:
         return HttpResponseForbidden("log in to subscribe to change events")
-    allowed, denied = await sync_to_async(_check)(request, namespaces)
     if not allowed:
         return HttpResponseForbidden(f"not allowed to subscribe to: {', '.join(denied)}")
     cursor = decode_cursor(
@@ -80,7 +90,10 @@ async def stream(
     namespaces: list[str], denied: list[str], cursor: dict[str, str]
 ) -> AsyncIterator[str]:
     """The event-stream body: events after ``cursor`` (or from now), then heartbeats."""
-    client = redis.asyncio.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+    heartbeat = float(settings.EVENTS_HEARTBEAT)
+    client = redis.asyncio.Redis.from_url(
+        settings.REDIS_URL, decode_responses=True, socket_timeout=heartbeat + 10
+    )
     try:
         keys = {stream_key(namespace): namespace for namespace in namespaces}
         positions = {}
@@ -93,7 +106,7 @@ async def stream(
         yield "retry: 2000\n\n"
         if denied:
             yield f"event: denied\ndata: {json.dumps(denied)}\n\n"
-        block = int(float(settings.EVENTS_HEARTBEAT) * 1000)
+        block = int(heartbeat * 1000)
         while True:
             reply = await client.xread(
                 {key: positions[namespace] for key, namespace in keys.items()},
