@@ -198,9 +198,9 @@ def test_a_row_that_stops_matching_is_not_written(idle_queue):
     assert escaping.pk not in replays.saves()
 
 
-def test_atomic_rolls_back_every_chunk_on_failure(idle_queue):
-    make_products(50)
-    before = table()
+@pytest.fixture
+def third_chunk_fails():
+    """A pre_bulk_update receiver that raises on the third chunk."""
     calls = []
 
     def fail_third(sender, pks, **kwargs):
@@ -209,31 +209,24 @@ def test_atomic_rolls_back_every_chunk_on_failure(idle_queue):
             raise RuntimeError("third chunk")
 
     signals.pre_bulk_update.connect(fail_third, sender=Product)
-    try:
-        with pytest.raises(RuntimeError):
-            ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=10, atomic=True, stock=1)
-    finally:
-        signals.pre_bulk_update.disconnect(fail_third, sender=Product)
+    yield
+    signals.pre_bulk_update.disconnect(fail_third, sender=Product)
+
+
+def test_atomic_rolls_back_every_chunk_on_failure(idle_queue, third_chunk_fails):
+    make_products(50)
+    before = table()
+    with pytest.raises(RuntimeError, match="third chunk"):
+        ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=10, atomic=True, stock=1)
     assert table() == before
     assert not ChangeBatch.objects.exists()
     assert idle_queue() == 0
 
 
-def test_without_atomic_finished_chunks_stay_committed(idle_queue):
+def test_without_atomic_finished_chunks_stay_committed(idle_queue, third_chunk_fails):
     make_products(50)
-    calls = []
-
-    def fail_third(sender, pks, **kwargs):
-        calls.append(pks)
-        if len(calls) == 3:
-            raise RuntimeError("third chunk")
-
-    signals.pre_bulk_update.connect(fail_third, sender=Product)
-    try:
-        with pytest.raises(RuntimeError):
-            ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=10, stock=1)
-    finally:
-        signals.pre_bulk_update.disconnect(fail_third, sender=Product)
+    with pytest.raises(RuntimeError, match="third chunk"):
+        ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=10, stock=1)
     assert Product.objects.filter(stock=1).count() == 20
     assert ChangeBatch.objects.count() == 2
     assert idle_queue() == 2
