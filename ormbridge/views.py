@@ -70,7 +70,11 @@ async def events(request: HttpRequest) -> HttpResponse:
     namespaces = list(dict.fromkeys(request.GET.getlist("ns")))
     if not namespaces:
         return HttpResponseBadRequest("ask for at least one namespace: ?ns=app_label.model")
-    logged_in, allowed, denied = await sync_to_async(_authorize)(request, namespaces)
+    # Not thread-sensitive: that would give this request a thread of its own for as
+    # long as the stream lives. _authorize closes the connections it opened.
+    logged_in, allowed, denied = await sync_to_async(_authorize, thread_sensitive=False)(
+        request, namespaces
+    )
     if not logged_in:
         return HttpResponseForbidden("log in to subscribe to change events")
     if not allowed:
