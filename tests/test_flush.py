@@ -8,6 +8,7 @@ import redis
 import ormbridge
 from ormbridge import flush, store
 from ormbridge.cache import cached_instance, get_cache, instance_key
+from ormbridge.models import ChangeBatch
 from shop.models import Product
 from tests import emitters
 from tests.conftest import wait_until
@@ -160,6 +161,13 @@ def test_an_emitter_failure_does_not_fail_the_flush(idle_queue, settings):
     result = flush.flush("shop.product")
     assert result.emit_failures == 1
     assert get_cache().get(instance_key("shop.product", product.pk)) is None
+    [kept] = ChangeBatch.objects.all()  # the change log keeps the batch for the sweep
+    assert (kept.model, kept.action, kept.state, kept.pks) == (
+        "shop.product",
+        "update",
+        "pending",
+        [str(product.pk)],
+    )
 
 
 class Blocking(emitters.RecordingEmitter):
