@@ -183,6 +183,11 @@ class Worker:
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
+    def restart(self) -> None:
+        """A fresh process: after a broker outage, rather than trusting the reconnect."""
+        self.stop()
+        self.start()
+
     def kill(self) -> None:
         """SIGKILL the worker (and its pool children): nothing gets to clean up."""
         if self.process is not None:
@@ -201,8 +206,17 @@ class Worker:
             self.process = None
 
 
+@pytest.fixture
+def worker(session_worker: Worker) -> Worker:
+    """The session's worker, started again if it died (kombu cannot reconnect to a
+    restarted broker on a unix socket: its worker exits)."""
+    if session_worker.process is None or session_worker.process.poll() is not None:
+        session_worker.start()
+    return session_worker
+
+
 @pytest.fixture(scope="session")
-def worker(django_db_setup, django_db_blocker, redis_servers) -> Iterator[Worker]:
+def session_worker(django_db_setup, django_db_blocker, redis_servers) -> Iterator[Worker]:
     """One worker process for the session, on the test database."""
     with django_db_blocker.unblock():
         db_name = connection.settings_dict["NAME"]

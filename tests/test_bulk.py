@@ -238,6 +238,7 @@ def test_with_the_broker_down_chunks_wait_for_the_sweep(worker, redis_servers):
     result = ormbridge.safe_bulk_update(Product.objects.all(), stock=3)
     assert set(ChangeBatch.objects.values_list("state", flat=True)) == {"pending"}
     redis_servers["broker"].start()
+    worker.restart()
     outbox.sweep()
     result.wait(timeout=60)
     assert replays.saves() == {p.pk: 1 for p in products}

@@ -73,6 +73,7 @@ def test_with_the_broker_down_saves_succeed_and_sweep_delivers_after_restart(wor
     assert not store.get_redis().exists(store.scheduled_key("shop.product"))  # guard released
 
     redis_servers["broker"].start()
+    worker.restart()
     result = outbox.sweep()
     assert result.enqueued == 1
     wait_until(all_done, 60, "the change log to be delivered")

@@ -66,7 +66,9 @@ def test_an_old_undelivered_row_makes_it_exit_non_zero(idle_queue):
     assert order["oldest_undelivered_age"] >= 3600
 
 
-def test_text_status_shows_models_services_and_pending_work(idle_queue):
+def test_text_status_shows_models_services_and_pending_work(settings):
+    # no flush must run (a queue nobody consumes), and the command reads the default prefix
+    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "QUEUE": "nobody-consumes-this"}
     [product] = make_products(1)
     product.save()
     done = commands.run("ormbridge_status")
