@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint
+.PHONY: demo test lint django-suite
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 	DATABASE_URL=sqlite:// $(BIN)/python -m pytest
+
+# Peer check: Django's own transactions/delete/delete_regress/many_to_many/signals tests,
+# without and with ormbridge, on SQLite and PostgreSQL (docs/django-suite.md).
+django-suite: $(BIN)/.installed
+	$(BIN)/python tests/django_suite/run.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
