@@ -1,16 +1,40 @@
-"""ormbridge: keep caches and live frontends in sync with Django model changes."""
+"""ormbridge: keep caches and live frontends in sync with Django model changes.
 
-from ormbridge.buffer import invalidate
-from ormbridge.bulk import (
-    BulkOperationFailed,
-    BulkResult,
-    safe_bulk_create,
-    safe_bulk_delete,
-    safe_bulk_update,
-    safe_bulk_update_objects,
-)
-from ormbridge.cache import cached_instance, cached_queryset
-from ormbridge.registry import register
+The public API is imported lazily, so ``import ormbridge`` (or ``from ormbridge
+import register`` in a ``models.py``) loads no models before Django's apps are
+ready.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ormbridge.buffer import invalidate
+    from ormbridge.bulk import (
+        BulkOperationFailed,
+        BulkResult,
+        safe_bulk_create,
+        safe_bulk_delete,
+        safe_bulk_update,
+        safe_bulk_update_objects,
+    )
+    from ormbridge.cache import cached_instance, cached_queryset
+    from ormbridge.registry import register
+
+_SOURCES = {
+    "BulkOperationFailed": "ormbridge.bulk",
+    "BulkResult": "ormbridge.bulk",
+    "cached_instance": "ormbridge.cache",
+    "cached_queryset": "ormbridge.cache",
+    "invalidate": "ormbridge.buffer",
+    "register": "ormbridge.registry",
+    "safe_bulk_create": "ormbridge.bulk",
+    "safe_bulk_delete": "ormbridge.bulk",
+    "safe_bulk_update": "ormbridge.bulk",
+    "safe_bulk_update_objects": "ormbridge.bulk",
+}
 
 __all__ = [
     "BulkOperationFailed",
@@ -24,3 +48,11 @@ __all__ = [
     "safe_bulk_update",
     "safe_bulk_update_objects",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'ormbridge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_SOURCES[name]), name)
+    globals()[name] = value
+    return value

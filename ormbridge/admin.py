@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils import timezone
 
-from ormbridge import outbox, resync, tasks
+from ormbridge import resync, tasks
 from ormbridge.models import ChangeBatch, ResyncJob
 
+if TYPE_CHECKING:
+    # ModelAdmin is generic in django-stubs only; subscripting it at run time fails.
+    _ModelAdmin = admin.ModelAdmin[Any]
+else:
+    _ModelAdmin = admin.ModelAdmin
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+
+class ReadOnlyAdmin(_ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
@@ -38,12 +43,10 @@ class ChangeBatchAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Retry the selected change batches", permissions=["retry"])
     def retry(self, request: HttpRequest, queryset: QuerySet[ChangeBatch]) -> None:
-        ids = list(queryset.exclude(state=ChangeBatch.State.DONE).values_list("id", flat=True))
-        ChangeBatch.objects.filter(id__in=ids).update(
-            state=ChangeBatch.State.ENQUEUED, enqueued_at=timezone.now(), attempts=1
+        retried = queryset.filter(state=ChangeBatch.State.FAILED).update(
+            state=ChangeBatch.State.PENDING, attempts=0, lease_until=None
         )
-        outbox.dispatch(ids, "default")
-        self.message_user(request, f"{len(ids)} change batches handed to the workers.")
+        self.message_user(request, f"{retried} failed change batches handed back to the relays.")
 
 
 @admin.register(ResyncJob)

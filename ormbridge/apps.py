@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.apps import AppConfig
 
 
@@ -9,11 +11,32 @@ class OrmbridgeConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from celery.signals import worker_ready, worker_shutdown
         from django.core.signals import setting_changed
+        from django.db import connections
+        from django.db.backends.signals import connection_created
+        from django.db.models.signals import post_migrate
 
-        from ormbridge import broadcast, checks, registry
+        from ormbridge import broadcast, buffer, checks, registry, relay
 
         setting_changed.connect(broadcast.settings_changed, dispatch_uid="ormbridge-settings")
         checks.register_checks()
         registry.register_from_settings()
-        registry.connect_related()
+        registry.on_change(buffer.tables_changed)
+        connection_created.connect(buffer.watch, dispatch_uid="ormbridge-watch")
+        for connection in connections.all(initialized_only=True):
+            buffer.watch(connection)
+        post_migrate.connect(install_triggers, sender=self, dispatch_uid="ormbridge-triggers")
+        worker_ready.connect(relay.start_in_worker, dispatch_uid="ormbridge-relay-start")
+        worker_shutdown.connect(relay.stop_in_worker, dispatch_uid="ormbridge-relay-stop")
+
+
+def install_triggers(using: str, **kwargs: Any) -> None:
+    """``post_migrate``: install (or bring up to date) the capture triggers of ``using``."""
+    from django.db import router
+
+    from ormbridge import capture
+    from ormbridge.models import ChangeBatch
+
+    if router.allow_migrate_model(using, ChangeBatch):
+        capture.install(using)

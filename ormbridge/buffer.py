@@ -1,80 +1,69 @@
-"""Changes recorded during a transaction, handed to Redis when it commits.
+"""Read-your-writes: the committing process invalidates what it wrote, at commit.
 
-A receiver calls :func:`record`; nothing leaves the process until the
-transaction commits. Then all changes of the transaction go to the per-model
-pending sets in one Redis round trip, and a flush task is scheduled for each
-model that has none on its way (the debounce guard). A rolled-back
-transaction or savepoint drops its changes with its ``on_commit`` callbacks.
+The capture triggers put every change in the change log, and the relay
+delivers it; that takes a moment. So that the writer's own next read (and
+any other process's) is fresh at once, an ``execute_wrapper`` on every
+database connection notes the registered tables each write statement
+touches, and when the transaction commits one Redis round trip deletes the
+changed rows' tokens and the models' queryset generations.
 
-When Redis or the broker cannot be reached, the changes are written to the
-change log (:class:`ormbridge.models.ChangeBatch`) instead, for
-``sweep_outbox`` to deliver later: saving never fails because of ormbridge.
+Rows are known exactly for the statements Django makes for ``save()``
+(``UPDATE … WHERE pk = %s``) and ``delete()`` (``DELETE … WHERE pk IN
+(…)``); for any other update or delete the model's instance epoch goes too.
+This path is best effort and never raises into the host: a rolled-back
+savepoint or transaction drops its notes with its ``on_commit`` callback, a
+manual transaction (``set_autocommit(False)``) is left to the relay, and
+Redis gets ``COMMIT_TIMEOUT`` per commit behind a circuit breaker.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
+import re
 import threading
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import redis
 from django.db import connections, models, router, transaction
-from kombu.exceptions import OperationalError as BrokerError
+from django.db.backends.base.base import BaseDatabaseWrapper
 
-from ormbridge import outbox, store
-from ormbridge.conf import settings
+from ormbridge import capture, registry, store
+from ormbridge.models import ChangeBatch
 
 logger = logging.getLogger("ormbridge")
 
-# Extra lifetime of the debounce guard beyond FLUSH_DELAY: if the flush task is
-# lost, the next change after this schedules a new one.
-GUARD_GRACE = 30
+_WRITE = re.compile(r'\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+"?([^\s"(]+)"?', re.IGNORECASE)
+_BY_PK = re.compile(r'WHERE\s+"?[^\s"]+"?\."?([^\s"]+)"?\s*=\s*%s\s*$', re.IGNORECASE)
+_IN_PKS = re.compile(r'WHERE\s+"?[^\s"]+"?\."?([^\s"]+)"?\s+IN\s+\((?:%s(?:,\s*)?)+\)\s*$', re.I)
 
 
 class Changes:
-    """Changes recorded at one savepoint level of a transaction, as pending-set members."""
+    """Keys to delete at the commit of one savepoint level of a transaction."""
 
     def __init__(self, using: str) -> None:
         self.using = using
-        self.members: dict[str, set[str]] = defaultdict(set)
-        self.fields: dict[str, set[str]] = defaultdict(set)
+        self.keys: set[str] = set()
         self.delivered = False
 
-    def add(
-        self, label: str, pks: Iterable[object] | None, action: str, fields: Iterable[str] | None
-    ) -> None:
-        if pks is None:
-            self.members[label].add(store.ALL)
-        else:
-            self.members[label].update(store.member(action, pk) for pk in pks)
-        if action == "u":
-            self.fields[label].update([store.ALL] if fields is None else fields)
-
-    def merge(self, other: Changes) -> None:
-        for label, members in other.members.items():
-            self.members[label] |= members
-        for label, fields in other.fields.items():
-            self.fields[label] |= fields
-
     def __call__(self) -> None:
-        """The ``on_commit`` callback: deliver these changes and their committed siblings.
+        """The ``on_commit`` callback: delete these keys and those of committed siblings.
 
         Every ``Changes`` of the transaction still referenced by Django survived
         its savepoints, so the first callback to run delivers them all at once.
         """
         if self.delivered:
             return
-        merged = Changes(self.using)
+        keys = set(self.keys)
         for changes in _open_changes(self.using):
             if not changes.delivered:
-                merged.merge(changes)
+                keys |= changes.keys
                 changes.delivered = True
-        merged.merge(self)
         self.delivered = True
-        deliver(merged)
+        forget(keys)
 
 
 class _Local(threading.local):
@@ -95,26 +84,15 @@ def _open_changes(using: str) -> list[Changes]:
     return [changes for ref in alive.values() if (changes := ref()) is not None]
 
 
-def record(
-    model: type[models.Model],
-    pks: Iterable[object] | None,
-    action: str,
-    fields: Iterable[str] | None,
-    using: str,
-) -> None:
-    """Note that rows of ``model`` changed in the current transaction on ``using``.
+def note(keys: Iterable[str], using: str) -> None:
+    """Delete ``keys`` from ormbridge's Redis when the current transaction commits.
 
-    ``action`` is a key of ``store.ACTIONS``; ``pks`` None means every row.
-    ``fields`` are the changed field names of an update (None: all). Nothing
-    is sent before the commit; a rolled-back transaction or savepoint drops
-    what was recorded in it.
+    At once in autocommit; nothing in a manual transaction (the relay covers it).
     """
     connection = connections[using]
-    label = model._meta.label_lower
     if not connection.in_atomic_block:
-        changes = Changes(using)
-        changes.add(label, pks, action, fields)
-        transaction.on_commit(changes, using=using)
+        if connection.get_autocommit():
+            forget(set(keys))
         return
     # One Changes per savepoint level, registered with on_commit there: Django
     # drops it (and our weak reference dies) if that savepoint rolls back.
@@ -124,89 +102,112 @@ def record(
     changes = ref() if ref is not None else None
     if changes is None or changes.delivered:
         changes = Changes(using)
-        transaction.on_commit(changes, using=using)
+        transaction.on_commit(changes, using=using, robust=True)
         slots[path] = weakref.ref(changes)
-    changes.add(label, pks, action, fields)
+    changes.keys.update(keys)
+
+
+def forget(keys: set[str]) -> None:
+    """Delete ``keys`` in one round trip, unless the breaker is open. Never raises."""
+    if not keys or store.breaker.open:
+        return
+    try:
+        store.commit_redis().delete(*keys)
+    except (redis.RedisError, OSError) as exc:
+        store.breaker.trip(exc)
+    except Exception:
+        logger.exception("ormbridge: invalidating at commit failed; the relay will")
+
+
+def keys_for(label: str, pks: Sequence[object] | None) -> list[str]:
+    """The tokens a change to ``pks`` of ``label`` kills (None: the rows are unknown)."""
+    keys = [store.generation_key(label)]
+    if pks is None:
+        keys.append(store.epoch_key(label))
+    else:
+        keys += [store.token_key(label, pk) for pk in pks]
+    return keys
+
+
+# -- the execute wrapper ----------------------------------------------------
+
+
+def observe(
+    execute: Callable[..., Any],
+    sql: str,
+    params: Any,
+    many: bool,
+    context: Mapping[str, Any],
+) -> Any:
+    """``execute_wrapper``: run the statement, then note what it wrote to registered tables."""
+    result = execute(sql, params, many, context)
+    match = _WRITE.match(sql) if isinstance(sql, str) else None
+    if match is not None:
+        try:
+            keys = _written(match, sql, params, many)
+            if keys:
+                note(keys, context["connection"].alias)
+        except Exception:
+            logger.exception("ormbridge: could not note a write for read-your-writes")
+    return result
+
+
+def _written(match: re.Match[str], sql: str, params: Any, many: bool) -> list[str]:
+    table = _tables().get(match.group(2))
+    if table is None or any(capture.paused(target.label) for target in table.targets):
+        return []  # not captured, or a bulk helper notes its rows itself
+    verb = match.group(1)[0].upper()
+    if table.through or (verb == "I" and "ON CONFLICT" not in sql.upper()):
+        # New rows and m2m links: no cached instance holds them, querysets might.
+        return [store.generation_key(target.label) for target in table.targets]
+    pks: list[object] | None = None
+    if not many and isinstance(params, list | tuple) and params:
+        target = table.targets[0]
+        exact = (_BY_PK if verb == "U" else _IN_PKS).search(sql)
+        if exact is not None and exact.group(1) == target.column:
+            to_python = registry.get_model(target.label)._meta.pk.to_python
+            pks = [to_python(pk) for pk in ([params[-1]] if verb == "U" else params)]
+    return keys_for(table.targets[0].label, pks)
+
+
+@functools.cache
+def _tables() -> dict[str, capture.Table]:
+    return {table.name: table for table in capture.tables()}
+
+
+def tables_changed() -> None:
+    """Forget the table map (a model was registered)."""
+    _tables.cache_clear()
+
+
+def watch(connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
+    """``connection_created`` receiver: observe every statement of a capturing database."""
+    if capture.supports(connection) and observe not in connection.execute_wrappers:
+        connection.execute_wrappers.append(observe)
+
+
+# -- invalidate() -----------------------------------------------------------
 
 
 def invalidate(model: type[models.Model], pks: Iterable[object] | None = None) -> None:
     """Invalidate cached data of ``model``: the given rows, or all of it when ``pks`` is None.
 
-    Goes through the same batched path as saves: after the current transaction
-    on the model's write database commits, at once outside a transaction.
+    For changes ormbridge cannot see (another database, a file the rows are
+    built from). Logged in the current transaction on the model's write
+    database, so it happens if and only if that transaction commits: at
+    commit in this process, and by the relay (events included).
 
     Raises:
         LookupError: the model is not registered with ormbridge.
     """
-    from ormbridge import registry
-
     registry.options(model)
-    record(model, None if pks is None else list(pks), "i", None, router.db_for_write(model))
-
-
-def deliver(changes: Changes) -> None:
-    """Push committed changes to Redis and schedule flushes; fall back to the change log."""
-    labels = [label for label, members in changes.members.items() if members]
-    if not labels:
-        return
-    guard_ttl = int(settings.FLUSH_DELAY) + GUARD_GRACE
-    try:
-        pipe = store.get_redis().pipeline(transaction=False)
-        for label in labels:
-            members = sorted(changes.members[label])
-            for start in range(0, len(members), 5000):
-                pipe.sadd(store.pending_key(label), *members[start : start + 5000])
-            if changes.fields.get(label):
-                pipe.sadd(store.fields_key(label), *changes.fields[label])
-            pipe.set(store.scheduled_key(label), "1", nx=True, ex=guard_ttl)
-        replies = pipe.execute()
-    except redis.RedisError as exc:
-        logger.warning("ormbridge: Redis unreachable, changes kept in the change log: %s", exc)
-        outbox.write(changes.using, _batches(changes, labels), error=exc)
-        return
-    # The guard reply is the last reply of each label's commands.
-    guard_replies = []
-    position = -1
-    for label in labels:
-        position += -(-len(changes.members[label]) // 5000) + bool(changes.fields.get(label)) + 1
-        guard_replies.append(replies[position])
-    for label, claimed in zip(labels, guard_replies, strict=True):
-        if not claimed:
-            continue
-        try:
-            schedule_flush(label)
-        except (BrokerError, OSError) as exc:
-            logger.warning("ormbridge: broker unreachable, changes kept in the change log: %s", exc)
-            outbox.write(changes.using, _batches(changes, [label]), error=exc)
-            with contextlib.suppress(redis.RedisError):  # else the guard expires on its own
-                store.get_redis().delete(store.scheduled_key(label))
-
-
-def schedule_flush(label: str) -> None:
-    """Send the flush task for ``label``, to run after the debounce window."""
-    from ormbridge import tasks
-
-    tasks.enqueue(tasks.flush_invalidations, label, countdown=settings.FLUSH_DELAY)
-
-
-def _batches(changes: Changes, labels: list[str]) -> list[outbox.NewBatch]:
-    """The change-log rows equivalent to ``changes`` for ``labels``."""
-    batches = []
-    for label in labels:
-        by_action: dict[str, list[str]] = defaultdict(list)
-        for value in changes.members[label]:
-            action, pk = store.parse_member(value)
-            by_action[action].append(pk)
-        fields = changes.fields.get(label)
-        for action, pks in sorted(by_action.items()):
-            batches.append(
-                outbox.NewBatch(
-                    label=label,
-                    action=store.ACTIONS[action],
-                    pks=None if store.ALL in pks else pks,
-                    fields=sorted(fields)
-                    if action == "u" and fields and store.ALL not in fields
-                    else None,
-                )
-            )
-    return batches
+    label = model._meta.concrete_model._meta.label_lower
+    using = router.db_for_write(model)
+    values = None if pks is None else [model._meta.pk.get_prep_value(pk) for pk in pks]
+    ChangeBatch.objects.using(using).create(
+        model=label,
+        action=ChangeBatch.Action.INVALIDATE,
+        pks=values,
+        rows=len(values or ()),
+    )
+    note(keys_for(label, values), using)

@@ -2,11 +2,13 @@
 
 Each helper works chunk by chunk. A chunk is one short transaction (unless
 ``atomic=True``) that writes the rows *and* their change-log row
-(:class:`~ormbridge.models.ChangeBatch`); after the commit the row is handed to
-a worker (``replay="async"``) or delivered in the caller (``"sync"``), which
-replays ``post_save``/``post_delete`` per row, invalidates the cache in
-batches and emits one event. Pks are captured by keyset pagination on the
-primary key, so memory stays bounded whatever the table size.
+(:class:`~ormbridge.models.ChangeBatch`), with the capture triggers paused so
+nothing is logged twice. At commit the caller invalidates the chunk's rows
+(read-your-writes); the row is then delivered by the relays on the workers
+(``replay="async"``) or in the caller (``"sync"``): ``post_save`` /
+``post_delete`` replayed per row, cache entries deleted in batches, one event.
+Pks are captured by keyset pagination on the primary key, so memory stays
+bounded whatever the table size.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from django.core.exceptions import EmptyResultSet, FieldDoesNotExist
@@ -24,8 +27,9 @@ from django.db.models.deletion import Collector
 from django.db.models.signals import post_delete
 from django.utils import timezone
 
-from ormbridge import outbox, registry, signals
+from ormbridge import buffer, capture, registry, relay, signals
 from ormbridge.conf import settings
+from ormbridge.models import ChangeBatch
 from ormbridge.replay import snapshot as take_snapshot
 
 M = TypeVar("M", bound=models.Model)
@@ -69,8 +73,6 @@ class BulkResult:
             TimeoutError: rows are still undelivered after ``timeout`` seconds.
             BulkOperationFailed: a row was given up.
         """
-        from ormbridge.models import ChangeBatch
-
         deadline = None if timeout is None else time.monotonic() + timeout
         waiting = list(self.batch_ids)
         while waiting:
@@ -132,7 +134,8 @@ def safe_bulk_update(
     def write(pks: list[Any]) -> tuple[list[Any], list[int]]:
         if signals.pre_bulk_update.has_listeners(model):
             signals.pre_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
-        updated = _update_returning(base.filter(pk__gte=pks[0], pk__lte=pks[-1]), values, using)
+        with capture.pause(using, model):
+            updated = _update_returning(base.filter(pk__gte=pks[0], pk__lte=pks[-1]), values, using)
         if not updated:  # every row of the chunk stopped matching
             return updated, []
         return updated, [_log(model, "update", updated, sorted(fields), replay, using)]
@@ -177,7 +180,9 @@ def safe_bulk_delete(
             signals.pre_bulk_delete.send(sender=model, pks=pks, fields=empty, using=using)
         collector = _Collector(using=using, origin=queryset)
         collector.collect(base.filter(pk__gte=pks[0], pk__lte=pks[-1]))
-        return _delete_collected(collector, model, replay, using)
+        touched = [*collector.data, *(target.model for target, _, _ in collector.updates)]
+        with capture.pause(using, *touched):
+            return _delete_collected(collector, model, replay, using)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_delete.send(sender=model, pks=pks, fields=empty, using=using)
@@ -211,7 +216,8 @@ def safe_bulk_create(
     empty: frozenset[str] = frozenset()
 
     def write(batch: list[M]) -> tuple[list[Any], list[int]]:
-        created = model._base_manager.using(using).bulk_create(batch)
+        with capture.pause(using, model):
+            created = model._base_manager.using(using).bulk_create(batch)
         result.objects.extend(created)
         pks = [obj.pk for obj in created]
         return pks, [_log(model, "create", pks, None, replay, using)]
@@ -254,7 +260,8 @@ def safe_bulk_update_objects(
         pks = [obj.pk for obj in batch]
         if signals.pre_bulk_update.has_listeners(model):
             signals.pre_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
-        model._base_manager.using(using).bulk_update(batch, names)
+        with capture.pause(using, model):
+            model._base_manager.using(using).bulk_update(batch, names)
         return pks, [_log(model, "update", pks, sorted(names), replay, using)]
 
     def committed(pks: list[Any]) -> None:
@@ -352,10 +359,8 @@ def _after_commit(
 
     def deliver() -> None:
         if replay == "sync":
-            for batch_id in batch_ids:
-                outbox.process(batch_id, using)
-        else:
-            outbox.dispatch(batch_ids, using)
+            batches = list(ChangeBatch.objects.using(using).filter(id__in=batch_ids))
+            relay.deliver(batches, using)
         if written:
             committed(written)
 
@@ -400,24 +405,38 @@ def _log(
     snapshot: dict[str, Any] | None = None,
     wants_replay: bool = True,
 ) -> int:
-    """Write a change-log row in the current transaction; returns its id."""
-    from ormbridge.models import ChangeBatch
+    """Write a change-log row in the current transaction; returns its id.
 
+    With ``replay="sync"`` the caller delivers the row itself after the commit:
+    it is written claimed by the caller, so relays leave it alone unless the
+    caller dies first (its lease runs out).
+    """
     to_python = model._meta.pk.to_python
-    handed_out = replay != "sync"
+    values = [to_python(pk) for pk in pks]
+    label = model._meta.label_lower
+    mine = replay == "sync"
+    now = timezone.now()
     batch = ChangeBatch.objects.using(using).create(
-        model=model._meta.label_lower,
+        model=label,
         action=action,
-        pks=[to_python(pk) for pk in pks],
+        pks=values,
         rows=len(pks),
         fields=fields,
         replay=wants_replay and replay != "none",
         snapshot=snapshot,
-        state=ChangeBatch.State.ENQUEUED if handed_out else ChangeBatch.State.PENDING,
-        enqueued_at=timezone.now() if handed_out else None,
-        attempts=1 if handed_out else 0,
+        state=ChangeBatch.State.CLAIMED if mine else ChangeBatch.State.PENDING,
+        claimed_by=_CALLER if mine else "",
+        claimed_at=now if mine else None,
+        lease_until=now + timedelta(seconds=float(settings.RELAY_LEASE)) if mine else None,
+        attempts=1 if mine else 0,
     )
+    if not mine:
+        capture.notify(using)
+    buffer.note(buffer.keys_for(label, values), using)
     return batch.pk
+
+
+_CALLER = "safe_bulk (replay=sync)"
 
 
 class _Collector(Collector):

@@ -10,7 +10,9 @@ Memcache at Facebook", NSDI 2013).
 
 - an instance depends on its row token and its model's epoch token;
 - a queryset depends on the generation token of every model it reads, so any
-  change to one of them invalidates all its cached querysets in O(1).
+  change to one of them invalidates all its cached querysets in O(1);
+- both depend on the incarnation of ormbridge's Redis (its run id), so a
+  restart from an old snapshot or a failover cannot revive deleted tokens.
 """
 
 from __future__ import annotations
@@ -128,8 +130,15 @@ def _timeout(model: type[models.Model]) -> int | None:
 
 
 def _tokens(keys: list[str], timeout: int | None) -> list[str]:
+    """The tokens of ``keys`` (created if missing), led by the Redis server's run id.
+
+    A Redis restored from a snapshot, or a replica promoted in its place, brings
+    back tokens that were deleted since; its new run id still tells every entry
+    stored before apart.
+    """
     ttl = 0 if timeout is None else int(timeout) + TOKEN_GRACE
-    return store.script(store.ENSURE_TOKENS)(keys=keys, args=[os.urandom(8).hex(), ttl])
+    tokens = store.script(store.ENSURE_TOKENS)(keys=keys, args=[os.urandom(8).hex(), ttl])
+    return [store.get_redis().run_id, *tokens]
 
 
 def _dependencies(queryset: models.QuerySet[Any]) -> set[str]:

@@ -17,6 +17,7 @@ REDIS_SCHEMES = {"redis", "rediss", "unix"}
 
 def register_checks() -> None:
     checks.register(check_settings, "ormbridge")
+    checks.register(check_triggers, "ormbridge", checks.Tags.database)
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
@@ -87,7 +88,12 @@ def _check_numbers() -> list[checks.CheckMessage]:
     rules = {
         "FLUSH_DELAY": (settings.FLUSH_DELAY, 0, "a number of seconds >= 0"),
         "FLUSH_BATCH_SIZE": (settings.FLUSH_BATCH_SIZE, 1, "a whole number >= 1"),
-        "REDELIVER_AFTER": (settings.REDELIVER_AFTER, 1, "a number of seconds >= 1"),
+        "RELAY_BATCH": (settings.RELAY_BATCH, 1, "a whole number >= 1"),
+        "RELAY_LEASE": (settings.RELAY_LEASE, 1, "a number of seconds >= 1"),
+        "RELAY_POLL": (settings.RELAY_POLL, 0.01, "a number of seconds >= 0.01"),
+        "LOG_RETENTION": (settings.LOG_RETENTION, 0, "a number of seconds >= 0"),
+        "COMMIT_TIMEOUT": (settings.COMMIT_TIMEOUT, 0.001, "a number of seconds > 0"),
+        "BREAKER_COOLDOWN": (settings.BREAKER_COOLDOWN, 0, "a number of seconds >= 0"),
         "BULK_CHUNK_SECONDS": (settings.BULK_CHUNK_SECONDS, 0.001, "a number of seconds > 0"),
         "MAX_ATTEMPTS": (settings.MAX_ATTEMPTS, 1, "a whole number >= 1"),
         "SWEEP_INTERVAL": (settings.SWEEP_INTERVAL, 1, "a whole number of seconds >= 1"),
@@ -195,3 +201,48 @@ def _check_serializer() -> list[checks.CheckMessage]:
             )
         ]
     return []
+
+
+def check_triggers(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """Registered models whose tables lack their capture triggers (database checks only)."""
+    from django.db import DatabaseError, connections, router
+
+    from ormbridge import capture
+    from ormbridge.models import ChangeBatch
+
+    messages: list[checks.CheckMessage] = []
+    for using in databases or ():
+        connection = connections[using]
+        if not router.allow_migrate_model(using, ChangeBatch):
+            continue
+        if not capture.supports(connection):
+            messages.append(
+                checks.Warning(
+                    f"Database {using!r} ({connection.vendor}) has no capture triggers: "
+                    "ormbridge sees only changes made through its own API there.",
+                    hint="Use PostgreSQL or SQLite for registered models.",
+                    id="ormbridge.W004",
+                )
+            )
+            continue
+        try:
+            tables = set(connection.introspection.table_names())
+            if ChangeBatch._meta.db_table not in tables:
+                continue  # not migrated yet: migrate installs the triggers
+            states = capture.status(using)
+        except DatabaseError:
+            continue
+        for state in states:
+            if state.state == "installed" or state.table not in tables:
+                continue
+            messages.append(
+                checks.Warning(
+                    f"The capture triggers of table {state.table!r} ({', '.join(state.models)}) "
+                    f"are {state.state} in database {using!r}: changes to it are not seen.",
+                    hint=f"Run: manage.py ormbridge_triggers install --database {using}",
+                    id="ormbridge.W005",
+                )
+            )
+    return messages

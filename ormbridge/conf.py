@@ -37,10 +37,10 @@ class Settings:
 
     REDIS_URL: str = _Setting(
         "redis://127.0.0.1:6379/0",
-        "Redis server holding pending invalidation sets, cache tokens, debounce "
-        "guards and statistics. Any URL redis-py accepts (redis://, rediss://, "
-        "unix://). Connect and socket timeouts default to 2 s and 5 s unless "
-        "the URL sets them.",
+        "Redis server holding cache tokens, event streams and statistics: a cache of "
+        "the change log, which may be lost or restored at any time. Any URL redis-py "
+        "accepts (redis://, rediss://, unix://). Connect and socket timeouts default "
+        "to 2 s and 5 s unless the URL sets them.",
     )
     KEY_PREFIX: str = _Setting(
         "ormbridge",
@@ -58,28 +58,58 @@ class Settings:
         "invalidated. A model may override it with ``register(cache_timeout=...)``.",
     )
     FLUSH_DELAY: float = _Setting(
-        1.0,
-        "Debounce window in seconds: changes to a model within this window are "
-        "flushed by one task.",
+        0.05,
+        "Seconds the relay waits after a wake-up before it claims change-log rows, so a "
+        "burst of commits is delivered as one batch. Readers through the cache API do not "
+        "wait for it: the committing process invalidates at commit.",
     )
     FLUSH_BATCH_SIZE: int = _Setting(
         1000,
-        "Rows handled per Redis round trip and per event when flushing.",
+        "Rows handled per Redis round trip and per event when delivering.",
     )
     QUEUE: str = _Setting(
         "ormbridge",
-        "Celery queue every ormbridge task is sent to. Run a worker with "
+        "Celery queue ormbridge's tasks (resync, sweep) are sent to. Run a worker with "
         "``-Q ormbridge`` (plus your own queues).",
     )
     MODELS: list[str] = _Setting(
         [],
         'Models to register at start-up, as ``"app_label.ModelName"`` strings.',
     )
-    REDELIVER_AFTER: float = _Setting(
-        300,
-        "Seconds after which work that was handed to a worker but never "
-        "finished (a dead worker, a lost message) is handed out again by "
-        "``sweep_outbox``. Longer than your slowest flush.",
+    RELAY: bool = _Setting(
+        True,
+        "Run the relay in every Celery worker process of the project: it claims "
+        "undelivered change-log rows and delivers them. False: run it yourself "
+        "(``ormbridge.relay.Relay``) or not at all.",
+    )
+    RELAY_BATCH: int = _Setting(
+        500,
+        "Change-log rows the relay claims at once (each may hold many rows' pks).",
+    )
+    RELAY_LEASE: float = _Setting(
+        10.0,
+        "Seconds a relay's claim on change-log rows lasts unless renewed; a relay "
+        "renews its claims while it works, so rows of a killed relay are taken over "
+        "this long after it died.",
+    )
+    RELAY_POLL: float = _Setting(
+        0.2,
+        "Seconds between the relay's looks at the change log when nothing wakes it "
+        "(on PostgreSQL the capture triggers' NOTIFY wakes it at once).",
+    )
+    LOG_RETENTION: float = _Setting(
+        86_400,
+        "Seconds a delivered change-log row is kept before ``sweep`` deletes it.",
+    )
+    COMMIT_TIMEOUT: float = _Setting(
+        0.05,
+        "Redis connect and socket timeout, in seconds, of the invalidation a committing "
+        "process makes itself: the longest a hung Redis can delay a commit.",
+    )
+    BREAKER_COOLDOWN: float = _Setting(
+        5.0,
+        "After Redis failed at a commit, seconds during which commits skip it (the "
+        "change log still carries every change to the relay).",
     )
     BULK_CHUNK_SECONDS: float = _Setting(
         0.2,
@@ -89,13 +119,13 @@ class Settings:
     )
     MAX_ATTEMPTS: int = _Setting(
         5,
-        "Times ``sweep_outbox`` hands a change-log row out before giving up on it "
+        "Times the relay tries to deliver a change-log row before giving up on it "
         "(state ``failed``, error kept; retry it from the admin).",
     )
     SWEEP_INTERVAL: int = _Setting(
         60,
-        "Seconds between runs of ``sweep_outbox`` and ``flush_pending`` in the schedule "
-        "``manage.py ormbridge_schedule`` installs.",
+        "Seconds between runs of ``sweep`` (prune the change log, deliver what no "
+        "relay took) in the schedule ``manage.py ormbridge_schedule`` installs.",
     )
     STATUS_MAX_PENDING_AGE: int = _Setting(
         600,

@@ -1,26 +1,19 @@
-"""Flushing pending invalidations: the body of the ``flush_invalidations`` task.
+"""Flushing changes out to the cache and to listeners: what the relay does per batch.
 
-A flush takes the model's pending set over atomically (see ``store.DRAIN``),
-walks it in batches of ``FLUSH_BATCH_SIZE``, deletes the dependent cache
-tokens and entries of each batch in pipelined round trips, emits one event per
-batch and action, and only then deletes the taken-over set. A flush that dies
-half-way leaves its set in the in-flight index, from where
-:func:`restore_abandoned` puts it back.
+For each batch of ``FLUSH_BATCH_SIZE`` rows: one Redis pipeline deleting the
+rows' tokens (and the model's queryset generation), one ``delete_many`` on
+the Django cache, and one event per namespace.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from django.db import models
 
-from ormbridge import broadcast, registry, store
-from ormbridge import cache as ormbridge_cache
+from ormbridge import broadcast, cache, store
 from ormbridge.conf import settings
 
 
@@ -37,82 +30,53 @@ class FlushResult:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-def flush(label: str) -> FlushResult:
-    """Invalidate everything pending for the registered model ``label``."""
-    model = registry.get_model(label)
-    client = store.get_redis()
-    inflight = store.inflight_key(label, uuid.uuid4().hex)
-    took = store.script(store.DRAIN)(
-        keys=[
-            store.pending_key(label),
-            store.fields_key(label),
-            store.scheduled_key(label),
-            inflight,
-            _fields_of(inflight),
-            store.inflight_index_key(),
-        ],
-        args=[time.time()],
-    )
+class EmitFailed(RuntimeError):
+    """An emitter failed: the change-log rows are delivered again later."""
+
+
+def flush(
+    model: type[models.Model],
+    action: str,
+    pks: list[Any] | None,
+    fields: list[str] | None = None,
+    rows: list[models.Model] | None = None,
+) -> FlushResult:
+    """Invalidate ``pks`` of ``model`` (None: every row) and emit their events, in batches.
+
+    ``rows`` are deleted rows' last values, when known (bulk deletes).
+
+    Raises:
+        EmitFailed: an emitter failed (after every batch was invalidated).
+    """
     result = FlushResult()
-    if took:
-        fields = client.smembers(_fields_of(inflight))
-        changed = None if not fields or store.ALL in fields else sorted(fields)
-        batch_size = int(settings.FLUSH_BATCH_SIZE)
-        batch: list[str] = []
-        cursor = 0
-        while True:
-            cursor, members = client.sscan(inflight, cursor, count=batch_size)
-            batch.extend(members)
-            while len(batch) >= batch_size or (cursor == 0 and batch):
-                result.add(apply(model, batch[:batch_size], changed))
-                del batch[:batch_size]
-            if cursor == 0:
-                break
-    if took:
-        pipe = client.pipeline(transaction=False)
-        pipe.delete(inflight, _fields_of(inflight))
-        pipe.zrem(store.inflight_index_key(), inflight)
-        pipe.execute()
-    record_stats(label, result, flushes=1)
+    if pks is None:
+        result.entries = invalidate(model, [], everything=True)
+        result.events, result.emit_failures = _emit(model, action, None, fields, rows)
+    else:
+        size = int(settings.FLUSH_BATCH_SIZE)
+        for start in range(0, len(pks), size):
+            chunk = pks[start : start + size]
+            result.entries += invalidate(model, [str(pk) for pk in chunk])
+            events, failures = _emit(model, action, [event_pk(pk) for pk in chunk], fields, rows)
+            result.events += events
+            result.emit_failures += failures
+            result.batches += 1
+        result.rows = len(pks)
+    record_stats(model._meta.label_lower, result)
+    if result.emit_failures:
+        raise EmitFailed(f"{result.emit_failures} emitter call(s) failed; delivered again later")
     return result
 
 
-def apply(
-    model: type[models.Model], members: Iterable[str], fields: list[str] | None
-) -> FlushResult:
-    """Invalidate one batch of pending members of ``model`` and emit its events."""
-    label = model._meta.label_lower
-    by_action: dict[str, set[str]] = defaultdict(set)
-    everything = False
-    for value in members:
-        action, pk = store.parse_member(value)
-        if pk == store.ALL:
-            everything = True
-        else:
-            by_action[action].add(pk)
-    pks = set().union(*by_action.values())
-    entries = invalidate(model, sorted(pks), everything=everything)
-    events = []
-    for action, action_pks in sorted(by_action.items()):
-        values = sorted((event_pk(model, pk) for pk in action_pks), key=str)
-        events += broadcast.events_for(model, store.ACTIONS[action], values, fields)
-    if everything:
-        events.append(broadcast.make_event("invalidate", label, None))
-    failures = broadcast.emit(events)
-    if failures:  # the change log keeps the batch: the sweep delivers it again
-        from ormbridge import outbox
-
-        outbox.write(
-            "default",
-            [
-                outbox.NewBatch(label, store.ACTIONS[action], sorted(action_pks), fields)
-                for action, action_pks in sorted(by_action.items())
-            ],
-            error=RuntimeError(f"{failures} emitter(s) failed"),
-        )
-    return FlushResult(
-        rows=len(pks), batches=1, entries=entries, events=len(events), emit_failures=failures
-    )
+def _emit(
+    model: type[models.Model],
+    action: str,
+    pks: list[Any] | None,
+    fields: list[str] | None,
+    rows: list[models.Model] | None,
+) -> tuple[int, int]:
+    events = broadcast.events_for(model, action, pks, fields, rows)
+    return len(events), broadcast.emit(events)
 
 
 def invalidate(model: type[models.Model], pks: list[str], everything: bool = False) -> int:
@@ -122,9 +86,9 @@ def invalidate(model: type[models.Model], pks: list[str], everything: bool = Fal
     ``delete_many`` on the Django cache. Returns the number of entries deleted.
     """
     pipe = store.get_redis().pipeline(transaction=False)
-    entries = ormbridge_cache.forget(model, pks, pipe)
+    entries = cache.forget(model, pks, pipe)
     if everything:
-        ormbridge_cache.forget_all(model, pipe)
+        cache.forget_all(model, pipe)
     pipe.execute()
     return entries
 
@@ -141,86 +105,6 @@ def record_stats(label: str, result: FlushResult, flushes: int = 0) -> None:
     pipe.execute()
 
 
-def event_pk(model: type[models.Model], pk: str) -> Any:
-    """A pk from its text form, as a JSON-friendly value (int or str)."""
-    value = model._meta.pk.to_python(pk)
-    return value if isinstance(value, int | str) else str(value)
-
-
-def ensure_scheduled(label: str) -> bool:
-    """Schedule a flush of ``label`` unless one is on its way; True if one was sent."""
-    from ormbridge.buffer import GUARD_GRACE, schedule_flush
-
-    client = store.get_redis()
-    guard = store.scheduled_key(label)
-    if not client.set(guard, "1", nx=True, ex=int(settings.FLUSH_DELAY) + GUARD_GRACE):
-        return False
-    try:
-        schedule_flush(label)
-    except Exception:
-        client.delete(guard)
-        raise
-    return True
-
-
-def restore_abandoned(older_than: float) -> int:
-    """Put in-flight sets older than ``older_than`` seconds back into their pending sets.
-
-    Their flush died (a killed worker) or is very slow; either way the rows are
-    flushed again (at least once). Returns how many sets were restored.
-    """
-    client = store.get_redis()
-    index = store.inflight_index_key()
-    stale = client.zrangebyscore(index, "-inf", time.time() - older_than)
-    for inflight in stale:
-        label = inflight[len(store.key("")) :].rsplit(":inflight:", 1)[0]
-        store.script(store.RESTORE)(
-            keys=[
-                store.pending_key(label),
-                store.fields_key(label),
-                inflight,
-                _fields_of(inflight),
-                index,
-            ]
-        )
-        ensure_scheduled(label)
-    return len(stale)
-
-
-def schedule_orphans() -> int:
-    """Schedule flushes for registered models with pending changes but no flush on its way.
-
-    Happens when a flush task was lost (a broker restart) after its guard was set.
-    """
-    return sum(ensure_scheduled(label) for label in waiting_labels())
-
-
-def flush_waiting() -> int:
-    """Flush, here and now, every registered model whose pending set is not empty."""
-    waiting = waiting_labels()
-    for label in waiting:
-        flush(label)
-    return len(waiting)
-
-
-def waiting_labels() -> list[str]:
-    """Labels of the registered models whose pending set is not empty (one round trip)."""
-    labels = [model._meta.label_lower for model in registry.registered_models()]
-    pipe = store.get_redis().pipeline(transaction=False)
-    for label in labels:
-        pipe.exists(store.pending_key(label))
-    return [label for label, exists in zip(labels, pipe.execute(), strict=True) if exists]
-
-
-def is_idle(label: str) -> bool:
-    """True when nothing of ``label`` is pending or being flushed."""
-    client = store.get_redis()
-    if client.exists(store.pending_key(label)):
-        return False
-    prefix = store.inflight_key(label, "")
-    inflight = client.zrange(store.inflight_index_key(), 0, -1)
-    return not any(key.startswith(prefix) for key in inflight)
-
-
-def _fields_of(inflight: str) -> str:
-    return f"{inflight}:fields"
+def event_pk(pk: Any) -> Any:
+    """A pk as a JSON-friendly value (int or str)."""
+    return pk if isinstance(pk, int | str) else str(pk)

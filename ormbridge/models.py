@@ -6,6 +6,10 @@ import base64
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
+from django.utils import timezone
+
+CHANNEL = "ormbridge"
+"""The PostgreSQL ``NOTIFY`` channel on which a new change-log row wakes the relays."""
 
 
 class SnapshotEncoder(DjangoJSONEncoder):
@@ -18,17 +22,18 @@ class SnapshotEncoder(DjangoJSONEncoder):
 
 
 class ChangeBatch(models.Model):
-    """Changes to rows of one model, kept in the database until they are delivered.
+    """Changes to rows of one model: the change log, and the truth ormbridge delivers from.
 
-    Written when Redis or the broker could not take a change at commit time,
-    and (by the bulk helpers) in the same transaction as a bulk write.
-    ``sweep_outbox`` hands out rows that are pending, or that were handed out
-    more than ``REDELIVER_AFTER`` seconds ago and never finished.
+    Written in the same transaction as the change it records: by the capture
+    triggers (one row per statement on PostgreSQL, one per row on SQLite), by
+    the bulk helpers (one row per chunk) and by resync jobs. The relay claims
+    pending rows, and rows whose claim's lease ran out, delivers them and
+    marks them done; done rows are deleted after ``LOG_RETENTION``.
     """
 
     class State(models.TextChoices):
         PENDING = "pending"
-        ENQUEUED = "enqueued"
+        CLAIMED = "claimed"
         DONE = "done"
         FAILED = "failed"
 
@@ -58,7 +63,11 @@ class ChangeBatch(models.Model):
     state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
     attempts = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
-    enqueued_at = models.DateTimeField(null=True, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    lease_until = models.DateTimeField(
+        null=True, blank=True, help_text="A claim not renewed by then is taken over."
+    )
+    claimed_by = models.CharField(max_length=100, blank=True, help_text="The relay holding it.")
     finished_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     rows = models.PositiveIntegerField(default=0, help_text="Number of pks (0: every row).")
@@ -74,7 +83,21 @@ class ChangeBatch(models.Model):
     class Meta:
         verbose_name = "change batch"
         verbose_name_plural = "change batches"
-        indexes = [models.Index(fields=["state", "enqueued_at"], name="ormbridge_state_idx")]
+        indexes = [
+            # The relay's claim and the status query read only undelivered rows:
+            # a partial index keeps both index scans however many done rows wait
+            # for pruning.
+            models.Index(
+                fields=["id"],
+                name="ormbridge_undelivered_idx",
+                condition=models.Q(state__in=["pending", "claimed", "failed"]),
+            ),
+            models.Index(
+                fields=["finished_at"],
+                name="ormbridge_done_idx",
+                condition=models.Q(state="done"),
+            ),
+        ]
 
     def __str__(self) -> str:
         count = "all" if self.pks is None else len(self.pks)
@@ -124,3 +147,33 @@ class ResyncJob(models.Model):
 
     def __str__(self) -> str:
         return f"resync job {self.pk} ({', '.join(self.labels)}, {self.state})"
+
+    @classmethod
+    def finish_if_complete(cls, job_id: int) -> bool:
+        """Mark the job done if it is fully planned and every chunk delivered."""
+        if ChangeBatch.objects.filter(job_id=job_id).exclude(state=ChangeBatch.State.DONE).exists():
+            return False
+        return bool(
+            cls.objects.filter(pk=job_id, planned=True, state=cls.State.RUNNING).update(
+                state=cls.State.DONE, finished_at=timezone.now()
+            )
+        )
+
+
+class CapturePause(models.Model):
+    """Models whose capture triggers skip the statements of the current transaction (SQLite).
+
+    ormbridge's own bulk helpers log their chunks themselves. On SQLite, which
+    has no session variables, they insert a row here before their write and
+    delete it right after, inside the same transaction: a writer holds the
+    database's write lock for that time, so no other transaction sees it.
+    PostgreSQL uses a transaction-local setting instead.
+    """
+
+    label = models.CharField(max_length=255)
+
+    class Meta:
+        verbose_name = "capture pause"
+
+    def __str__(self) -> str:
+        return self.label

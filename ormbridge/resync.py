@@ -12,16 +12,23 @@ delivered are delivered (again: at least once), finished chunks are left alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import FieldDoesNotExist, FieldError, ValidationError
-from django.db import models, router, transaction
-from django.db.models import Q, Sum
+from django.db import router, transaction
+from django.db.models import Model, Q, QuerySet, Sum
 from django.utils import timezone
 
-from ormbridge import outbox, registry
+from ormbridge import capture, registry, relay
+from ormbridge.conf import settings
+
+if TYPE_CHECKING:
+    from django.db.models.options import Options
+
+    from ormbridge.models import ResyncJob
 
 TEXT_LOOKUPS = {
     "contains", "icontains", "startswith", "istartswith", "endswith", "iendswith",
@@ -39,11 +46,11 @@ class ResyncError(ValueError):
 class Selection:
     """What a resync touches: models, and lookups as ``(FIELD__LOOKUP, raw value)`` pairs."""
 
-    models: tuple[type[models.Model], ...]
+    models: tuple[type[Model], ...]
     filters: tuple[tuple[str, str], ...] = ()
     excludes: tuple[tuple[str, str], ...] = ()
 
-    def queryset(self, model: type[models.Model]) -> models.QuerySet[Any]:
+    def queryset(self, model: type[Model]) -> QuerySet[Any]:
         queryset = model._base_manager.using(router.db_for_write(model))
         for key, raw in self.filters:
             queryset = queryset.filter(lookup(model, key, raw))
@@ -56,8 +63,8 @@ def select(
     labels: list[str],
     *,
     all_models: bool = False,
-    filters: list[str] = (),
-    excludes: list[str] = (),
+    filters: Sequence[str] = (),
+    excludes: Sequence[str] = (),
 ) -> Selection:
     """Validate a selection given as text (as on the command line).
 
@@ -84,7 +91,7 @@ def select(
     return selection
 
 
-def lookup(model: type[models.Model], key: str, raw: str) -> Q:
+def lookup(model: type[Model], key: str, raw: str) -> Q:
     """``Q(key=value)`` with ``raw`` converted by the field ``key`` ends on.
 
     Raises:
@@ -92,7 +99,7 @@ def lookup(model: type[models.Model], key: str, raw: str) -> Q:
     """
     parts = key.split("__")
     field = None
-    meta = model._meta
+    meta: Options[Any] | None = model._meta
     used = 0
     for part in parts:
         if meta is None:
@@ -114,7 +121,7 @@ def lookup(model: type[models.Model], key: str, raw: str) -> Q:
     return Q(**{key: _convert(model, key, field, name, raw)})
 
 
-def _convert(model: type[models.Model], key: str, field: Any, name: str, raw: str) -> Any:
+def _convert(model: type[Model], key: str, field: Any, name: str, raw: str) -> Any:
     if name == "isnull":
         if raw.lower() not in {"true", "false", "1", "0"}:
             raise ResyncError(f"{key}: expected true or false, not {raw!r}.")
@@ -146,7 +153,7 @@ def start(
     chunk_size: int = DEFAULT_CHUNK,
     sync: bool = False,
     force: bool = False,
-) -> Any:
+) -> ResyncJob:
     """Record a new job for ``selection`` (run it with :func:`run`).
 
     Raises:
@@ -182,7 +189,7 @@ def start(
     )
 
 
-def get_job(job_id: int) -> Any:
+def get_job(job_id: int) -> ResyncJob:
     """The job to resume. Raises ``ResyncError`` if it does not exist or is done."""
     from ormbridge.models import ResyncJob
 
@@ -194,7 +201,7 @@ def get_job(job_id: int) -> Any:
     return job
 
 
-def selection_of(job: Any) -> Selection:
+def selection_of(job: ResyncJob) -> Selection:
     return Selection(
         models=tuple(registry.get_model(label) for label in job.labels),
         filters=tuple(tuple(pair) for pair in job.filters),
@@ -203,7 +210,7 @@ def selection_of(job: Any) -> Selection:
 
 
 def run(
-    job: Any, *, sync: bool | None = None, on_rows: Callable[[int], None] | None = None
+    job: ResyncJob, *, sync: bool | None = None, on_rows: Callable[[int], None] | None = None
 ) -> None:
     """Plan the rest of ``job`` and deliver it (here if ``sync``, else on workers).
 
@@ -216,15 +223,16 @@ def run(
     if job.state != ResyncJob.State.RUNNING or job.sync != sync:
         job.state, job.sync, job.error = ResyncJob.State.RUNNING, sync, ""
         job.save(update_fields=["state", "sync", "error"])
+    owner = relay.new_owner()
     undone = ChangeBatch.objects.filter(job=job).exclude(state=ChangeBatch.State.DONE)
     if sync:
         for batch_id, rows in undone.order_by("id").values_list("id", "rows"):
-            outbox.process(batch_id)
+            _deliver_here(batch_id, owner)
             _tell(on_rows, rows)
     else:
-        ids = list(undone.values_list("id", flat=True))
-        undone.update(state=ChangeBatch.State.ENQUEUED, enqueued_at=timezone.now())
-        outbox.dispatch(ids, "default")
+        undone.filter(state=ChangeBatch.State.FAILED).update(
+            state=ChangeBatch.State.PENDING, attempts=0
+        )
     selection = selection_of(job)
     action = "update" if job.mode == ResyncJob.Mode.REPLAY else "invalidate"
     for model in selection.models:
@@ -246,9 +254,10 @@ def run(
                         rows=len(pks),
                         replay=job.mode == ResyncJob.Mode.REPLAY,
                         job=job,
-                        state=ChangeBatch.State.PENDING if sync else ChangeBatch.State.ENQUEUED,
-                        enqueued_at=None if sync else timezone.now(),
-                        attempts=0 if sync else 1,
+                        # A sync job's chunk is its own: no relay takes it meanwhile.
+                        state=ChangeBatch.State.CLAIMED if sync else ChangeBatch.State.PENDING,
+                        claimed_by=owner if sync else "",
+                        lease_until=_lease() if sync else None,
                     )
                     last = pks[-1]
                 state = {"last_pk": last, "planned": len(pks) < job.chunk_size}
@@ -256,38 +265,49 @@ def run(
                 job.rows_planned += len(pks)
                 job.save(update_fields=["progress", "rows_planned"])
                 if batch is not None and not sync:
-                    transaction.on_commit(lambda ids=[batch.pk]: outbox.dispatch(ids, "default"))
+                    capture.notify("default")
             if batch is not None:
                 if sync:
-                    outbox.process(batch.pk)
+                    _deliver_here(batch.pk, owner)
                 _tell(on_rows, len(pks))
     job.planned = True
     job.save(update_fields=["planned"])
     finish_if_complete(job.pk)
 
 
+def _lease() -> Any:
+    return timezone.now() + timedelta(seconds=float(settings.RELAY_LEASE))
+
+
+def _deliver_here(batch_id: int, owner: str) -> None:
+    """Deliver one chunk in this process, holding it against the relays meanwhile."""
+    from ormbridge.models import ChangeBatch
+
+    ChangeBatch.objects.filter(id=batch_id).update(
+        state=ChangeBatch.State.CLAIMED, claimed_by=owner, lease_until=_lease()
+    )
+    batches = list(ChangeBatch.objects.filter(id=batch_id))
+    result = relay.deliver(batches, "default")
+    if result.failed:
+        error = ChangeBatch.objects.filter(id=batch_id).values_list("last_error", flat=True)
+        raise ResyncError(f"chunk {batch_id} could not be delivered: {error.first()}")
+
+
 def finish_if_complete(job_id: int) -> bool:
     """Mark the job done if it is fully planned and every chunk delivered."""
-    from ormbridge.models import ChangeBatch, ResyncJob
+    from ormbridge.models import ResyncJob
 
-    undone = ChangeBatch.objects.filter(job_id=job_id).exclude(state=ChangeBatch.State.DONE)
-    if undone.exists():
-        return False
-    return bool(
-        ResyncJob.objects.filter(pk=job_id, planned=True, state=ResyncJob.State.RUNNING).update(
-            state=ResyncJob.State.DONE, finished_at=timezone.now()
-        )
-    )
+    return ResyncJob.finish_if_complete(job_id)
 
 
-def rows_done(job: Any) -> int:
+def rows_done(job: ResyncJob) -> int:
     from ormbridge.models import ChangeBatch
 
     done = ChangeBatch.objects.filter(job=job, state=ChangeBatch.State.DONE)
     return done.aggregate(rows=Sum("rows"))["rows"] or 0
 
 
-def interrupt(job: Any, reason: str) -> None:
+def interrupt(job: ResyncJob, reason: str) -> None:
     from ormbridge.models import ResyncJob
 
     ResyncJob.objects.filter(pk=job.pk, state=ResyncJob.State.RUNNING).update(
@@ -295,7 +315,9 @@ def interrupt(job: Any, reason: str) -> None:
     )
 
 
-def wait(job: Any, *, poll: float = 0.5, on_rows: Callable[[int], None] | None = None) -> None:
+def wait(
+    job: ResyncJob, *, poll: float = 0.5, on_rows: Callable[[int], None] | None = None
+) -> None:
     """Follow an async job until its workers finished it."""
     from ormbridge.models import ResyncJob
 
@@ -316,7 +338,7 @@ def _tell(on_rows: Callable[[int], None] | None, rows: int) -> None:
         on_rows(rows)
 
 
-def _model(label: str) -> type[models.Model]:
+def _model(label: str) -> type[Model]:
     from django.apps import apps
 
     try:

@@ -8,8 +8,7 @@ from ormbridge.conf import settings
 
 # task name -> name of its PeriodicTask row
 PERIODIC_TASKS = {
-    "ormbridge.sweep_outbox": "ormbridge: deliver the change log (sweep_outbox)",
-    "ormbridge.flush_pending": "ormbridge: flush pending invalidations (flush_pending)",
+    "ormbridge.sweep": "ormbridge: prune and deliver the change log (sweep)",
 }
 
 

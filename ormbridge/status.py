@@ -15,11 +15,11 @@ from django.db.models import Count, Min
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from ormbridge import registry, resync, store
+from ormbridge import capture, registry, relay, resync, store
 from ormbridge.conf import settings
 
 RECENT_JOBS = 5
-UNDELIVERED = ("pending", "enqueued")
+UNDELIVERED = ("pending", "claimed", "failed")
 
 
 def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
@@ -32,27 +32,30 @@ def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
         "ok": False, "error": "broker unreachable", "names": []
     }  # fmt: skip
     labels = [model._meta.label_lower for model in registry.registered_models()]
+    # Only undelivered rows are counted: a partial index holds them, however
+    # many done rows wait for pruning.
+    undelivered = ChangeBatch.objects.filter(state__in=UNDELIVERED)
     by_state: dict[str, dict[str, int]] = {label: {} for label in labels}
-    for row in ChangeBatch.objects.values("model", "state").annotate(n=Count("id")):
+    for row in undelivered.values("model", "state").annotate(n=Count("id")):
         by_state.setdefault(row["model"], {})[row["state"]] = row["n"]
     oldest = {
         row["model"]: row["oldest"]
-        for row in ChangeBatch.objects.filter(state__in=UNDELIVERED)
+        for row in undelivered.exclude(state=ChangeBatch.State.FAILED)
         .values("model")
         .annotate(oldest=Min("created_at"))
     }
-    redis_stats = _redis_stats(labels) if services["redis"]["ok"] else {}
+    triggers = _triggers()
+    last_flushes = _last_flushes(labels) if services["redis"]["ok"] else {}
     models = []
     for label in sorted(by_state):
-        counts = {state: by_state[label].get(state, 0) for state in ChangeBatch.State.values}
+        counts = {state: by_state[label].get(state, 0) for state in UNDELIVERED}
         age = (now - oldest[label]).total_seconds() if label in oldest else None
-        pending, last_flush = redis_stats.get(label, (None, None))
         models.append(
             {
                 "model": label,
                 "registered": label in labels,
-                "pending_invalidations": pending,
-                "last_flush": last_flush,
+                "triggers": triggers.get(label),
+                "last_flush": last_flushes.get(label),
                 "change_log": counts,
                 "oldest_undelivered_age": age,
             }
@@ -61,6 +64,12 @@ def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
     ages = [m["oldest_undelivered_age"] for m in models if m["oldest_undelivered_age"] is not None]
     oldest_age = max(ages, default=None)
     problems = []
+    uncaptured = sorted(m["model"] for m in models if m["triggers"] not in (None, "installed"))
+    if uncaptured:
+        problems.append(
+            f"capture triggers not installed or outdated for {', '.join(uncaptured)} "
+            "(run manage.py ormbridge_triggers install)"
+        )
     if failed:
         problems.append(f"{failed} change-log rows failed")
     if oldest_age is not None and oldest_age > settings.STATUS_MAX_PENDING_AGE:
@@ -104,20 +113,26 @@ def _workers(timeout: float) -> dict[str, Any]:
     return {"ok": bool(names), "error": None if names else "no worker answered", "names": names}
 
 
-def _redis_stats(labels: list[str]) -> dict[str, tuple[int, float | None]]:
+def _triggers() -> dict[str, str]:
+    """Per model label, the state of its tables' capture triggers (databases with a log)."""
+    states: dict[str, str] = {}
+    for using in relay.log_databases():
+        for table in capture.status(using):
+            for label in table.models:
+                if states.get(label, "installed") == "installed":
+                    states[label] = table.state
+    return states
+
+
+def _last_flushes(labels: list[str]) -> dict[str, float]:
     pipe = store.get_redis().pipeline(transaction=False)
     for label in labels:
-        pipe.scard(store.pending_key(label))
         pipe.hget(store.stats_key(label), "last_flush")
     try:
         replies = pipe.execute()
     except (redis.RedisError, OSError):
         return {}
-    stats = {}
-    for position, label in enumerate(labels):
-        pending, last = replies[2 * position], replies[2 * position + 1]
-        stats[label] = (int(pending), None if last is None else float(last))
-    return stats
+    return {label: float(last) for label, last in zip(labels, replies, strict=True) if last}
 
 
 def _jobs() -> list[dict[str, Any]]:

@@ -1,65 +1,123 @@
-"""ormbridge's Redis: the client, the key layout and the server-side scripts.
+"""ormbridge's Redis: the clients, the key layout and the server-side scripts.
 
-Every key is built here, under ``ORMBRIDGE["KEY_PREFIX"]``. Per model
-(``label`` is ``app_label.modelname``):
+Redis is a cache of the change log (the database is the truth): it may be
+emptied, restored or failed over at any time. Every key is built here, under
+``ORMBRIDGE["KEY_PREFIX"]``. Per model (``label`` is ``app_label.modelname``):
 
-``{prefix}:{label}:pending``          set of ``"<action>:<pk>"`` waiting for a flush
-``{prefix}:{label}:fields``           changed field names of pending updates (``*`` = all)
-``{prefix}:{label}:scheduled``        debounce guard: a flush task is on its way
-``{prefix}:{label}:inflight:<id>``    a pending set taken over by a running flush
 ``{prefix}:{label}:tok:<pk>``         token of a cached instance (deleted on change)
 ``{prefix}:{label}:epoch``            token of all cached instances of the model
 ``{prefix}:{label}:gen``              token of all cached querysets reading the model
 ``{prefix}:{label}:stats``            counters for status and the demo
-``{prefix}:inflight``                 sorted set of in-flight sets by start time
+``{prefix}:{label}:namespaces``       each row's last event namespaces
+``{prefix}:events:<namespace>``       stream of a namespace's events
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import threading
+import time
+from typing import Any
 
 import redis
+from redis.connection import AbstractConnection
 
 from ormbridge.conf import settings
 
-ACTIONS = {"c": "create", "u": "update", "d": "delete", "i": "invalidate"}
-ALL = "*"  # a pending member or field meaning "everything of the model"
+logger = logging.getLogger("ormbridge")
 
 
-def get_redis() -> redis.Redis:
+class Client(redis.Redis):
+    """A redis-py client that knows which incarnation of the server it talks to.
+
+    ``run_id`` is read from ``INFO server`` on every new connection: a restart
+    (with or without a restored snapshot) or a failover to another server
+    changes it, and every connection to the old server is gone by then.
+    """
+
+    run_id: str = ""
+
+
+def get_redis() -> Client:
     """The client for ``ORMBRIDGE["REDIS_URL"]``, shared per URL."""
-    return _client(settings.REDIS_URL)
+    return _client(settings.REDIS_URL, 2.0, 5.0)
+
+
+def commit_redis() -> Client:
+    """The client of the commit path: timeouts of ``COMMIT_TIMEOUT`` seconds."""
+    timeout = float(settings.COMMIT_TIMEOUT)
+    return _client(settings.REDIS_URL, timeout, timeout)
 
 
 @functools.lru_cache(maxsize=8)
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=2, socket_timeout=5, decode_responses=True
+def _client(url: str, connect_timeout: float, timeout: float) -> Client:
+    holder: list[Client] = []
+
+    def on_connect(connection: AbstractConnection) -> None:
+        connection.on_connect()
+        connection.send_command("INFO", "server")
+        info = connection.read_response()
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        for line in text.splitlines():
+            if line.startswith("run_id:"):
+                holder[0].run_id = line.partition(":")[2].strip()
+
+    client = Client.from_url(
+        url,
+        socket_connect_timeout=connect_timeout,
+        socket_timeout=timeout,
+        decode_responses=True,
+        redis_connect_func=on_connect,
     )
+    holder.append(client)
+    return client
+
+
+def incarnation() -> str:
+    """The run id of the server ``get_redis()`` is connected to (connects if needed)."""
+    client = get_redis()
+    if not client.run_id:
+        client.ping()
+    return client.run_id
+
+
+class Breaker:
+    """Skips Redis for ``BREAKER_COOLDOWN`` seconds after a failure on the commit path.
+
+    A hung or dead Redis then costs one commit ``COMMIT_TIMEOUT`` at most and
+    later commits nothing, until a commit after the cool-down tries again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open_until = 0.0
+
+    @property
+    def open(self) -> bool:
+        return time.monotonic() < self._open_until
+
+    def trip(self, error: BaseException) -> None:
+        with self._lock:
+            if not self.open:
+                logger.warning(
+                    "ormbridge: Redis failed at commit (%s); commits skip it for %s s, "
+                    "the relay delivers their changes from the change log",
+                    error,
+                    settings.BREAKER_COOLDOWN,
+                )
+            self._open_until = time.monotonic() + float(settings.BREAKER_COOLDOWN)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._open_until = 0.0
+
+
+breaker = Breaker()
 
 
 def key(*parts: object) -> str:
     return ":".join([settings.KEY_PREFIX, *map(str, parts)])
-
-
-def pending_key(label: str) -> str:
-    return key(label, "pending")
-
-
-def fields_key(label: str) -> str:
-    return key(label, "fields")
-
-
-def scheduled_key(label: str) -> str:
-    return key(label, "scheduled")
-
-
-def inflight_key(label: str, flush_id: str) -> str:
-    return key(label, "inflight", flush_id)
-
-
-def inflight_index_key() -> str:
-    return key("inflight")
 
 
 def token_key(label: str, pk: object) -> str:
@@ -77,47 +135,6 @@ def generation_key(label: str) -> str:
 def stats_key(label: str) -> str:
     return key(label, "stats")
 
-
-def member(action: str, pk: object) -> str:
-    return f"{action}:{pk}"
-
-
-def parse_member(value: str) -> tuple[str, str]:
-    """Split a pending member into ``(action, pk-as-text)``; ``ALL`` is ``("i", "*")``."""
-    if value == ALL:
-        return "i", ALL
-    action, _, pk = value.partition(":")
-    return action, pk
-
-
-# KEYS: pending, fields, scheduled, inflight, inflight fields, inflight index.
-# ARGV: now. Releases the guard and takes the pending set over in one step, so
-# a change landing after it schedules a new flush (no lost wake-up) and a
-# change landing before it is in the taken-over set.
-DRAIN = """
-redis.call('DEL', KEYS[3])
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return 0
-end
-redis.call('RENAME', KEYS[1], KEYS[4])
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('RENAME', KEYS[2], KEYS[5])
-end
-redis.call('ZADD', KEYS[6], ARGV[1], KEYS[4])
-return 1
-"""
-
-# KEYS: pending, fields, inflight, inflight fields, inflight index. Puts an
-# abandoned in-flight set back into the pending set.
-RESTORE = """
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('SUNIONSTORE', KEYS[1], KEYS[1], KEYS[3])
-  redis.call('SUNIONSTORE', KEYS[2], KEYS[2], KEYS[4])
-  redis.call('DEL', KEYS[3], KEYS[4])
-end
-redis.call('ZREM', KEYS[5], KEYS[3])
-return redis.call('SCARD', KEYS[1])
-"""
 
 # KEYS: token keys. ARGV: nonce, ttl (0 = none). Returns each key's token,
 # creating missing ones; existing tokens have their ttl refreshed.
@@ -145,11 +162,11 @@ return out
 """
 
 
-def script(source: str) -> redis.commands.core.Script:
+def script(source: str) -> Any:
     """A registered script on the current client (cached per client and source)."""
     return _script(get_redis(), source)
 
 
 @functools.lru_cache(maxsize=32)
-def _script(client: redis.Redis, source: str) -> redis.commands.core.Script:
+def _script(client: redis.Redis, source: str) -> Any:
     return client.register_script(source)

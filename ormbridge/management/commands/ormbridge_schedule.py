@@ -10,7 +10,7 @@ from ormbridge.conf import settings
 
 class Command(BaseCommand):
     help = (
-        "Install or update ormbridge's periodic tasks (sweep_outbox, flush_pending) for "
+        "Install or update ormbridge's periodic tasks (sweep) for "
         "django_celery_beat's DatabaseScheduler, every ORMBRIDGE['SWEEP_INTERVAL'] seconds. "
         "Safe to run again: rows are updated, never duplicated. "
         "Example: manage.py ormbridge_schedule"

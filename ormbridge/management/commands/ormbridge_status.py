@@ -40,16 +40,14 @@ class Command(BaseCommand):
             detail = ", ".join(service.get("names") or []) or service["error"] or ""
             out.write(f"{name:<8} {state} {detail}".rstrip())
         out.write("")
-        out.write(
-            f"{'model':<24} {'pending':>8}  {'change log p/e/d/f':<20} {'oldest':>9}  last flush"
-        )
+        out.write(f"{'model':<24} {'triggers':<10} {'log p/c/f':<16} {'oldest':>9}  last flush")
         for model in report["models"]:
             log = model["change_log"]
-            counts = f"{log['pending']}/{log['enqueued']}/{log['done']}/{log['failed']}"
+            counts = f"{log['pending']}/{log['claimed']}/{log['failed']}"
             age = model["oldest_undelivered_age"]
-            pending = model["pending_invalidations"]
+            triggers = model["triggers"] or "-"
             out.write(
-                f"{model['model']:<24} {'?' if pending is None else pending:>8}  {counts:<20} "
+                f"{model['model']:<24} {triggers:<10} {counts:<16} "
                 f"{'-' if age is None else f'{age:,.0f} s':>9}  {status.ago(model['last_flush'])}"
             )
         if report["jobs"]:

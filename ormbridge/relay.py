@@ -1,0 +1,335 @@
+"""The relay: claims undelivered change-log rows and delivers them.
+
+It runs inside every Celery worker process of the project (see
+:func:`start_in_worker`), so a project runs no new daemon, and any number of
+relays share the work: each claims up to ``RELAY_BATCH`` rows at a time with
+``SELECT … FOR UPDATE SKIP LOCKED`` and a lease of ``RELAY_LEASE`` seconds,
+which it renews while it works. A killed relay's rows are taken over when
+their lease runs out. On PostgreSQL the capture triggers' ``NOTIFY`` wakes it
+within milliseconds; elsewhere it looks every ``RELAY_POLL`` seconds.
+
+Delivering a claim: rows asking for replays replay ``post_save`` /
+``post_delete`` per row; rows of the same model and action are merged and
+flushed together (tokens and cache entries deleted, one event per batch and
+namespace); then the rows are marked done. A delivery that fails puts its
+rows back, to be tried again until ``MAX_ATTEMPTS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from django.apps import apps
+from django.conf import settings as django_settings
+from django.db import DatabaseError, connections, models, router, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from ormbridge import flush, registry, replay
+from ormbridge.conf import settings
+from ormbridge.models import CHANNEL, ChangeBatch, ResyncJob
+
+logger = logging.getLogger("ormbridge")
+
+PRUNE_CHUNK = 10_000
+
+
+@dataclass
+class DrainResult:
+    """What a relay delivered."""
+
+    batches: int = 0
+    rows: int = 0
+    failed: int = 0
+    flush: flush.FlushResult = field(default_factory=flush.FlushResult)
+
+
+def log_databases() -> Iterator[str]:
+    """Aliases of the databases holding a change log."""
+    for using in django_settings.DATABASES:
+        if router.allow_migrate_model(using, ChangeBatch):
+            yield using
+
+
+def _due(now: Any) -> Q:
+    return Q(state=ChangeBatch.State.PENDING) | Q(
+        state=ChangeBatch.State.CLAIMED, lease_until__lt=now
+    )
+
+
+def claim(using: str, owner: str, limit: int | None = None) -> list[ChangeBatch]:
+    """Claim up to ``limit`` due rows for ``owner``, oldest first.
+
+    Rows tried ``MAX_ATTEMPTS`` times are marked failed instead.
+    """
+    limit = int(settings.RELAY_BATCH) if limit is None else limit
+    log = ChangeBatch.objects.using(using)
+    now = timezone.now()
+    if not log.filter(_due(now)).exists():  # a read: no write lock taken when idle (SQLite)
+        return []
+    with transaction.atomic(using=using):
+        due = log.select_for_update(skip_locked=True).filter(_due(now)).order_by("id")
+        rows = list(due.values_list("id", "attempts")[:limit])
+        spent = [pk for pk, attempts in rows if attempts >= settings.MAX_ATTEMPTS]
+        ids = [pk for pk, attempts in rows if attempts < settings.MAX_ATTEMPTS]
+        if spent:
+            log.filter(id__in=spent).update(state=ChangeBatch.State.FAILED, finished_at=now)
+        log.filter(id__in=ids).update(
+            state=ChangeBatch.State.CLAIMED,
+            claimed_by=owner,
+            claimed_at=now,
+            lease_until=now + timedelta(seconds=float(settings.RELAY_LEASE)),
+            attempts=F("attempts") + 1,
+        )
+    return list(log.filter(id__in=ids, claimed_by=owner).order_by("id"))
+
+
+def renew(using: str, owner: str) -> int:
+    """Extend the lease of every row ``owner`` holds; returns how many."""
+    lease = timezone.now() + timedelta(seconds=float(settings.RELAY_LEASE))
+    return (
+        ChangeBatch.objects.using(using)
+        .filter(state=ChangeBatch.State.CLAIMED, claimed_by=owner)
+        .update(lease_until=lease)
+    )
+
+
+def deliver(batches: list[ChangeBatch], using: str) -> DrainResult:
+    """Deliver claimed rows: replays, then one merged flush per model and action."""
+    result = DrainResult()
+    merged: dict[tuple[str, str, tuple[str, ...] | None], list[ChangeBatch]] = defaultdict(list)
+    for batch in batches:
+        if batch.replay or batch.snapshot or batch.pks is None:
+            _deliver_alone(batch, using, result)
+        else:
+            fields = None if batch.fields is None else tuple(sorted(batch.fields))
+            merged[(batch.model, batch.action, fields)].append(batch)
+    for (label, action, fields), group in merged.items():
+        try:
+            model = apps.get_model(label)
+            pks = _unique(model, (pk for batch in group for pk in batch.pks))
+            if registry.is_registered(model):
+                result.flush.add(flush.flush(model, action, pks, _list(fields)))
+        except Exception as exc:
+            _failed(group, using, exc, result)
+        else:
+            _done(group, using, result)
+    return result
+
+
+def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
+    try:
+        model = apps.get_model(batch.model)
+        pks = None if batch.pks is None else _unique(model, batch.pks)
+        if batch.replay and batch.action == ChangeBatch.Action.DELETE:
+            replay.replay_deletes(model, batch.snapshot or {"fields": [], "rows": []}, using)
+        elif batch.replay and pks:
+            created = batch.action == ChangeBatch.Action.CREATE
+            replay.replay_saves(model, pks, batch.fields, created, using)
+        if registry.is_registered(model):
+            rows = list(replay.rebuild(model, batch.snapshot, using)) if batch.snapshot else None
+            result.flush.add(flush.flush(model, batch.action, pks, batch.fields, rows))
+    except Exception as exc:
+        _failed([batch], using, exc, result)
+    else:
+        _done([batch], using, result)
+
+
+def _unique(model: type[models.Model], pks: Any) -> list[Any]:
+    to_python = model._meta.pk.to_python
+    return sorted({to_python(pk) for pk in pks}, key=lambda pk: (str(type(pk)), pk))
+
+
+def _list(fields: tuple[str, ...] | None) -> list[str] | None:
+    return None if fields is None else list(fields)
+
+
+def _done(batches: list[ChangeBatch], using: str, result: DrainResult) -> None:
+    ids = [batch.pk for batch in batches]
+    # A snapshot is only needed until its rows' post_delete replays ran.
+    ChangeBatch.objects.using(using).filter(id__in=ids).update(
+        state=ChangeBatch.State.DONE,
+        finished_at=timezone.now(),
+        lease_until=None,
+        last_error="",
+        snapshot=None,
+    )
+    result.batches += len(ids)
+    result.rows += sum(batch.rows for batch in batches)
+    for job_id in {batch.job_id for batch in batches if batch.job_id is not None}:
+        ResyncJob.finish_if_complete(job_id)
+
+
+def _failed(batches: list[ChangeBatch], using: str, error: Exception, result: DrainResult) -> None:
+    logger.warning(
+        "ormbridge: delivering change-log rows %s failed; tried again later: %s",
+        [batch.pk for batch in batches],
+        error,
+        exc_info=not isinstance(error, flush.EmitFailed),
+    )
+    ChangeBatch.objects.using(using).filter(id__in=[batch.pk for batch in batches]).update(
+        state=ChangeBatch.State.PENDING,
+        lease_until=None,
+        last_error=f"{type(error).__name__}: {error}"[:2000],
+    )
+    result.failed += len(batches)
+
+
+def drain(using: str | None = None, owner: str | None = None, passes: int = 50) -> DrainResult:
+    """Claim and deliver until nothing is due (at most ``passes`` claims per database)."""
+    owner = owner or new_owner()
+    result = DrainResult()
+    for alias in [using] if using else list(log_databases()):
+        for _ in range(passes):
+            batches = claim(alias, owner)
+            if not batches:
+                break
+            part = deliver(batches, alias)
+            result.batches += part.batches
+            result.rows += part.rows
+            result.failed += part.failed
+            result.flush.add(part.flush)
+    return result
+
+
+def new_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def prune(using: str, older_than: float | None = None) -> int:
+    """Delete done rows finished more than ``older_than`` seconds ago (``LOG_RETENTION``)."""
+    age = float(settings.LOG_RETENTION) if older_than is None else older_than
+    cutoff = timezone.now() - timedelta(seconds=age)
+    log = ChangeBatch.objects.using(using)
+    deleted = 0
+    while True:
+        ids = list(
+            log.filter(state=ChangeBatch.State.DONE, finished_at__lt=cutoff, job__isnull=True)
+            .order_by("finished_at")
+            .values_list("id", flat=True)[:PRUNE_CHUNK]
+        )
+        if not ids:
+            return deleted
+        deleted += log.filter(id__in=ids).delete()[0]
+
+
+class Relay:
+    """A relay loop in a thread: drain, wait for a wake-up or ``RELAY_POLL``, repeat."""
+
+    def __init__(self) -> None:
+        self.owner = new_owner()
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+        self._listener: Any = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name="ormbridge-relay", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 10) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def run(self) -> None:
+        heartbeat = threading.Thread(target=self._heartbeat, name="ormbridge-lease", daemon=True)
+        heartbeat.start()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    drained = drain(owner=self.owner)
+                except DatabaseError as exc:
+                    logger.warning("ormbridge: the relay could not reach the database: %s", exc)
+                    drained = DrainResult()
+                    connections.close_all()
+                    self.stopping.wait(float(settings.RELAY_POLL))
+                except Exception:
+                    logger.exception("ormbridge: the relay failed; it goes on")
+                    drained = DrainResult()
+                idle = not drained.batches and not drained.failed
+                if idle and self._wait(float(settings.RELAY_POLL)):
+                    time.sleep(float(settings.FLUSH_DELAY))
+        finally:
+            self._close_listener()
+            connections.close_all()
+
+    def _heartbeat(self) -> None:
+        while not self.stopping.wait(float(settings.RELAY_LEASE) / 3):
+            try:
+                for using in log_databases():
+                    renew(using, self.owner)
+            except Exception as exc:
+                logger.warning("ormbridge: the relay could not renew its leases: %s", exc)
+        connections.close_all()
+
+    def _wait(self, timeout: float) -> bool:
+        """Wait for a NOTIFY (PostgreSQL) or ``timeout``; True if woken by a change."""
+        listener = self._listen()
+        if listener is None:
+            self.stopping.wait(timeout)
+            return False
+        try:
+            woken = False
+            for _ in listener.notifies(timeout=timeout, stop_after=1):
+                woken = True
+            return woken
+        except Exception as exc:
+            logger.warning("ormbridge: the relay's LISTEN connection failed: %s", exc)
+            self._close_listener()
+            return False
+
+    def _listen(self) -> Any:
+        if self._listener is not None:
+            return self._listener
+        using = next((u for u in log_databases() if connections[u].vendor == "postgresql"), None)
+        if using is None:
+            return None
+        connection = connections[using]
+        try:
+            raw = connection.get_new_connection(connection.get_connection_params())
+            raw.autocommit = True
+            raw.execute(f"LISTEN {CHANNEL}")
+        except Exception as exc:
+            logger.warning("ormbridge: the relay cannot LISTEN, it polls instead: %s", exc)
+            return None
+        self._listener = raw
+        return raw
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except Exception:
+                logger.debug("ormbridge: closing the LISTEN connection failed", exc_info=True)
+            self._listener = None
+
+
+_worker_relay: Relay | None = None
+
+
+def start_in_worker(**kwargs: Any) -> None:
+    """``worker_ready`` receiver: run a relay in this Celery worker (unless ``RELAY`` is off)."""
+    global _worker_relay
+    if not settings.RELAY or _worker_relay is not None:
+        return
+    _worker_relay = Relay()
+    _worker_relay.start()
+    logger.info("ormbridge: relay %s started", _worker_relay.owner)
+
+
+def stop_in_worker(**kwargs: Any) -> None:
+    """``worker_shutdown`` receiver: stop this worker's relay."""
+    global _worker_relay
+    if _worker_relay is not None:
+        _worker_relay.stop()
+        _worker_relay = None
