@@ -18,6 +18,7 @@ import redis
 from django.db import connection
 
 from ormbridge import store
+from tests import settings
 from ormbridge.cache import get_cache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,10 +35,15 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30, what: str =
 
 
 class RedisServer:
-    """A real redis-server on a unix socket in the run directory, stoppable by tests."""
+    """A real redis-server on a unix socket in the run directory, stoppable by tests.
 
-    def __init__(self, name: str) -> None:
+    With ``port``, it also listens on that TCP port of 127.0.0.1.
+    """
+
+    def __init__(self, name: str, port: int = 0) -> None:
+        self.name = name
         self.socket = RUN_DIR / f"{name}.sock"
+        self.port = port
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -51,7 +57,11 @@ class RedisServer:
             [
                 executable,
                 "--port",
-                "0",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dbfilename",
+                f"{self.name}.rdb",
                 "--unixsocket",
                 str(self.socket),
                 "--save",
@@ -83,7 +93,11 @@ def _pings(client: redis.Redis) -> bool:
 
 @pytest.fixture(scope="session")
 def redis_servers() -> Iterator[dict[str, RedisServer]]:
-    servers = {name: RedisServer(name) for name in ("ormbridge", "cache", "broker")}
+    servers = {
+        "ormbridge": RedisServer("ormbridge"),
+        "cache": RedisServer("cache"),
+        "broker": RedisServer("broker", port=settings.BROKER_PORT),
+    }
     for server in servers.values():
         server.start()
     yield servers
@@ -111,11 +125,12 @@ def broker() -> redis.Redis:
 
 
 @pytest.fixture
-def idle_queue(settings, broker: redis.Redis) -> Callable[[], int]:
-    """Send ormbridge's tasks to a queue no worker consumes; returns a message counter."""
-    queue = f"idle-{uuid.uuid4().hex[:8]}"
-    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "QUEUE": queue}
-    return lambda: broker.llen(queue)
+def no_relay(session_worker: Worker) -> None:
+    """No relay runs anywhere: change-log rows stay as they are written.
+
+    The session's worker (whose relay would deliver them) is stopped if it runs.
+    """
+    session_worker.stop()
 
 
 class Worker:
@@ -217,11 +232,10 @@ def worker(session_worker: Worker) -> Worker:
 
 @pytest.fixture(scope="session")
 def session_worker(django_db_setup, django_db_blocker, redis_servers) -> Iterator[Worker]:
-    """One worker process for the session, on the test database."""
+    """One worker process for the session, on the test database, started by ``worker``."""
     with django_db_blocker.unblock():
         db_name = connection.settings_dict["NAME"]
     process = Worker(db_name)
-    process.start()
     yield process
     process.stop()
 

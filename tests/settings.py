@@ -7,14 +7,25 @@ PostgreSQL unless ``DATABASE_URL`` says otherwise (``sqlite://`` for SQLite).
 """
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
 RUN_DIR = Path(
     os.environ.setdefault("ORMBRIDGE_TEST_RUN_DIR", tempfile.mkdtemp(prefix="ormbridge-test-"))
 )
+
+def _free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+# The broker listens on TCP: kombu cannot reconnect to a restarted broker over a
+# unix socket (its worker exits), and a worker must outlive broker restarts.
+BROKER_PORT = int(os.environ.setdefault("ORMBRIDGE_TEST_BROKER_PORT", _free_port()))
 os.environ["REDIS_URL"] = f"unix://{RUN_DIR}/ormbridge.sock"
-os.environ["CELERY_BROKER_URL"] = f"redis+socket://{RUN_DIR}/broker.sock"
+os.environ["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{BROKER_PORT}/0"
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 
 from example.settings import *  # noqa: E402, F403
