@@ -30,6 +30,7 @@ from typing import Any, TypedDict
 
 from django.db import models
 from django.utils.module_loading import import_string
+from redis.typing import EncodableT, FieldT
 
 from ormbridge import registry, store
 from ormbridge.conf import settings
@@ -132,13 +133,22 @@ def _remember(label: str, now: dict[Any, set[str]], forget: bool) -> dict[Any, s
     if forget:
         pipe.hdel(key, *fields)
     else:
-        mapping = {str(pk): "\x1f".join(sorted(names)) for pk, names in now.items()}
+        mapping: dict[FieldT, EncodableT] = {
+            str(pk): "\x1f".join(sorted(names)) for pk, names in now.items()
+        }
         pipe.hset(key, mapping=mapping)
     pipe.execute()
     return {
-        pk: set(filter(None, (value or "").split("\x1f")))
+        pk: set(filter(None, _text(value).split("\x1f")))
         for pk, value in zip(now, old, strict=True)
     }
+
+
+def _text(value: bytes | str | None) -> str:
+    """A reply of the (``decode_responses``) client as ``str``; None is ``""``."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return value or ""
 
 
 class Emitter:

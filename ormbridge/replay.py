@@ -65,16 +65,14 @@ def snapshot(model: type[models.Model], instances: list[models.Model]) -> dict[s
     }
 
 
-def rebuild(model: type[models.Model], snapshot: dict[str, Any], using: str) -> Iterator[Any]:
+def rebuild(
+    model: type[models.Model], snapshot: dict[str, Any], using: str
+) -> Iterator[models.Model]:
     """Instances of ``model`` as they were when ``snapshot`` was taken."""
-    fields = [model._meta.get_field(name) for name in _field_names(model, snapshot["fields"])]
+    by_attname = {field.attname: field for field in model._meta.concrete_fields}
+    fields = [by_attname[attname] for attname in snapshot["fields"]]
     for row in snapshot["rows"]:
         obj = model(**{f.attname: f.to_python(value) for f, value in zip(fields, row, strict=True)})
         obj._state.adding = False
         obj._state.db = using
         yield obj
-
-
-def _field_names(model: type[models.Model], attnames: list[str]) -> list[str]:
-    by_attname = {field.attname: field.name for field in model._meta.concrete_fields}
-    return [by_attname[attname] for attname in attnames]

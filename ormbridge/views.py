@@ -14,18 +14,18 @@ import base64
 import binascii
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.db import connections
 from django.http import (
     HttpRequest,
-    HttpResponse,
     HttpResponseBadRequest,
     HttpResponseForbidden,
     StreamingHttpResponse,
 )
+from django.http.response import HttpResponseBase
 from django.utils.module_loading import import_string
 
 from ormbridge import registry
@@ -33,6 +33,9 @@ from ormbridge.broadcast import SEPARATOR, stream_key
 from ormbridge.conf import settings
 
 READ_COUNT = 500
+
+# An XREAD reply of a RESP2 client with decode_responses: [(key, [(entry id, fields)])].
+_XReadReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 
 
 def may_subscribe(request: HttpRequest, namespace: str) -> bool:
@@ -57,7 +60,8 @@ def _authorize(request: HttpRequest, namespaces: list[str]) -> tuple[bool, list[
             return False, [], namespaces
         hook = settings.EVENTS_PERMISSION
         allowed_by = import_string(hook) if hook else may_subscribe
-        allowed, denied = [], []
+        allowed: list[str] = []
+        denied: list[str] = []
         for namespace in namespaces:
             (allowed if allowed_by(request, namespace) else denied).append(namespace)
         return True, allowed, denied
@@ -65,7 +69,7 @@ def _authorize(request: HttpRequest, namespaces: list[str]) -> tuple[bool, list[
         connections.close_all()
 
 
-async def events(request: HttpRequest) -> HttpResponse:
+async def events(request: HttpRequest) -> HttpResponseBase:
     """Stream change events of the requested namespaces the user may see."""
     namespaces = list(dict.fromkeys(request.GET.getlist("ns")))
     if not namespaces:
@@ -100,22 +104,25 @@ async def stream(
     )
     try:
         keys = {stream_key(namespace): namespace for namespace in namespaces}
-        positions = {}
+        positions: dict[str, str] = {}
         for key, namespace in keys.items():
             if namespace in cursor:
                 positions[namespace] = cursor[namespace]
             else:  # a namespace new to this client starts at the current end
                 last = await client.xrevrange(key, count=1)
-                positions[namespace] = last[0][0] if last else "0-0"
+                positions[namespace] = _text(last[0][0]) if last else "0-0"
         yield "retry: 2000\n\n"
         if denied:
             yield f"event: denied\ndata: {json.dumps(denied)}\n\n"
         block = int(heartbeat * 1000)
         while True:
-            reply = await client.xread(
-                {key: positions[namespace] for key, namespace in keys.items()},
-                count=READ_COUNT,
-                block=block,
+            reply = cast(
+                _XReadReply,
+                await client.xread(
+                    {key: positions[namespace] for key, namespace in keys.items()},
+                    count=READ_COUNT,
+                    block=block,
+                ),
             )
             if not reply:
                 yield ": heartbeat\n\n"
@@ -153,6 +160,13 @@ def decode_cursor(value: str) -> dict[str, str]:
         for ns, pos in positions.items()
         if isinstance(pos, str) and _is_stream_id(pos)
     }
+
+
+def _text(value: bytes | str | None) -> str:
+    """A reply of the (``decode_responses``) client as ``str``; None is ``""``."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return value or ""
 
 
 def _is_stream_id(value: str) -> bool:

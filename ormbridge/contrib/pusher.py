@@ -40,7 +40,7 @@ class PusherEmitter(Emitter):
                 'PusherEmitter needs the pusher package: pip install "ormbridge[pusher]"'
             ) from None
         config: dict[str, Any] = dict(settings.PUSHER or {})
-        self.prefix = config.pop("channel_prefix", "private-")
+        self.prefix: str = config.pop("channel_prefix", "private-")
         if not {"app_id", "key", "secret"} <= set(config):
             raise ImproperlyConfigured(
                 'ORMBRIDGE["PUSHER"] needs app_id, key and secret (and cluster or host).'

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import time
 from argparse import RawDescriptionHelpFormatter
-from typing import Any
+from typing import Any, NoReturn
 
 from django.core.management.base import (
     BaseCommand,
@@ -190,7 +190,7 @@ class _Progress:
     ) -> None:
         self.command, self.total, self.done, self.verb = command, total, initial, verb
         self.enabled = enabled
-        self.bar: tqdm | None = None
+        self.bar: tqdm[NoReturn] | None = None
         self.last_line = time.monotonic()
 
     def __enter__(self) -> Any:
