@@ -17,3 +17,7 @@ class RecordingEmitter(Emitter):
 
 def recorded() -> list[dict]:
     return [json.loads(item) for item in store.get_redis().lrange(events_key(), 0, -1)]
+
+
+def clear() -> None:
+    store.get_redis().delete(events_key())
