@@ -1,6 +1,6 @@
 """safe_bulk_*: chunked writes whose per-row signals are replayed by a real worker."""
 
-import uuid
+import math
 from decimal import Decimal
 
 import pytest
@@ -8,13 +8,13 @@ from django.db import transaction
 from django.db.models import Count, F, ProtectedError
 
 import ormbridge
-from ormbridge import outbox, signals
+from ormbridge import signals, store
 from ormbridge.cache import cached_instance, get_cache, instance_key
-from ormbridge.models import ChangeBatch
+from ormbridge.conf import settings as ormbridge_settings
 from shop.models import Category, Customer, Order, Product
 from tests import emitters, replays
 from tests.conftest import wait_until
-from tests.factories import make_products
+from tests.factories import log_mark, logged_since, make_products, wait_delivered
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -54,10 +54,13 @@ def test_update_replays_one_post_save_per_matching_row(worker, bulk_signals):
     matching = make_products(20_000, category=category)
     others = make_products(2_000, category=category)
     Product.objects.filter(pk__in=[p.pk for p in others]).update(stock=5)
+    wait_delivered()  # the setup's own change-log rows, so only the bulk update follows
+    store.get_redis().delete(emitters.events_key())
     sample = matching[::1000] + others[:20]
     for product in sample:
         cached_instance(Product, product.pk)
 
+    mark = log_mark()
     result = ormbridge.safe_bulk_update(Product.objects.filter(stock=0), price=F("price") + 1)
     result.wait(timeout=120)
 
@@ -75,8 +78,14 @@ def test_update_replays_one_post_save_per_matching_row(worker, bulk_signals):
     cache = get_cache()
     assert all(cache.get(instance_key("shop.product", p.pk)) is None for p in matching[::1000])
     assert all(cache.get(instance_key("shop.product", p.pk)) is not None for p in others[:20])
+    logged = list(logged_since(mark))
+    assert [row.id for row in logged] == result.batch_ids  # the triggers logged nothing more
     events = [e for e in emitters.recorded() if e["model"] == "shop.product"]
-    assert len(events) == len(result.batch_ids)  # one event per chunk, not per row
+    assert {(e["type"], tuple(e["fields"])) for e in events} == {("update", ("price",))}
+    assert sorted(pk for e in events for pk in e["pks"]) == [p.pk for p in matching]
+    # one event per chunk and FLUSH_BATCH_SIZE rows, not per row
+    per_event = int(ormbridge_settings.FLUSH_BATCH_SIZE)
+    assert len(events) == sum(math.ceil(row.rows / per_event) for row in logged) < 100
 
 
 def test_delete_replays_post_delete_with_the_deleted_values(worker, bulk_signals):
@@ -110,13 +119,19 @@ def test_delete_replays_post_delete_with_the_deleted_values(worker, bulk_signals
 def test_delete_applies_set_null_like_delete_does(worker):
     [product] = make_products(1)
     customers = Customer.objects.bulk_create(Customer(email=f"{n}@example.com") for n in range(3))
-    Order.objects.bulk_create(Order(product=product, customer=c) for c in customers)
+    orders = Order.objects.bulk_create(Order(product=product, customer=c) for c in customers)
+    mark = log_mark()
     result = ormbridge.safe_bulk_delete(Customer.objects.all())
     result.wait(timeout=60)
     assert Order.objects.filter(customer__isnull=True).count() == 3
     assert replays.deletes("shop.customer") == {c.pk: 1 for c in customers}
     assert replays.saves("shop.order") == {}  # delete() sends no post_save for SET_NULL
-    assert ChangeBatch.objects.filter(model="shop.order", action="update").exists()
+    [nulled] = logged_since(mark, "shop.order")  # and the trigger logged nothing more
+    assert (nulled.action, nulled.fields, sorted(nulled.pks)) == (
+        "update",
+        ["customer"],
+        sorted(o.pk for o in orders),
+    )
 
 
 def test_a_protected_row_stops_the_delete_before_its_chunk(worker):
@@ -124,10 +139,11 @@ def test_a_protected_row_stops_the_delete_before_its_chunk(worker):
     make_products(3, category=books)
     Category.objects.bulk_create([Category(name="empty")])
     before = table(Category)
+    mark = log_mark()
     with pytest.raises(ProtectedError):
         ormbridge.safe_bulk_delete(Category.objects.filter(name="books"))
     assert table(Category) == before
-    assert not ChangeBatch.objects.exists()
+    assert not logged_since(mark).exists()
 
 
 def test_create_replays_post_save_with_created(worker, bulk_signals):
@@ -161,11 +177,15 @@ def test_update_objects_replays_post_save_with_its_fields(worker, bulk_signals):
     assert all(cached_instance(Product, p.pk).stock == n for n, p in enumerate(products[:10]))
 
 
-def test_sync_replay_runs_in_the_caller_after_commit(idle_queue):
+def test_sync_replay_runs_in_the_caller_after_commit(no_relay):
     products = make_products(300)
+    mark = log_mark()
     result = ormbridge.safe_bulk_update(Product.objects.all(), replay="sync", stock=4)
-    assert idle_queue() == 0
     assert replays.saves() == {p.pk: 1 for p in products}
+    # no relay runs: the caller delivered its chunks itself
+    logged = logged_since(mark)
+    assert list(logged.values_list("id", flat=True)) == result.batch_ids
+    assert set(logged.values_list("state", flat=True)) == {"done"}
     result.wait(timeout=0)
 
 
@@ -176,10 +196,12 @@ def test_replay_none_invalidates_and_broadcasts_without_signals(worker):
     result.wait(timeout=30)
     assert replays.saves() == {}
     assert cached_instance(Product, products[0].pk).stock == 4
-    assert sorted(emitters.recorded()[0]["pks"]) == [p.pk for p in products]
+    [event] = [e for e in emitters.recorded() if e["type"] == "update"]
+    assert (event["model"], event["fields"]) == ("shop.product", ["stock"])
+    assert sorted(event["pks"]) == [p.pk for p in products]
 
 
-def test_a_row_that_stops_matching_is_not_written(idle_queue):
+def test_a_row_that_stops_matching_is_not_written():
     products = make_products(10)
     escaping = products[3]
 
@@ -213,45 +235,46 @@ def third_chunk_fails():
     signals.pre_bulk_update.disconnect(fail_third, sender=Product)
 
 
-def test_atomic_rolls_back_every_chunk_on_failure(idle_queue, third_chunk_fails):
+def test_atomic_rolls_back_every_chunk_on_failure(third_chunk_fails):
     make_products(50)
     before = table()
+    mark = log_mark()
     with pytest.raises(RuntimeError, match="third chunk"):
         ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=10, atomic=True, stock=1)
     assert table() == before
-    assert not ChangeBatch.objects.exists()
-    assert idle_queue() == 0
+    assert not logged_since(mark).exists()
 
 
-def test_without_atomic_finished_chunks_stay_committed(idle_queue, third_chunk_fails):
-    make_products(50)
+def test_without_atomic_finished_chunks_stay_committed(no_relay, third_chunk_fails):
+    products = make_products(50)
+    mark = log_mark()
     with pytest.raises(RuntimeError, match="third chunk"):
         ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=10, stock=1)
     assert Product.objects.filter(stock=1).count() == 20
-    assert ChangeBatch.objects.count() == 2
-    assert idle_queue() == 2
+    logged = logged_since(mark)
+    assert [(row.state, sorted(row.pks)) for row in logged] == [
+        ("pending", [p.pk for p in products[:10]]),
+        ("pending", [p.pk for p in products[10:20]]),
+    ]
 
 
-def test_with_the_broker_down_chunks_wait_for_the_sweep(worker, redis_servers):
+def test_with_the_broker_down_the_relay_still_delivers(worker, redis_servers):
     products = make_products(20)
-    redis_servers["broker"].stop()
+    wait_delivered()  # the worker's relay runs (it starts once the worker reached the broker)
+    redis_servers["broker"].stop()  # clean_redis starts it again after the test
     result = ormbridge.safe_bulk_update(Product.objects.all(), stock=3)
-    assert set(ChangeBatch.objects.values_list("state", flat=True)) == {"pending"}
-    redis_servers["broker"].start()
-    worker.restart()
-    outbox.sweep()
     result.wait(timeout=60)
     assert replays.saves() == {p.pk: 1 for p in products}
 
 
-def test_wait_times_out_with_a_clear_message(idle_queue):
+def test_wait_times_out_with_a_clear_message(no_relay):
     make_products(5)
     result = ormbridge.safe_bulk_update(Product.objects.all(), stock=3)
     with pytest.raises(TimeoutError, match=r"1 of 1 change batches of this shop\.Product"):
         result.wait(timeout=0.2)
 
 
-def test_unregistered_models_need_allow_unregistered(idle_queue):
+def test_unregistered_models_need_allow_unregistered():
     from django.contrib.auth.models import Group
 
     Group.objects.bulk_create([Group(name="a"), Group(name="b")])
@@ -284,13 +307,14 @@ BAD_UPDATES = [
 
 
 @pytest.mark.parametrize("make_queryset,values,error,message", BAD_UPDATES)
-def test_bad_update_input_fails_before_any_write(idle_queue, make_queryset, values, error, message):
+def test_bad_update_input_fails_before_any_write(make_queryset, values, error, message):
     make_products(20)
     before = table()
+    mark = log_mark()
     with pytest.raises(error, match=message):
         ormbridge.safe_bulk_update(make_queryset(), **values)
     assert table() == before
-    assert not ChangeBatch.objects.exists()
+    assert not logged_since(mark).exists()
 
 
 @pytest.mark.parametrize(
@@ -302,40 +326,45 @@ def test_bad_update_input_fails_before_any_write(idle_queue, make_queryset, valu
         ({"replay": "later"}, "replay must be one of"),
     ],
 )
-def test_bad_options_fail_before_any_write(idle_queue, options, message):
+def test_bad_options_fail_before_any_write(options, message):
     make_products(20)
     before = table()
+    mark = log_mark()
     with pytest.raises(ValueError, match=message):
         ormbridge.safe_bulk_update(Product.objects.all(), stock=1, **options)
     with pytest.raises(ValueError, match=message):
         ormbridge.safe_bulk_delete(Product.objects.all(), **options)
     assert table() == before
-    assert not ChangeBatch.objects.exists()
+    assert not logged_since(mark).exists()
 
 
-def test_bad_delete_querysets_fail_before_any_write(idle_queue):
+def test_bad_delete_querysets_fail_before_any_write():
     make_products(20)
     before = table()
+    mark = log_mark()
     with pytest.raises(TypeError, match="is sliced"):
         ormbridge.safe_bulk_delete(Product.objects.all()[:3])
     assert table() == before
+    assert not logged_since(mark).exists()
 
 
-def test_mixed_models_fail_before_any_write(idle_queue):
+def test_mixed_models_fail_before_any_write():
     [product] = make_products(1)
     category = Category.objects.create(name="x")
     before = table(Category)
+    mark = log_mark()
     with pytest.raises(TypeError, match="mixed models"):
         ormbridge.safe_bulk_create(Category, [Category(name="y"), product])
     with pytest.raises(TypeError, match="mixed models"):
         ormbridge.safe_bulk_update_objects([category, product], ["name"])
     assert table(Category) == before
-    assert not ChangeBatch.objects.exists()
+    assert not logged_since(mark).exists()
 
 
-def test_bad_update_objects_input_fails_before_any_write(idle_queue):
+def test_bad_update_objects_input_fails_before_any_write():
     products = make_products(3)
     before = table()
+    mark = log_mark()
     with pytest.raises(ValueError, match="has no primary key"):
         ormbridge.safe_bulk_update_objects([*products, Product(sku="z")], ["stock"])
     with pytest.raises(ValueError, match="non-empty list"):
@@ -345,16 +374,17 @@ def test_bad_update_objects_input_fails_before_any_write(idle_queue):
     with pytest.raises(ValueError, match="no objects"):
         ormbridge.safe_bulk_update_objects([], ["stock"])
     assert table() == before
+    assert not logged_since(mark).exists()
 
 
-def test_bulk_signals_are_not_sent_by_plain_orm_calls(idle_queue, bulk_signals):
+def test_bulk_signals_are_not_sent_by_plain_orm_calls(bulk_signals):
     make_products(3)
     Product.objects.update(stock=2)
     Product.objects.all().delete()
     assert bulk_signals == []
 
 
-def test_post_signals_wait_for_the_callers_transaction(idle_queue, bulk_signals):
+def test_post_signals_wait_for_the_callers_transaction(bulk_signals):
     make_products(3)
     with transaction.atomic():
         ormbridge.safe_bulk_update(Product.objects.all(), stock=2)
@@ -362,24 +392,94 @@ def test_post_signals_wait_for_the_callers_transaction(idle_queue, bulk_signals)
     assert [s[0] for s in bulk_signals] == ["pre_bulk_update", "post_bulk_update"]
 
 
-def test_a_worker_killed_mid_replay_loses_nothing(start_worker, settings):
-    """SIGKILL the worker while it replays; the sweep hands the work to a new one."""
-    queue = f"kill-{uuid.uuid4().hex[:8]}"
-    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "QUEUE": queue, "REDELIVER_AFTER": 1}
+def test_a_relay_killed_mid_replay_loses_nothing(no_relay, start_worker):
+    """SIGKILL the worker while its relay replays; another relay takes the rows over
+    once their lease ran out (RELAY_LEASE, 10 s)."""
     products = make_products(3_000)
-    victim = start_worker(queue=queue, env={"ORMBRIDGE_TEST_REPLAY_DELAY": "0.002"})
-
+    mark = log_mark()
+    victim = start_worker(env={"ORMBRIDGE_TEST_REPLAY_DELAY": "0.002"})
     result = ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=1_000, stock=1)
     wait_until(lambda: len(replays.saves()) >= 200, 30, "the replay to be under way")
     victim.kill()
     replayed = len(replays.saves())
     assert 0 < replayed < 3_000
+    held = {
+        row.id: row.claimed_by
+        for row in logged_since(mark).filter(state="claimed")  # the victim's, lease running
+    }
+    assert held
     with pytest.raises(TimeoutError):
-        result.wait(timeout=1.5)  # nobody is working on it: no progress, and past REDELIVER_AFTER
+        result.wait(timeout=1.5)  # nobody is working on it: no progress
 
-    start_worker(queue=queue)
-    assert outbox.sweep().enqueued >= 1
+    start_worker()
     result.wait(timeout=60)
     saves = replays.saves()
     assert set(saves) == {p.pk for p in products}
     assert min(saves.values()) >= 1
+    for row in logged_since(mark).filter(id__in=held):
+        assert row.claimed_by != held[row.id]  # taken over by the new relay
+        assert row.attempts == 2
+
+
+HELPERS = {
+    "safe_bulk_update": lambda: ormbridge.safe_bulk_update(
+        Product.objects.all(), chunk_size=10, stock=F("stock") + 1
+    ),
+    "safe_bulk_delete": lambda: ormbridge.safe_bulk_delete(Product.objects.all(), chunk_size=10),
+    "safe_bulk_create": lambda: ormbridge.safe_bulk_create(
+        Product,
+        [
+            Product(sku=f"new-{n}", name="new", category=Category.objects.get(), price=1)
+            for n in range(35)
+        ],
+        batch_size=10,
+    ),
+    "safe_bulk_update_objects": lambda: ormbridge.safe_bulk_update_objects(
+        [Product(pk=pk, stock=7) for pk in Product.objects.values_list("pk", flat=True)],
+        ["stock"],
+        batch_size=10,
+    ),
+}
+ACTIONS = {
+    "safe_bulk_update": "update",
+    "safe_bulk_delete": "delete",
+    "safe_bulk_create": "create",
+    "safe_bulk_update_objects": "update",
+}
+
+
+@pytest.mark.parametrize("helper", list(HELPERS))
+def test_each_chunk_writes_one_change_log_row_and_the_triggers_none(no_relay, helper):
+    existing = [] if helper == "safe_bulk_create" else make_products(35)
+    if not existing:
+        Category.objects.create(name="default")
+    mark = log_mark()
+    result = HELPERS[helper]()
+    assert (result.rows, result.chunks) == (35, 4)
+    logged = list(logged_since(mark))
+    assert [row.id for row in logged] == result.batch_ids
+    assert [(row.model, row.action, row.state) for row in logged] == [
+        ("shop.product", ACTIONS[helper], "pending")
+    ] * 4
+    assert [row.rows for row in logged] == [10, 10, 10, 5]
+    pks = [pk for row in logged for pk in row.pks]
+    written = existing or result.objects
+    assert sorted(pks) == sorted(p.pk for p in written)
+
+
+@pytest.mark.parametrize("helper", list(HELPERS))
+def test_each_helper_is_delivered_by_the_relay(worker, helper):
+    existing = [] if helper == "safe_bulk_create" else make_products(35)
+    if not existing:
+        Category.objects.create(name="default")
+    mark = log_mark()
+    result = HELPERS[helper]()
+    result.wait(timeout=60)
+    logged = logged_since(mark)
+    assert list(logged.values_list("id", flat=True)) == result.batch_ids
+    assert set(logged.values_list("state", flat=True)) == {"done"}
+    written = existing or result.objects
+    if helper == "safe_bulk_delete":
+        assert replays.deletes() == {p.pk: 1 for p in written}
+    else:
+        assert replays.saves() == {p.pk: 1 for p in written}
