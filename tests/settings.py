@@ -15,6 +15,7 @@ RUN_DIR = Path(
     os.environ.setdefault("ORMBRIDGE_TEST_RUN_DIR", tempfile.mkdtemp(prefix="ormbridge-test-"))
 )
 
+
 def _free_port() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
