@@ -74,10 +74,13 @@ def tables() -> list[Table]:
     found: dict[str, Table] = {}
     for model in registry.registered_models():
         meta = model._meta
-        found[meta.db_table] = Table(meta.db_table, (Target(meta.label_lower, meta.pk.column),))
+        # django-stubs: Field.column is Optional; a primary key's column is always set.
+        column: str = meta.pk.column  # type: ignore[assignment]
+        found[meta.db_table] = Table(meta.db_table, (Target(meta.label_lower, column),))
     for model in registry.registered_models():
         for field in model._meta.many_to_many:
-            through = field.remote_field.through
+            # django-stubs: Optional; an m2m's through model is set once models are loaded.
+            through: type[models.Model] | str = field.remote_field.through  # type: ignore[assignment]
             if isinstance(through, str) or through._meta.db_table in found:
                 continue
             found[through._meta.db_table] = _through_table(through)
@@ -92,14 +95,16 @@ def _through_table(through: type[models.Model]) -> Table:
             continue
         name = next(
             (
-                f.name if f.concrete else f.get_accessor_name() or f.name
+                # mypy cannot narrow on f.concrete: the others here are ForeignObjectRel.
+                f.name if f.concrete else f.get_accessor_name() or f.name  # type: ignore[union-attr]
                 for f in end._meta.get_fields()
                 if (f.many_to_many and getattr(f.remote_field, "through", None) is through)
                 or getattr(f, "through", None) is through
             ),
             through._meta.model_name,
         )
-        targets.append(Target(end._meta.concrete_model._meta.label_lower, fk.column, name))
+        # django-stubs: concrete_model and Field.column are Optional; both are set here.
+        targets.append(Target(end._meta.concrete_model._meta.label_lower, fk.column, name))  # type: ignore[union-attr, arg-type]
     return Table(through._meta.db_table, tuple(targets), through=True)
 
 
@@ -134,29 +139,31 @@ def _postgresql(table: Table, operation: str) -> list[str]:
     name = trigger_name(table.name, operation)
     rows = "old_rows" if operation == "DELETE" else "new_rows"
     referencing = f"{'OLD' if operation == 'DELETE' else 'NEW'} TABLE AS {rows}"
-    inserts = []
+    steps = []
     for target in table.targets:
         column = f'"{target.column}"'
         fields = "NULL" if target.field is None else f"jsonb_build_array({_literal(target.field)})"
         distinct = "DISTINCT " if table.through else ""
-        inserts.append(
-            f"INSERT INTO {LOG_TABLE} ({_COLUMNS}) "
+        # Each end of an m2m table is paused on its own: a bulk helper that logs
+        # one end itself leaves the other end to the trigger.
+        steps.append(
+            f"IF paused NOT LIKE {_literal('%,' + target.label + ',%')} THEN\n"
+            f"    INSERT INTO {LOG_TABLE} ({_COLUMNS}) "
             f"SELECT {_literal(target.label)}, {_literal(table.action(operation))}, "
             f"jsonb_agg({distinct}{column}), count({distinct}{column}), {fields}, false, "
-            f"'pending', 0, now(), '', '' FROM {rows} HAVING count(*) > 0;"
+            f"'pending', 0, now(), '', '' FROM {rows} HAVING count(*) > 0;\n"
+            "    logged := logged OR FOUND;\n"
+            "  END IF;"
         )
-    pause = " OR ".join(f"paused LIKE {_literal('%,' + t.label + ',%')}" for t in table.targets)
-    body = "\n  ".join(inserts)
+    body = "\n  ".join(steps)
     return [
         f"""CREATE OR REPLACE FUNCTION "{name}"() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
   paused text := coalesce(current_setting({_literal(PAUSE_SETTING)}, true), '');
+  logged boolean := false;
 BEGIN
-  IF paused <> '' AND ({pause}) THEN
-    RETURN NULL;
-  END IF;
   {body}
-  IF FOUND THEN
+  IF logged THEN
     PERFORM pg_notify({_literal(CHANNEL)}, '');
   END IF;
   RETURN NULL;
@@ -175,17 +182,17 @@ def _sqlite(table: Table, operation: str) -> list[str]:
     for target in table.targets:
         fields = "NULL" if target.field is None else f"json_array({_literal(target.field)})"
         inserts.append(
-            f"INSERT INTO {LOG_TABLE} ({_COLUMNS}) VALUES ("
+            f"INSERT INTO {LOG_TABLE} ({_COLUMNS}) SELECT "
             f"{_literal(target.label)}, {_literal(table.action(operation))}, "
             f"json_array({row}.\"{target.column}\"), 1, {fields}, 0, 'pending', 0, "
-            f"strftime('%Y-%m-%d %H:%M:%f', 'now'), '', '');"
+            f"strftime('%Y-%m-%d %H:%M:%f', 'now'), '', '' "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {PAUSE_TABLE} "
+            f"WHERE label = {_literal(target.label)});"
         )
-    labels = ", ".join(_literal(target.label) for target in table.targets)
     body = "\n  ".join(inserts)
     return [
         f'DROP TRIGGER IF EXISTS "{name}"',
         f'CREATE TRIGGER "{name}" AFTER {operation} ON "{table.name}" FOR EACH ROW\n'
-        f"WHEN NOT EXISTS (SELECT 1 FROM {PAUSE_TABLE} WHERE label IN ({labels}))\n"
         f"BEGIN\n  {body}\nEND",
     ]
 
@@ -331,7 +338,8 @@ def pause(using: str, *paused: type[models.Model]) -> Iterator[None]:
     takes the pause with it.
     """
     connection = connections[using]
-    labels = sorted({model._meta.concrete_model._meta.label_lower for model in paused})
+    # django-stubs: concrete_model is Optional; it is set on every model class.
+    labels = sorted({model._meta.concrete_model._meta.label_lower for model in paused})  # type: ignore[union-attr]
     if not supports(connection) or not labels:
         yield
         return

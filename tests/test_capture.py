@@ -275,6 +275,20 @@ def test_a_cascading_delete_logs_every_registered_table_it_touched(no_relay):
     )
 
 
+def test_a_bulk_delete_leaves_the_other_end_of_its_m2m_links_to_the_triggers(no_relay):
+    """safe_bulk_delete logs the products itself; the tags whose links went are still logged."""
+    _, products, pks = made("shop.product", 2)
+    tag = Tag.objects.create(name=_tag(0))
+    tag.products.add(*products)
+    mark = log_mark()
+    ormbridge.safe_bulk_delete(Product.objects.filter(pk__in=pks), replay="none")
+    tag_rows = [
+        row for row in logged_since(mark) if (row.model, row.action) == ("shop.tag", "update")
+    ]
+    assert {pk for row in tag_rows for pk in row.pks} == {tag.pk}
+    assert {tuple(row.fields) for row in tag_rows} == {("products",)}
+
+
 def test_a_statement_that_changes_no_row_logs_nothing(no_relay):
     _, _, pks = made("shop.product", 2)
     mark = log_mark()
