@@ -1,19 +1,18 @@
 """manage.py ormbridge_resync: chunked, resumable, on workers or in its own process."""
 
 import signal
-import uuid
 from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
 
-from ormbridge import resync
+from ormbridge import relay, resync
 from ormbridge.cache import cached_instance, get_cache, instance_key
 from ormbridge.models import ChangeBatch, ResyncJob
 from shop.models import Product
 from tests import commands, replays
 from tests.conftest import wait_until
-from tests.factories import make_products
+from tests.factories import log_mark, logged_since, make_products
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,13 +32,36 @@ def test_an_async_resync_replays_every_row_once(worker):
     assert (job.state, job.rows_total, resync.rows_done(job)) == ("done", 50_000, 50_000)
 
 
-def test_a_sync_resync_needs_no_worker(idle_queue):
+def test_a_sync_resync_needs_no_worker(no_relay):
     products = make_products(50_000)
     output = resync_command("shop.Product", "--sync", "--chunk-size", "10000")
     assert replays.saves() == {p.pk: 1 for p in products}
-    assert idle_queue() == 0
     assert "done: 50,000 rows" in output
-    assert ResyncJob.objects.get().state == "done"
+    job = ResyncJob.objects.get()
+    assert job.state == "done"
+    # no relay runs: the command delivered its five chunks itself
+    chunks = ChangeBatch.objects.filter(job=job)
+    assert list(chunks.values_list("state", "rows")) == [("done", 10_000)] * 5
+
+
+def test_async_chunks_are_left_pending_for_any_relay(no_relay):
+    products = make_products(10)
+    output = resync_command("shop.Product", "--chunk-size", "4")
+    job = ResyncJob.objects.get()
+    chunks = ChangeBatch.objects.filter(job=job).order_by("id")
+    assert list(chunks.values_list("state", "rows", "replay")) == [
+        ("pending", 4, True),
+        ("pending", 4, True),
+        ("pending", 2, True),
+    ]
+    assert replays.saves() == {}
+    assert "on the workers" in output
+    assert job.state == "running"
+
+    assert relay.drain().failed == 0
+    assert replays.saves() == {p.pk: 1 for p in products}
+    job.refresh_from_db()
+    assert (job.state, resync.rows_done(job)) == ("done", 10)
 
 
 def test_invalidate_mode_replays_nothing_but_clears_caches(worker):
@@ -51,7 +73,7 @@ def test_invalidate_mode_replays_nothing_but_clears_caches(worker):
     assert all(get_cache().get(instance_key("shop.product", p.pk)) is None for p in products[:10])
 
 
-def test_filters_and_excludes_choose_the_rows(idle_queue):
+def test_filters_and_excludes_choose_the_rows(no_relay):
     products = make_products(30)
     Product.objects.filter(pk__in=[p.pk for p in products[:10]]).update(stock=5)
     Product.objects.filter(pk=products[0].pk).update(name="skip me")
@@ -60,22 +82,23 @@ def test_filters_and_excludes_choose_the_rows(idle_queue):
     assert set(replays.saves()) == {p.pk for p in products[1:10]}
 
 
-def test_pk_lookups_and_lists_are_converted(idle_queue):
+def test_pk_lookups_and_lists_are_converted(no_relay):
     products = make_products(10)
     first, second = products[0].pk, products[1].pk
     resync_command("shop.Product", "--sync", "--filter", f"pk__in={first},{second}")
     assert set(replays.saves()) == {first, second}
 
 
-def test_dry_run_counts_and_changes_nothing(idle_queue):
+def test_dry_run_counts_and_changes_nothing(no_relay):
     make_products(12_345)
+    mark = log_mark()
     output = resync_command("shop.Product", "--dry-run", "--chunk-size", "5000")
     assert "shop.product: 12,345 rows in 3 chunks of 5,000" in output
     assert not ResyncJob.objects.exists()
-    assert not ChangeBatch.objects.exists()
+    assert not logged_since(mark).exists()
 
 
-def test_a_second_job_on_the_same_model_is_refused(idle_queue):
+def test_a_second_job_on_the_same_model_is_refused(no_relay):
     make_products(10)
     running = resync.start(resync.select(["shop.Product"]))
     with pytest.raises(CommandError, match=f"resync job {running.pk} is running on shop.product"):
@@ -84,14 +107,14 @@ def test_a_second_job_on_the_same_model_is_refused(idle_queue):
     assert ResyncJob.objects.count() == 2
 
 
-def test_progress_is_printed_as_lines_when_not_a_terminal(idle_queue):
+def test_progress_is_printed_as_lines_when_not_a_terminal(no_relay):
     make_products(100)
     err = StringIO()
     call_command("ormbridge_resync", "shop.Product", "--sync", stdout=StringIO(), stderr=err)
     assert "100 / 100 rows replayed (100%)" in err.getvalue()
 
 
-def test_no_progress_prints_nothing_on_stderr(idle_queue):
+def test_no_progress_prints_nothing_on_stderr(no_relay):
     make_products(100)
     err = StringIO()
     call_command("ormbridge_resync", "shop.Product", "--sync", "--no-progress",
@@ -104,7 +127,7 @@ def done_chunk_pks(job_id: int) -> set[int]:
     return {int(pk) for pks in done.values_list("pks", flat=True) for pk in pks}
 
 
-def test_a_killed_sync_resync_is_finished_by_resume(idle_queue):
+def test_a_killed_sync_resync_is_finished_by_resume(no_relay):
     products = make_products(6_000)
     command = commands.manage(
         "ormbridge_resync", "shop.Product", "--sync", "--chunk-size", "1000", "--no-progress",
@@ -125,11 +148,10 @@ def test_a_killed_sync_resync_is_finished_by_resume(idle_queue):
     assert ResyncJob.objects.get().state == "done"
 
 
-def test_a_job_whose_worker_was_killed_is_finished_by_resume(start_worker, settings):
-    queue = f"resync-{uuid.uuid4().hex[:8]}"
-    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "QUEUE": queue}
+def test_a_job_whose_relay_was_killed_is_finished_by_resume(no_relay, start_worker):
+    """Chunks the killed relay held are taken over once their lease (RELAY_LEASE) ran out."""
     products = make_products(6_000)
-    victim = start_worker(queue=queue, env={"ORMBRIDGE_TEST_REPLAY_DELAY": "0.0005"})
+    victim = start_worker(env={"ORMBRIDGE_TEST_REPLAY_DELAY": "0.0005"})
     resync_command("shop.Product", "--chunk-size", "1000")
     wait_until(lambda: len(replays.saves()) >= 2_500, 60, "a few chunks to be replayed")
     victim.kill()
@@ -137,7 +159,7 @@ def test_a_job_whose_worker_was_killed_is_finished_by_resume(start_worker, setti
     finished = done_chunk_pks(job.pk)
     assert 0 < len(finished) < 6_000
 
-    start_worker(queue=queue)
+    start_worker()
     resync_command("--resume", str(job.pk), "--wait")
     saves = replays.saves()
     assert set(saves) == {p.pk for p in products}
@@ -145,7 +167,7 @@ def test_a_job_whose_worker_was_killed_is_finished_by_resume(start_worker, setti
     assert ResyncJob.objects.get().state == "done"
 
 
-def test_ctrl_c_marks_the_job_interrupted_and_resume_finishes_it(idle_queue):
+def test_ctrl_c_marks_the_job_interrupted_and_resume_finishes_it(no_relay):
     make_products(3_000)
     command = commands.manage(
         "ormbridge_resync", "shop.Product", "--sync", "--chunk-size", "500", "--no-progress",
@@ -180,8 +202,9 @@ BAD_ARGUMENTS = [
 
 
 @pytest.mark.parametrize("arguments,message", BAD_ARGUMENTS)
-def test_bad_input_exits_non_zero_with_one_line_and_changes_nothing(idle_queue, arguments, message):
+def test_bad_input_exits_non_zero_with_one_line_and_changes_nothing(no_relay, arguments, message):
     make_products(5)
+    mark = log_mark()
     done = commands.run("ormbridge_resync", *arguments)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
@@ -189,7 +212,7 @@ def test_bad_input_exits_non_zero_with_one_line_and_changes_nothing(idle_queue, 
     assert lines[0].startswith("CommandError: ")
     assert message in lines[0]
     assert not ResyncJob.objects.exists()
-    assert not ChangeBatch.objects.exists()
+    assert not logged_since(mark).exists()
     assert replays.saves() == {}
 
 
@@ -202,7 +225,7 @@ def test_help_documents_every_option_with_an_example():
     assert "manage.py ormbridge_resync --resume 12 --wait" in done.stdout
 
 
-def test_resync_all_covers_every_registered_model(idle_queue):
+def test_resync_all_covers_every_registered_model(no_relay):
     products = make_products(5)
     resync_command("--all", "--sync")
     assert set(replays.saves()) == {p.pk for p in products}
