@@ -1,10 +1,14 @@
 """The admin lists the change log and resync jobs read-only, with a retry action."""
 
+import base64
+import json
+import uuid
+
 import pytest
 from django.contrib.auth.models import User
 from django.urls import reverse
 
-from ormbridge import resync
+from ormbridge import relay, resync
 from ormbridge.models import ChangeBatch, ResyncJob
 from tests.factories import make_products
 
@@ -18,7 +22,7 @@ def admin_client(client):
     return client
 
 
-def test_failed_batches_are_listed_and_retried(admin_client, idle_queue):
+def test_failed_batches_are_listed_and_retried(admin_client, no_relay):
     failed = ChangeBatch.objects.create(
         model="shop.product", action="update", pks=[1], state="failed", attempts=5,
         last_error="receiver exploded",
@@ -29,8 +33,10 @@ def test_failed_batches_are_listed_and_retried(admin_client, idle_queue):
     assert b"receiver exploded" in page.content
     admin_client.post(url, {"action": "retry", "_selected_action": [failed.pk]})
     failed.refresh_from_db()
-    assert (failed.state, failed.attempts) == ("enqueued", 1)
-    assert idle_queue() == 1
+    assert (failed.state, failed.attempts, failed.lease_until) == ("pending", 0, None)
+    assert relay.drain().batches == 1  # handed back to the relays
+    failed.refresh_from_db()
+    assert failed.state == "done"
 
 
 def test_the_change_log_cannot_be_edited_in_the_admin(admin_client):
@@ -41,12 +47,22 @@ def test_the_change_log_cannot_be_edited_in_the_admin(admin_client):
     assert admin_client.get(reverse("admin:ormbridge_changebatch_add")).status_code == 403
 
 
-def test_an_interrupted_job_is_resumed_on_the_workers(admin_client, idle_queue):
+def test_an_interrupted_job_is_resumed_on_the_workers(admin_client, settings, broker):
+    queue = f"idle-{uuid.uuid4().hex[:8]}"  # no worker consumes it: the message stays
+    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "QUEUE": queue}
     make_products(3)
     job = resync.start(resync.select(["shop.Product"]))
     resync.interrupt(job, "interrupted")
     url = reverse("admin:ormbridge_resyncjob_changelist")
     assert b"interrupted" in admin_client.get(url).content
-    admin_client.post(url, {"action": "retry", "_selected_action": [job.pk]})
-    assert idle_queue() == 1
+    try:
+        admin_client.post(url, {"action": "retry", "_selected_action": [job.pk]})
+        [message] = [json.loads(raw) for raw in broker.lrange(queue, 0, -1)]
+    finally:
+        broker.delete(queue)
+    assert message["headers"]["task"] == "ormbridge.resume_resync"
+    body = message["body"]
+    if message["properties"].get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    assert json.loads(body)[0] == [job.pk]  # the task's args
     assert ResyncJob.objects.get().state == "interrupted"
