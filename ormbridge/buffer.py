@@ -201,7 +201,8 @@ def invalidate(model: type[models.Model], pks: Iterable[object] | None = None) -
         LookupError: the model is not registered with ormbridge.
     """
     registry.options(model)
-    label = model._meta.concrete_model._meta.label_lower
+    # django-stubs: concrete_model is Optional; it is set on every model class.
+    label = model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]
     using = router.db_for_write(model)
     values = None if pks is None else [model._meta.pk.get_prep_value(pk) for pk in pks]
     ChangeBatch.objects.using(using).create(

@@ -212,13 +212,14 @@ def safe_bulk_create(
     _check_common(name, model, using, replay, batch_size, allow_unregistered)
     objs = list(objs)
     _check_objects(name, model, objs, need_pk=False)
-    result = BulkResult(model, using, objects=[])
+    created_objects: list[Any] = []
+    result = BulkResult(model, using, objects=created_objects)
     empty: frozenset[str] = frozenset()
 
     def write(batch: list[M]) -> tuple[list[Any], list[int]]:
         with capture.pause(using, model):
             created = model._base_manager.using(using).bulk_create(batch)
-        result.objects.extend(created)
+        created_objects.extend(created)
         pks = [obj.pk for obj in created]
         return pks, [_log(model, "create", pks, None, replay, using)]
 
@@ -246,7 +247,8 @@ def safe_bulk_update_objects(
     objs = list(objs)
     if not objs:
         raise ValueError(f"{name}(): no objects given.")
-    model = type(objs[0])._meta.concrete_model
+    # django-stubs: Options.concrete_model is Optional; it is set on every model class.
+    model: type[models.Model] = type(objs[0])._meta.concrete_model  # type: ignore[assignment]
     using = router.db_for_write(model)
     _check_common(name, model, using, replay, batch_size, allow_unregistered)
     _check_objects(name, model, objs, need_pk=True)
@@ -388,11 +390,13 @@ def _compile_update(
     queryset: models.QuerySet[Any], values: dict[str, Any], using: str
 ) -> tuple[str, tuple[Any, ...]]:
     """The SQL ``queryset.update(**values)`` would run (as ``QuerySet.update`` builds it)."""
-    query = queryset.query.chain(sql.UpdateQuery)
+    # django-stubs: Query.chain(klass) -> Query; it returns a klass instance.
+    query: sql.UpdateQuery = queryset.query.chain(sql.UpdateQuery)  # type: ignore[assignment]
     query.add_update_values(values)
     query.order_by = ()
     query.annotations = {}
-    return query.get_compiler(using).as_sql()
+    compiled: tuple[str, tuple[Any, ...]] = query.get_compiler(using).as_sql()
+    return compiled
 
 
 def _log(
@@ -448,9 +452,9 @@ class _Collector(Collector):
 
     def __init__(self, using: str, origin: Any = None) -> None:
         super().__init__(using, origin)
-        self.updates: list[tuple[models.Field, Any, Any]] = []
+        self.updates: list[tuple[models.Field[Any, Any], Any, Any]] = []
 
-    def add_field_update(self, field: models.Field, value: Any, objs: Any) -> None:
+    def add_field_update(self, field: models.Field[Any, Any], value: Any, objs: Any) -> None:
         self.updates.append((field, value, objs))
 
 
@@ -475,8 +479,8 @@ def _delete_collected(
     collector.sort()
     deleted: list[Any] = []
     for victim, instances in collector.data.items():
-        rows = sorted(instances, key=lambda obj: obj.pk)
-        pks = [obj.pk for obj in rows]
+        ordered = sorted(instances, key=lambda obj: obj.pk)
+        pks = [obj.pk for obj in ordered]
         listened = post_delete.has_listeners(victim)
         if registry.is_registered(victim) or listened:
             batch_ids.append(
@@ -487,7 +491,7 @@ def _delete_collected(
                     None,
                     replay,
                     using,
-                    snapshot=take_snapshot(victim, rows),
+                    snapshot=take_snapshot(victim, ordered),
                     wants_replay=listened,
                 )
             )
@@ -501,7 +505,8 @@ def _delete_collected(
 
 
 def _write_alias(queryset: models.QuerySet[Any]) -> str:
-    return queryset._db or router.db_for_write(queryset.model)
+    # QuerySet._db (the alias given to .using()) is not in django-stubs.
+    return queryset._db or router.db_for_write(queryset.model)  # type: ignore[attr-defined]
 
 
 def _check_common(

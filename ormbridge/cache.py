@@ -58,7 +58,7 @@ def cached_instance(model: type[M], pk: Any) -> M:
         logger.warning("ormbridge: Redis unreachable, reading %s from the database: %s", label, exc)
         return model._default_manager.get(pk=pk)
     cache = get_cache()
-    hit = cache.get(entry_key)
+    hit: tuple[list[str], M] | None = cache.get(entry_key)
     if hit is not None and hit[0] == tokens:
         return hit[1]
     obj = model._default_manager.get(pk=pk)
@@ -85,7 +85,7 @@ def cached_queryset(queryset: models.QuerySet[Any]) -> list[Any]:
         logger.warning("ormbridge: Redis unreachable, reading the database: %s", exc)
         return list(queryset.all())
     cache = get_cache()
-    hit = cache.get(entry_key)
+    hit: tuple[list[str], list[Any]] | None = cache.get(entry_key)
     if hit is not None and hit[0] == tokens:
         return hit[1]
     rows = list(queryset.all())  # a fresh clone: the queryset may hold old results
@@ -165,7 +165,8 @@ def _table_owners() -> dict[str, tuple[str, ...]]:
     for model in apps.get_models(include_auto_created=True):
         meta = model._meta
         if meta.auto_created:
-            ends = {f.related_model._meta.label_lower for f in meta.fields if f.is_relation}
+            # django-stubs: related_model is Optional; it is set on relation fields.
+            ends = {f.related_model._meta.label_lower for f in meta.fields if f.is_relation}  # type: ignore[union-attr]
             owners[meta.db_table] = tuple(sorted(ends))
         elif not meta.proxy:
             owners[meta.db_table] = (meta.label_lower,)

@@ -84,7 +84,7 @@ def _check_cache() -> list[checks.CheckMessage]:
 
 
 def _check_numbers() -> list[checks.CheckMessage]:
-    errors = []
+    errors: list[checks.CheckMessage] = []
     rules = {
         "FLUSH_DELAY": (settings.FLUSH_DELAY, 0, "a number of seconds >= 0"),
         "FLUSH_BATCH_SIZE": (settings.FLUSH_BATCH_SIZE, 1, "a whole number >= 1"),
@@ -123,7 +123,7 @@ def _check_numbers() -> list[checks.CheckMessage]:
 
 
 def _check_names() -> list[checks.CheckMessage]:
-    errors = []
+    errors: list[checks.CheckMessage] = []
     for name in ("KEY_PREFIX", "QUEUE"):
         value = getattr(settings, name)
         if not isinstance(value, str) or not value or any(c.isspace() for c in value):
@@ -149,7 +149,7 @@ def _check_models() -> list[checks.CheckMessage]:
                 id="ormbridge.E006",
             )
         ]
-    errors = []
+    errors: list[checks.CheckMessage] = []
     for label in entries:
         try:
             _check_model(apps.get_model(label))
@@ -173,7 +173,7 @@ def _check_emitters() -> list[checks.CheckMessage]:
                 id="ormbridge.E007",
             )
         ]
-    errors = []
+    errors: list[checks.CheckMessage] = []
     for path in paths:
         try:
             import_string(path)

@@ -8,154 +8,161 @@ in :mod:`ormbridge.checks`; this module never raises for a bad value.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from django.conf import settings as django_settings
 
+T = TypeVar("T")
 
-class _Setting:
+
+class _Setting(Generic[T]):
     """A key of ``settings.ORMBRIDGE`` with its default and documentation."""
 
-    def __init__(self, default: Any, doc: str) -> None:
+    def __init__(self, default: T, doc: str) -> None:
         self.default = default
         self.__doc__ = doc
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, instance: object, owner: type) -> Any:
+    @overload
+    def __get__(self, instance: None, owner: type) -> _Setting[T]: ...
+    @overload
+    def __get__(self, instance: object, owner: type) -> T: ...
+    def __get__(self, instance: object | None, owner: type) -> _Setting[T] | T:
         if instance is None:
             return self
         user = getattr(django_settings, "ORMBRIDGE", None)
         if isinstance(user, dict) and self.name in user:
-            return user[self.name]
+            value: T = user[self.name]  # the user's value, unchecked (see ormbridge.checks)
+            return value
         return self.default
 
 
 class Settings:
     """Typed, lazily read view of ``settings.ORMBRIDGE``."""
 
-    REDIS_URL: str = _Setting(
+    REDIS_URL: _Setting[str] = _Setting(
         "redis://127.0.0.1:6379/0",
         "Redis server holding cache tokens, event streams and statistics: a cache of "
         "the change log, which may be lost or restored at any time. Any URL redis-py "
         "accepts (redis://, rediss://, unix://). Connect and socket timeouts default "
         "to 2 s and 5 s unless the URL sets them.",
     )
-    KEY_PREFIX: str = _Setting(
+    KEY_PREFIX: _Setting[str] = _Setting(
         "ormbridge",
         "Prefix of every Redis key and cache key ormbridge writes.",
     )
-    CACHE_ALIAS: str = _Setting(
+    CACHE_ALIAS: _Setting[str] = _Setting(
         "default",
         "Alias in ``settings.CACHES`` of the cache that holds cached instances "
         "and querysets. Must be shared by web processes and workers (not "
         "LocMemCache).",
     )
-    CACHE_TIMEOUT: int | None = _Setting(
+    CACHE_TIMEOUT: _Setting[int | None] = _Setting(
         3600,
         "Seconds a cached instance or queryset is kept; None keeps it until "
         "invalidated. A model may override it with ``register(cache_timeout=...)``.",
     )
-    FLUSH_DELAY: float = _Setting(
+    FLUSH_DELAY: _Setting[float] = _Setting(
         0.05,
         "Seconds the relay waits after a wake-up before it claims change-log rows, so a "
         "burst of commits is delivered as one batch. Readers through the cache API do not "
         "wait for it: the committing process invalidates at commit.",
     )
-    FLUSH_BATCH_SIZE: int = _Setting(
+    FLUSH_BATCH_SIZE: _Setting[int] = _Setting(
         1000,
         "Rows handled per Redis round trip and per event when delivering.",
     )
-    QUEUE: str = _Setting(
+    QUEUE: _Setting[str] = _Setting(
         "ormbridge",
         "Celery queue ormbridge's tasks (resync, sweep) are sent to. Run a worker with "
         "``-Q ormbridge`` (plus your own queues).",
     )
-    MODELS: list[str] = _Setting(
+    MODELS: _Setting[list[str]] = _Setting(
         [],
         'Models to register at start-up, as ``"app_label.ModelName"`` strings.',
     )
-    RELAY: bool = _Setting(
+    RELAY: _Setting[bool] = _Setting(
         True,
         "Run the relay in every Celery worker process of the project: it claims "
         "undelivered change-log rows and delivers them. False: run it yourself "
         "(``ormbridge.relay.Relay``) or not at all.",
     )
-    RELAY_BATCH: int = _Setting(
+    RELAY_BATCH: _Setting[int] = _Setting(
         500,
         "Change-log rows the relay claims at once (each may hold many rows' pks).",
     )
-    RELAY_LEASE: float = _Setting(
+    RELAY_LEASE: _Setting[float] = _Setting(
         10.0,
         "Seconds a relay's claim on change-log rows lasts unless renewed; a relay "
         "renews its claims while it works, so rows of a killed relay are taken over "
         "this long after it died.",
     )
-    RELAY_POLL: float = _Setting(
+    RELAY_POLL: _Setting[float] = _Setting(
         0.2,
         "Seconds between the relay's looks at the change log when nothing wakes it "
         "(on PostgreSQL the capture triggers' NOTIFY wakes it at once).",
     )
-    LOG_RETENTION: float = _Setting(
+    LOG_RETENTION: _Setting[float] = _Setting(
         86_400,
         "Seconds a delivered change-log row is kept before ``sweep`` deletes it.",
     )
-    COMMIT_TIMEOUT: float = _Setting(
+    COMMIT_TIMEOUT: _Setting[float] = _Setting(
         0.05,
         "Redis connect and socket timeout, in seconds, of the invalidation a committing "
         "process makes itself: the longest a hung Redis can delay a commit.",
     )
-    BREAKER_COOLDOWN: float = _Setting(
+    BREAKER_COOLDOWN: _Setting[float] = _Setting(
         5.0,
         "After Redis failed at a commit, seconds during which commits skip it (the "
         "change log still carries every change to the relay).",
     )
-    BULK_CHUNK_SECONDS: float = _Setting(
+    BULK_CHUNK_SECONDS: _Setting[float] = _Setting(
         0.2,
         "Target duration of one chunk's transaction in the ``safe_bulk_*`` helpers when "
         "no chunk size is given: chunks grow or shrink towards it (short row locks, "
         "few round trips).",
     )
-    MAX_ATTEMPTS: int = _Setting(
+    MAX_ATTEMPTS: _Setting[int] = _Setting(
         5,
         "Times the relay tries to deliver a change-log row before giving up on it "
         "(state ``failed``, error kept; retry it from the admin).",
     )
-    SWEEP_INTERVAL: int = _Setting(
+    SWEEP_INTERVAL: _Setting[int] = _Setting(
         60,
         "Seconds between runs of ``sweep`` (prune the change log, deliver what no "
         "relay took) in the schedule ``manage.py ormbridge_schedule`` installs.",
     )
-    STATUS_MAX_PENDING_AGE: int = _Setting(
+    STATUS_MAX_PENDING_AGE: _Setting[int] = _Setting(
         600,
         "``manage.py ormbridge_status`` exits non-zero when the oldest undelivered "
         "change-log row is older than this many seconds.",
     )
-    EMITTERS: list[str] = _Setting(
+    EMITTERS: _Setting[list[str]] = _Setting(
         ["ormbridge.broadcast.RedisStreamEmitter"],
         "Dotted paths of the classes that receive change events (one per batch and "
         "namespace): ``ormbridge.broadcast.RedisStreamEmitter`` (feeds the events "
         "endpoint), ``ormbridge.broadcast.LoggingEmitter``, "
         "``ormbridge.contrib.pusher.PusherEmitter``.",
     )
-    PUSHER: dict | None = _Setting(
+    PUSHER: _Setting[dict[str, Any] | None] = _Setting(
         None,
         "Keyword arguments of ``pusher.Pusher`` (``app_id``, ``key``, ``secret``, "
         "``cluster`` …) for ``ormbridge.contrib.pusher.PusherEmitter``, plus an optional "
         "``channel_prefix`` (default ``private-``).",
     )
-    EVENTS_MAXLEN: int = _Setting(
+    EVENTS_MAXLEN: _Setting[int] = _Setting(
         10_000,
         "Events kept per namespace stream (approximately): how far back a reconnecting "
         "client can resume with ``Last-Event-ID``.",
     )
-    EVENTS_PERMISSION: str | None = _Setting(
+    EVENTS_PERMISSION: _Setting[str | None] = _Setting(
         None,
         "Dotted path of ``f(request, namespace) -> bool`` deciding who may subscribe to a "
         "namespace. None: an authenticated user with the model's ``view`` permission.",
     )
-    EVENTS_HEARTBEAT: float = _Setting(
+    EVENTS_HEARTBEAT: _Setting[float] = _Setting(
         15.0,
         "Seconds between heartbeat comments on an idle events stream.",
     )

@@ -91,19 +91,21 @@ def _check_model(model: object) -> None:
     if meta.proxy:
         raise TypeError(
             f"ormbridge.register(): {meta.label} is a proxy; register its concrete model "
-            f"{meta.concrete_model._meta.label} (its proxies are covered)."
+            # django-stubs: concrete_model is Optional; it is set on every model class.
+            f"{meta.concrete_model._meta.label} (its proxies are covered)."  # type: ignore[union-attr]
         )
     if meta.swapped:
         raise TypeError(f"ormbridge.register(): {meta.label} is swapped out for {meta.swapped}.")
 
 
 def is_registered(model: type[models.Model]) -> bool:
-    return model._meta.concrete_model._meta.label_lower in _registry
+    # django-stubs: concrete_model is Optional; it is set on every model class.
+    return model._meta.concrete_model._meta.label_lower in _registry  # type: ignore[union-attr]
 
 
 def options(model: type[models.Model]) -> Options:
     """Options of a registered model. Raises ``LookupError`` if it is not registered."""
-    label = model._meta.concrete_model._meta.label_lower
+    label = model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]  # see above
     try:
         return _registry[label]
     except KeyError:

@@ -117,7 +117,8 @@ def deliver(batches: list[ChangeBatch], using: str) -> DrainResult:
     for (label, action, fields), group in merged.items():
         try:
             model = apps.get_model(label)
-            pks = _unique(model, (pk for batch in group for pk in batch.pks))
+            # Batches with pks=None were delivered alone above; mypy cannot see it.
+            pks = _unique(model, (pk for batch in group for pk in batch.pks))  # type: ignore[union-attr]
             if registry.is_registered(model):
                 result.flush.add(flush.flush(model, action, pks, _list(fields)))
         except Exception as exc:

@@ -46,7 +46,7 @@ def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
     }
     triggers = _triggers()
     last_flushes = _last_flushes(labels) if services["redis"]["ok"] else {}
-    models = []
+    models: list[dict[str, Any]] = []
     for label in sorted(by_state):
         counts = {state: by_state[label].get(state, 0) for state in UNDELIVERED}
         age = (now - oldest[label]).total_seconds() if label in oldest else None

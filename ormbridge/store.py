@@ -55,15 +55,16 @@ def _client(url: str, connect_timeout: float, timeout: float) -> Client:
     holder: list[Client] = []
 
     def on_connect(connection: AbstractConnection) -> None:
-        connection.on_connect()
-        connection.send_command("INFO", "server")
+        connection.on_connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+        connection.send_command("INFO", "server")  # type: ignore[no-untyped-call]  # same
         info = connection.read_response()
         text = info.decode() if isinstance(info, bytes) else str(info)
         for line in text.splitlines():
             if line.startswith("run_id:"):
                 holder[0].run_id = line.partition(":")[2].strip()
 
-    client = Client.from_url(
+    # redis-py annotates from_url as -> "Redis" but returns cls(...), here a Client.
+    client: Client = Client.from_url(  # type: ignore[assignment]
         url,
         socket_connect_timeout=connect_timeout,
         socket_timeout=timeout,

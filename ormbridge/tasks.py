@@ -41,7 +41,7 @@ def resume_resync(job_id: int) -> None:
 PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0, "interval_max": 0.1}
 
 
-def enqueue(task: Task, *args: Any) -> None:
+def enqueue(task: Task[..., Any], *args: Any) -> None:
     """Send ``task`` to ``ORMBRIDGE["QUEUE"]``.
 
     Raises kombu's ``OperationalError`` when the broker cannot be reached.

@@ -4,7 +4,7 @@ from typing import Any
 
 from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, connections, models
 
 from ormbridge import capture, registry
 
@@ -71,7 +71,7 @@ class Command(BaseCommand):
 
     def _label(self, text: str) -> str:
         try:
-            model = apps.get_model(text)
+            model: type[models.Model] = apps.get_model(text)
         except (LookupError, ValueError):
             raise CommandError(f"unknown model {text!r}; use app_label.ModelName.") from None
         if not registry.is_registered(model):
