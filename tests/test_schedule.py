@@ -3,14 +3,16 @@
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
-from ormbridge import outbox, schedule
-from ormbridge.models import ChangeBatch
+from ormbridge import schedule, tasks
+from ormbridge.models import ChangeBatch, ResyncJob
 from tests.conftest import ROOT, RUN_DIR, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -27,20 +29,27 @@ def test_schedule_twice_leaves_one_row_per_task(settings):
 
 
 def test_the_beat_schedule_dict_matches(settings):
-    assert schedule.beat_schedule()["ormbridge.sweep_outbox"] == {
-        "task": "ormbridge.sweep_outbox",
-        "schedule": 60.0,
-        "options": {"queue": "ormbridge"},
+    assert schedule.beat_schedule() == {
+        "ormbridge.sweep": {
+            "task": "ormbridge.sweep",
+            "schedule": 60.0,
+            "options": {"queue": "ormbridge"},
+        }
     }
 
 
-def test_beat_with_the_database_scheduler_runs_sweep_outbox(worker, settings, django_db_blocker):
+def test_beat_with_the_database_scheduler_runs_the_sweep(worker, settings):
     from django.db import connection
 
     settings.ORMBRIDGE = {**settings.ORMBRIDGE, "SWEEP_INTERVAL": 1}
     schedule.install()
-    batch = ChangeBatch.objects.create(model="shop.product", action="invalidate", pks=[1])
+    # only the sweep deletes delivered rows past LOG_RETENTION (the relays never do)
+    old = ChangeBatch.objects.create(
+        model="shop.product", action="invalidate", pks=[1], state="done",
+        finished_at=timezone.now() - timedelta(days=2),
+    )  # fmt: skip
     log = RUN_DIR / "beat.log"
+    log.unlink(missing_ok=True)
     beat = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "example", "beat", "-S",
          "django_celery_beat.schedulers:DatabaseScheduler", "--max-interval", "1",
@@ -51,20 +60,57 @@ def test_beat_with_the_database_scheduler_runs_sweep_outbox(worker, settings, dj
              "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "example")])},
     )  # fmt: skip
     try:
-        wait_until(lambda: ChangeBatch.objects.get(pk=batch.pk).state == "done", 60, "beat's sweep")
+        wait_until(lambda: not ChangeBatch.objects.filter(pk=old.pk).exists(), 60, "beat's sweep")
     finally:
         beat.terminate()
         beat.wait(30)
-    assert "ormbridge.sweep_outbox" in log.read_text()
+    assert "ormbridge.sweep" in log.read_text()
 
 
-def test_sweep_gives_up_after_max_attempts(idle_queue, settings):
-    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "MAX_ATTEMPTS": 3}
-    batch = ChangeBatch.objects.create(
-        model="shop.product", action="update", pks=[1], attempts=3, last_error="boom"
+def log_row(state: str = "pending", **fields) -> ChangeBatch:
+    return ChangeBatch.objects.create(
+        model="shop.product", action="update", pks=[1], rows=1, state=state, **fields
     )
-    result = outbox.sweep()
-    batch.refresh_from_db()
-    assert (result.failed, result.enqueued) == (1, 0)
-    assert (batch.state, batch.last_error) == ("failed", "boom")
-    assert idle_queue() == 0
+
+
+def test_sweep_gives_up_after_max_attempts(no_relay, settings):
+    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "MAX_ATTEMPTS": 3}
+    spent = log_row(attempts=3, last_error="boom")
+    last_try = log_row(attempts=2, last_error="boom")
+    tasks.sweep()
+    spent.refresh_from_db()
+    last_try.refresh_from_db()
+    assert (spent.state, spent.attempts, spent.last_error) == ("failed", 3, "boom")
+    assert (last_try.state, last_try.attempts, last_try.last_error) == ("done", 3, "")
+
+
+def test_sweep_prunes_old_delivered_rows_and_delivers_what_no_relay_took(no_relay, settings):
+    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "LOG_RETENTION": 60}
+    now = timezone.now()
+    job = ResyncJob.objects.create(labels=["shop.product"], chunk_size=10)
+    old = log_row("done", finished_at=now - timedelta(seconds=120))
+    recent = log_row("done", finished_at=now - timedelta(seconds=10))
+    old_chunk = log_row("done", finished_at=now - timedelta(seconds=120), job=job)
+    pending = log_row()
+    abandoned = log_row(  # a relay died holding it: its lease ran out
+        "claimed", claimed_by="dead relay", attempts=1, lease_until=now - timedelta(seconds=1)
+    )
+    held = log_row(  # a live relay holds it
+        "claimed", claimed_by="live relay", attempts=1, lease_until=now + timedelta(seconds=60)
+    )
+    failed = log_row("failed", attempts=5, last_error="boom")
+
+    tasks.sweep()
+
+    assert not ChangeBatch.objects.filter(pk=old.pk).exists()
+    states = dict(ChangeBatch.objects.values_list("id", "state"))
+    assert states == {
+        recent.pk: "done",
+        old_chunk.pk: "done",  # a resync job's chunks stay: they are its progress
+        pending.pk: "done",
+        abandoned.pk: "done",
+        held.pk: "claimed",
+        failed.pk: "failed",
+    }
+    assert ChangeBatch.objects.get(pk=held.pk).claimed_by == "live relay"
+    assert ChangeBatch.objects.get(pk=abandoned.pk).attempts == 2
