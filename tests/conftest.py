@@ -18,8 +18,8 @@ import redis
 from django.db import connection
 
 from ormbridge import store
-from tests import settings
 from ormbridge.cache import get_cache
+from tests import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = Path(os.environ["ORMBRIDGE_TEST_RUN_DIR"])

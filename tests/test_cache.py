@@ -55,7 +55,9 @@ def test_invalidating_a_model_reloads_all_its_instances(no_relay, django_assert_
         assert [cached_instance(Product, p.pk).stock for p in products] == [9, 9, 9]
 
 
-def test_a_cached_queryset_is_served_until_its_model_changes_by_any_writer(no_relay, django_assert_num_queries):
+def test_a_cached_queryset_is_served_until_its_model_changes_by_any_writer(
+    no_relay, django_assert_num_queries
+):
     make_products(2)
     query = Product.objects.order_by("pk")
     assert len(cached_queryset(query)) == 2
