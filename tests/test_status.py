@@ -1,6 +1,7 @@
 """manage.py ormbridge_status: what the pipeline is doing, as text or JSON, as a health check."""
 
 import json
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -8,10 +9,10 @@ import jsonschema
 import pytest
 from django.utils import timezone
 
-from ormbridge import store
+from ormbridge import capture
 from ormbridge.models import ChangeBatch
 from tests import commands
-from tests.factories import make_products
+from tests.factories import make_products, wait_delivered
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,29 +26,72 @@ def status_json(*extra: str):
 
 def test_json_status_validates_against_the_documented_shape(worker):
     make_products(3)[0].save()
-    ChangeBatch.objects.create(model="shop.product", action="update", pks=[1], rows=1,
-                               state="done")  # fmt: skip
+    wait_delivered()
     done, report = status_json()
     jsonschema.validate(report, SCHEMA)
-    assert done.returncode == 0
-    assert report["healthy"] is True
+    assert done.returncode == 0, done.stderr
+    assert (report["healthy"], report["problems"]) == (True, [])
     assert report["services"]["redis"]["ok"] and report["services"]["broker"]["ok"]
     assert report["services"]["workers"]["ok"]
     product = next(m for m in report["models"] if m["model"] == "shop.product")
-    assert product["change_log"]["done"] == 1
+    assert product["registered"] is True
+    assert product["triggers"] == "installed"
+    assert product["change_log"] == {"pending": 0, "claimed": 0, "failed": 0}
+    assert product["oldest_undelivered_age"] is None
+    assert product["last_flush"] is not None  # the relay delivered the save
 
 
-def test_with_redis_stopped_status_still_answers_and_says_so(idle_queue, redis_servers):
+def test_undelivered_rows_are_counted_by_state(no_relay):
+    [product] = make_products(1)
+    product.save()
+    ChangeBatch.objects.create(model="shop.product", action="update", pks=[1], state="claimed",
+                               claimed_by="a relay", lease_until=timezone.now())  # fmt: skip
+    ChangeBatch.objects.create(model="shop.product", action="update", pks=[1], state="done")
+    pending = ChangeBatch.objects.filter(model="shop.product", state="pending").count()
+    done, report = status_json()
+    jsonschema.validate(report, SCHEMA)
+    product = next(m for m in report["models"] if m["model"] == "shop.product")
+    assert product["change_log"] == {"pending": pending, "claimed": 1, "failed": 0}
+    assert pending >= 2  # the insert and the save
+    assert product["oldest_undelivered_age"] >= 0
+    assert done.returncode == 0
+
+
+def test_with_redis_stopped_status_still_answers_and_says_so(no_relay, redis_servers):
     redis_servers["ormbridge"].stop()
     done, report = status_json()
     jsonschema.validate(report, SCHEMA)
     assert report["services"]["redis"]["ok"] is False
     assert "Error" in report["services"]["redis"]["error"]
-    assert all(m["pending_invalidations"] is None for m in report["models"])
+    assert all(m["last_flush"] is None for m in report["models"])
     assert done.returncode == 0  # Redis being down is reported, the change log is healthy
 
 
-def test_failed_rows_make_it_exit_non_zero(idle_queue):
+@pytest.fixture
+def product_triggers_uninstalled():
+    capture.uninstall("default", ["shop.product"])
+    try:
+        yield
+    finally:
+        capture.install("default")
+
+
+def test_a_registered_table_without_triggers_makes_it_exit_non_zero(product_triggers_uninstalled):
+    done, report = status_json()
+    jsonschema.validate(report, SCHEMA)
+    assert done.returncode == 1
+    product = next(m for m in report["models"] if m["model"] == "shop.product")
+    assert product["triggers"] == "missing"
+    order = next(m for m in report["models"] if m["model"] == "shop.order")
+    assert order["triggers"] == "installed"
+    assert report["healthy"] is False
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("CommandError: unhealthy: capture triggers not installed or outdated")
+    assert "shop.product" in line and "shop.order" not in line
+    assert "manage.py ormbridge_triggers install" in line
+
+
+def test_failed_rows_make_it_exit_non_zero(no_relay):
     ChangeBatch.objects.create(model="shop.product", action="update", pks=[1], state="failed",
                                last_error="boom")  # fmt: skip
     done, report = status_json()
@@ -56,24 +100,25 @@ def test_failed_rows_make_it_exit_non_zero(idle_queue):
     assert report["healthy"] is False
 
 
-def test_an_old_undelivered_row_makes_it_exit_non_zero(idle_queue):
+def test_an_old_undelivered_row_makes_it_exit_non_zero(no_relay):
     batch = ChangeBatch.objects.create(model="shop.order", action="update", pks=[1])
     ChangeBatch.objects.filter(pk=batch.pk).update(created_at=timezone.now() - timedelta(hours=1))
     done, report = status_json()
     assert done.returncode == 1
-    assert "oldest undelivered change-log row is 3600 s old" in done.stderr
+    age = re.search(r"oldest undelivered change-log row is (\d+) s old", done.stderr)
+    assert age is not None, done.stderr
+    assert 3600 <= int(age.group(1)) < 3700
     order = next(m for m in report["models"] if m["model"] == "shop.order")
     assert order["oldest_undelivered_age"] >= 3600
 
 
-def test_text_status_shows_models_services_and_pending_work(settings):
-    # no flush must run (a queue nobody consumes), and the command reads the default prefix
-    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "QUEUE": "nobody-consumes-this"}
+def test_text_status_shows_models_services_and_pending_work(no_relay):
     [product] = make_products(1)
     product.save()
+    pending = ChangeBatch.objects.filter(model="shop.product", state="pending").count()
     done = commands.run("ormbridge_status")
-    assert done.returncode == 0
+    assert done.returncode == 0, done.stderr
     assert "redis    ok" in done.stdout
     line = next(line for line in done.stdout.splitlines() if line.startswith("shop.product"))
-    assert line.split()[1] == "1"  # one pending invalidation
-    assert store.get_redis().scard(store.pending_key("shop.product")) == 1
+    assert line.split()[1:3] == ["installed", f"{pending}/0/0"]  # triggers, log p/c/f
+    assert done.stdout.strip().splitlines()[-1] == "healthy"
