@@ -1,10 +1,13 @@
 """Misconfiguration is reported by system checks with a named id, never at import."""
 
+from io import StringIO
+
 import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
-from ormbridge.checks import check_settings
+from ormbridge import capture
+from ormbridge.checks import check_settings, check_triggers
 
 
 def ids(settings) -> list[str]:
@@ -24,11 +27,20 @@ def test_ormbridge_must_be_a_dict(settings):
     assert ids(settings) == ["ormbridge.E001"]
 
 
-def test_unknown_key_is_a_warning_naming_it(settings):
-    configure(settings, FLUSH_DELAYS=1)
+@pytest.mark.parametrize("key", ["FLUSH_DELAYS", "REDELIVER_AFTER"])  # a typo, a removed key
+def test_unknown_key_is_a_warning_naming_it(settings, key):
+    configure(settings, **{key: 1})
     [message] = check_settings()
     assert message.id == "ormbridge.W001"
-    assert "FLUSH_DELAYS" in message.msg
+    assert key in message.msg
+
+
+@pytest.mark.parametrize(
+    "key,value", [("RELAY_LEASE", 1), ("RELAY_POLL", 0.01), ("LOG_RETENTION", 0), ("RELAY", False)]
+)
+def test_numbers_at_their_minimum_are_fine(settings, key, value):
+    configure(settings, **{key: value})
+    assert check_settings() == []
 
 
 @pytest.mark.parametrize("url", ["http://localhost", "localhost:6379", 6379, ""])
@@ -60,7 +72,16 @@ def test_a_per_process_cache_is_a_warning(settings):
         ("FLUSH_DELAY", "1"),
         ("FLUSH_BATCH_SIZE", 0),
         ("FLUSH_BATCH_SIZE", 1.5),
-        ("REDELIVER_AFTER", 0),
+        ("RELAY_BATCH", 0),
+        ("RELAY_BATCH", 2.5),
+        ("RELAY_LEASE", 0.5),
+        ("RELAY_LEASE", "10"),
+        ("RELAY_POLL", 0),
+        ("LOG_RETENTION", -1),
+        ("LOG_RETENTION", None),
+        ("COMMIT_TIMEOUT", 0),
+        ("COMMIT_TIMEOUT", True),
+        ("BREAKER_COOLDOWN", -1),
         ("BULK_CHUNK_SECONDS", 0),
         ("MAX_ATTEMPTS", 0),
         ("SWEEP_INTERVAL", 0.5),
@@ -105,3 +126,37 @@ def test_manage_py_check_fails_on_bad_configuration(settings):
     configure(settings, REDIS_URL="http://nope")
     with pytest.raises(SystemCheckError, match=r"ormbridge\.E002"):
         call_command("check")
+
+
+@pytest.mark.django_db
+def test_the_test_database_has_every_trigger():
+    assert check_triggers(databases=["default"]) == []
+
+
+@pytest.fixture
+def product_triggers_uninstalled():
+    capture.uninstall("default", ["shop.product"])
+    try:
+        yield
+    finally:
+        capture.install("default")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_registered_table_without_triggers_is_named_by_w005(product_triggers_uninstalled):
+    messages = check_triggers(databases=["default"])
+    assert {message.id for message in messages} == {"ormbridge.W005"}
+    tables = {message.msg.split("'")[1]: message for message in messages}
+    # the product table, and its m2m table with the tags, whose triggers log shop.product
+    assert set(tables) == {"shop_product", "shop_product_tags"}
+    message = tables["shop_product"]
+    assert "shop.product" in message.msg and "missing" in message.msg
+    assert "manage.py ormbridge_triggers install" in message.hint
+    assert check_triggers() == []  # database checks run only when asked for
+
+
+@pytest.mark.django_db(transaction=True)
+def test_manage_py_check_database_warns_of_missing_triggers(product_triggers_uninstalled):
+    out = StringIO()
+    call_command("check", "--database", "default", stdout=out, stderr=out)
+    assert "ormbridge.W005" in out.getvalue()
