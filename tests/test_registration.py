@@ -1,12 +1,14 @@
-"""Registering models: what is accepted, what is refused, what gets connected."""
+"""Registering models: what is accepted, what is refused, and that no signal is connected."""
 
 import pytest
 from django.contrib.auth.models import AbstractUser
-from django.db.models.signals import post_delete, post_save
+from django.db.models.deletion import Collector
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 
 import ormbridge
 from ormbridge import registry
 from shop.models import Category, DiscountedProduct, Order, Product, Tag
+from tests.factories import log_mark, logged_since
 
 
 def test_models_listed_in_settings_are_registered():
@@ -18,16 +20,32 @@ def test_decorator_registers_the_class_and_returns_it():
     assert Product.__name__ == "Product"
 
 
-def receiver_count(signal, sender) -> int:
-    live = signal._live_receivers(sender)
-    return len(live[0] if isinstance(live, tuple) else live)
+SIGNALS = [pre_save, post_save, pre_delete, post_delete, m2m_changed]
 
 
-def test_registering_twice_connects_receivers_once():
-    before = receiver_count(post_save, Product), receiver_count(post_delete, Product)
+def receiver_counts(sender) -> list[int]:
+    counts = []
+    for signal in SIGNALS:
+        live = signal._live_receivers(sender)
+        counts.append(len(live[0] if isinstance(live, tuple) else live))
+    return counts
+
+
+def test_registering_connects_no_signal_receivers():
+    before = receiver_counts(Product), receiver_counts(Product.tags.through)
     ormbridge.register(Product)
     ormbridge.register(Product)
-    assert (receiver_count(post_save, Product), receiver_count(post_delete, Product)) == before
+    assert (receiver_counts(Product), receiver_counts(Product.tags.through)) == before
+
+
+def test_registered_models_keep_djangos_fast_paths():
+    # Tag is registered and nobody else listens to it: ormbridge must not either,
+    # or Django would load every row before a delete and send m2m_changed.
+    assert registry.is_registered(Tag)
+    assert not any(signal.has_listeners(Tag) for signal in SIGNALS)
+    assert not any(signal.has_listeners(Product.tags.through) for signal in SIGNALS)
+    links = Product.tags.through.objects.all()
+    assert Collector(using="default", origin=None).can_fast_delete(links)
 
 
 def test_registering_with_other_options_is_refused():
@@ -56,9 +74,16 @@ def test_unknown_option_is_named():
         ormbridge.register(Product, colour="red")
 
 
-def test_proxy_signals_are_connected_to_the_concrete_model():
-    assert registry.targets(DiscountedProduct) == [Product]
-    assert post_save.has_listeners(DiscountedProduct)
+@pytest.mark.django_db
+def test_a_proxys_writes_are_logged_as_its_concrete_model():
+    assert registry.is_registered(DiscountedProduct)
+    category = Category.objects.create(name="proxy")
+    mark = log_mark()
+    product = DiscountedProduct.objects.create(sku="p", name="p", category=category, price=1)
+    product.delete()
+    logged = logged_since(mark)
+    assert {row.model for row in logged} == {"shop.product"}
+    assert [row.action for row in logged] == ["create", "delete"]
 
 
 def test_unregistered_models_get_no_delete_receivers():
