@@ -1,0 +1,182 @@
+"""manage.py ormbridge_triggers: install, uninstall and show the capture triggers."""
+
+import subprocess
+
+import pytest
+from django.db import connection
+
+from ormbridge import capture
+from shop.models import Category, Product
+from tests import commands
+from tests.factories import log_mark, logged_since
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HINT = (
+    "CommandError: some captured tables lack their triggers; "
+    "run: manage.py ormbridge_triggers install --database default"
+)
+
+
+@pytest.fixture(autouse=True)
+def restore_triggers():
+    """Every test leaves the triggers as migrate installed them."""
+    yield
+    capture.install("default")
+    assert {state.state for state in capture.status("default")} == {"installed"}
+
+
+def triggers(args: str = "status") -> subprocess.CompletedProcess:
+    return commands.run("ormbridge_triggers", *args.split())
+
+
+def states(stdout: str) -> dict[str, str]:
+    """Table -> state, from the lines of ``status``."""
+    return {line.split()[0]: line.split()[1] for line in stdout.splitlines() if line.strip()}
+
+
+def all_tables() -> list[str]:
+    return [table.name for table in capture.tables()]
+
+
+def database_triggers() -> list[str]:
+    """ormbridge's triggers in the schema, read from the catalogue itself."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgname LIKE %s",
+                [r"ormbridge\_%"],
+            )
+        else:
+            cursor.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE %s "
+                "ESCAPE '\\'",
+                [r"ormbridge\_%"],
+            )
+        return sorted(name for (name,) in cursor.fetchall())
+
+
+def database_functions() -> list[str]:
+    """ormbridge's trigger functions (PostgreSQL; SQLite triggers have none)."""
+    if connection.vendor != "postgresql":
+        return []
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT proname FROM pg_proc WHERE proname LIKE %s", [r"ormbridge\_%"])
+        return sorted(name for (name,) in cursor.fetchall())
+
+
+def test_status_lists_every_captured_table_as_installed():
+    done = triggers("status")
+    assert done.returncode == 0, done.stderr
+    assert states(done.stdout) == dict.fromkeys(all_tables(), "installed")
+    assert {"shop_product", "shop_product_tags", "shop_order"} <= set(states(done.stdout))
+    tags = next(line for line in done.stdout.splitlines() if line.startswith("shop_product_tags"))
+    assert tags.split(maxsplit=2)[2] == "shop.product, shop.tag"  # both ends are logged
+    assert len(database_triggers()) == 3 * len(all_tables())  # insert, update, delete
+
+
+def test_uninstall_leaves_no_trigger_and_no_function():
+    assert database_triggers() and (database_functions() or connection.vendor == "sqlite")
+    done = triggers("uninstall --database default")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"dropped {3 * len(all_tables())} triggers"
+    assert database_triggers() == []
+    assert database_functions() == []
+    assert capture.installed("default") == {}
+    mark = log_mark()
+    Category.objects.create(name="not seen")
+    assert not logged_since(mark).exists()
+
+
+def test_install_is_idempotent():
+    capture.uninstall("default")
+    first = triggers("install")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == (
+        f"installed triggers on {len(all_tables())} tables: {', '.join(all_tables())}"
+    )
+    second = triggers("install")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "installed triggers on 0 tables (all up to date)"
+    assert len(database_triggers()) == 3 * len(all_tables())
+    mark = log_mark()
+    Category.objects.create(name="seen again")
+    assert [(row.model, row.action) for row in logged_since(mark)] == [("shop.category", "create")]
+
+
+def test_status_after_uninstall_exits_non_zero_with_one_readable_line():
+    capture.uninstall("default")
+    done = triggers("status")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [HINT]
+    assert states(done.stdout) == dict.fromkeys(all_tables(), "missing")
+
+
+def test_a_model_can_be_uninstalled_and_installed_alone():
+    done = triggers("uninstall shop.Product")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "dropped 6 triggers"  # its table and its m2m table
+    status = triggers("status")
+    assert status.returncode == 1
+    expected = dict.fromkeys(all_tables(), "installed")
+    expected.update(shop_product="missing", shop_product_tags="missing")
+    assert states(status.stdout) == expected
+    only = triggers("status shop.Order")
+    assert (only.returncode, states(only.stdout)) == (0, {"shop_order": "installed"})
+
+    done = triggers("install shop.Product")
+    assert done.stdout.strip() == "installed triggers on 2 tables: shop_product, shop_product_tags"
+    assert triggers("status").returncode == 0
+
+
+def tamper_with(table: str, operation: str) -> None:
+    """Make a trigger differ from what this version of ormbridge installs."""
+    name = capture.trigger_name(table, operation)
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(f"COMMENT ON FUNCTION \"{name}\"() IS 'ormbridge:an-older-version'")
+        else:
+            cursor.execute(f'DROP TRIGGER "{name}"')
+            cursor.execute(
+                f'CREATE TRIGGER "{name}" AFTER {operation} ON "{table}" FOR EACH ROW '
+                "BEGIN SELECT 1; END"
+            )
+
+
+@pytest.mark.parametrize(
+    "operations,state", [(["INSERT"], "partial"), (["INSERT", "UPDATE", "DELETE"], "outdated")]
+)
+def test_an_outdated_trigger_is_reported_and_replaced_by_install(operations, state):
+    for operation in operations:
+        tamper_with("shop_product", operation)
+    status = triggers("status")
+    assert status.returncode == 1
+    assert states(status.stdout)["shop_product"] == state
+    assert status.stderr.strip().splitlines() == [HINT]
+    done = triggers("install")
+    assert done.stdout.strip() == "installed triggers on 1 tables: shop_product"
+    assert triggers("status").returncode == 0
+    mark = log_mark()
+    Category.objects.create(name="c")
+    product = Product.objects.create(sku="s", name="n", category=Category.objects.get(), price=1)
+    assert [(row.model, row.action, row.pks) for row in logged_since(mark, "shop.product")] == [
+        ("shop.product", "create", [product.pk])
+    ]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ("install shop.Nope", "unknown model 'shop.Nope'; use app_label.ModelName."),
+        ("uninstall nodot", "unknown model 'nodot'; use app_label.ModelName."),
+        ("status auth.Group", "Group is not registered with ormbridge."),
+        ("uninstall --database nope", "unknown database 'nope'; known: default."),
+    ],
+)
+def test_bad_input_exits_with_one_line_and_changes_nothing(args, message):
+    done = triggers(args)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("CommandError: ") and line.endswith(message), line
+    assert {state.state for state in capture.status("default")} == {"installed"}
