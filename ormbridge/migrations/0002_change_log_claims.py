@@ -50,7 +50,7 @@ class Migration(migrations.Migration):
         ),
         migrations.AddIndex(
             model_name='changebatch',
-            index=models.Index(condition=models.Q(('state__in', ['pending', 'claimed', 'failed'])), fields=['id'], name='ormbridge_undelivered_idx'),
+            index=models.Index(fields=['state', 'id'], name='ormbridge_state_id_idx'),
         ),
         migrations.AddIndex(
             model_name='changebatch',
