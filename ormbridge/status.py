@@ -32,7 +32,7 @@ def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
         "ok": False, "error": "broker unreachable", "names": []
     }  # fmt: skip
     labels = [model._meta.label_lower for model in registry.registered_models()]
-    # Only undelivered rows are counted: a partial index holds them, however
+    # Only undelivered rows are counted: the (state, id) index finds them, however
     # many done rows wait for pruning.
     undelivered = ChangeBatch.objects.filter(state__in=UNDELIVERED)
     by_state: dict[str, dict[str, int]] = {label: {} for label in labels}
