@@ -17,12 +17,15 @@ class OrmbridgeConfig(AppConfig):
         from django.db.backends.signals import connection_created
         from django.db.models.signals import post_migrate
 
-        from ormbridge import broadcast, buffer, checks, registry, relay
+        from ormbridge import broadcast, buffer, checks, receivers, registry, relay
 
         setting_changed.connect(broadcast.settings_changed, dispatch_uid="ormbridge-settings")
         checks.register_checks()
         registry.register_from_settings()
         registry.on_change(buffer.tables_changed)
+        registry.on_change(receivers.tables_changed)
+        if any(receivers.needed(using) for using in _write_databases()):
+            receivers.connect()
         connection_created.connect(buffer.watch, dispatch_uid="ormbridge-watch")
         for connection in connections.all(initialized_only=True):
             buffer.watch(connection)
@@ -31,12 +34,21 @@ class OrmbridgeConfig(AppConfig):
         worker_shutdown.connect(relay.stop_in_worker, dispatch_uid="ormbridge-relay-stop")
 
 
+def _write_databases() -> set[str]:
+    from django.db import router
+
+    from ormbridge import registry
+
+    return {router.db_for_write(model) for model in registry.registered_models()}
+
+
 def install_triggers(using: str, **kwargs: Any) -> None:
     """``post_migrate``: install (or bring up to date) the capture triggers of ``using``."""
     from django.db import router
 
     from ormbridge import capture
+    from ormbridge.conf import settings
     from ormbridge.models import ChangeBatch
 
-    if router.allow_migrate_model(using, ChangeBatch):
+    if settings.CAPTURE == "triggers" and router.allow_migrate_model(using, ChangeBatch):
         capture.install(using)

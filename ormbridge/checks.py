@@ -41,7 +41,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             )
         )
     errors += _check_redis_url() + _check_cache() + _check_numbers() + _check_names()
-    errors += _check_models() + _check_emitters() + _check_serializer()
+    errors += _check_models() + _check_emitters() + _check_serializer() + _check_capture()
     return errors
 
 
@@ -217,12 +217,15 @@ def check_triggers(
         connection = connections[using]
         if not router.allow_migrate_model(using, ChangeBatch):
             continue
-        if not capture.supports(connection):
+        if not capture.supports(connection) or settings.CAPTURE == "signals":
             messages.append(
                 checks.Warning(
-                    f"Database {using!r} ({connection.vendor}) has no capture triggers: "
-                    "ormbridge sees only changes made through its own API there.",
-                    hint="Use PostgreSQL or SQLite for registered models.",
+                    f"Database {using!r} ({connection.vendor}) is captured by signals, not "
+                    "triggers: QuerySet.update(), bulk_create(), bulk_update(), raw SQL and "
+                    "other programs are not seen, and registered models lose Django's fast "
+                    "delete.",
+                    hint="Use PostgreSQL or SQLite with ORMBRIDGE['CAPTURE'] = 'triggers'; "
+                    "write in bulk with ormbridge.safe_bulk_*.",
                     id="ormbridge.W004",
                 )
             )
@@ -246,3 +249,14 @@ def check_triggers(
                 )
             )
     return messages
+
+
+def _check_capture() -> list[checks.CheckMessage]:
+    if settings.CAPTURE in ("triggers", "signals"):
+        return []
+    return [
+        checks.Error(
+            f"ORMBRIDGE['CAPTURE'] must be 'triggers' or 'signals', not {settings.CAPTURE!r}.",
+            id="ormbridge.E008",
+        )
+    ]

@@ -83,6 +83,14 @@ class Settings:
         [],
         'Models to register at start-up, as ``"app_label.ModelName"`` strings.',
     )
+    CAPTURE: _Setting[str] = _Setting(
+        "triggers",
+        'How changes are captured: ``"triggers"`` (database triggers on PostgreSQL and '
+        'SQLite; other backends fall back to signals) or ``"signals"`` (``post_save``, '
+        "``post_delete`` and ``m2m_changed`` receivers, for a database that refuses "
+        "triggers: they miss ``QuerySet.update()``, bulk and raw writes, and turn off "
+        "Django's fast delete for registered models).",
+    )
     RELAY: _Setting[bool] = _Setting(
         True,
         "Run the relay in every Celery worker process of the project: it claims "
