@@ -25,6 +25,7 @@ import threading
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -141,33 +142,53 @@ def observe(
 ) -> Any:
     """``execute_wrapper``: run the statement, then note what it wrote to registered tables."""
     result = execute(sql, params, many, context)
-    match = _WRITE.match(sql) if isinstance(sql, str) else None
-    if match is not None:
+    write = _parse(sql) if isinstance(sql, str) else None
+    if write is not None and not any(capture.paused(label) for label in write.labels):
         try:
-            keys = _written(match, sql, params, many)
-            if keys:
-                note(keys, context["connection"].alias)
+            note(write.keys(params, many), context["connection"].alias)
         except Exception:
             logger.exception("ormbridge: could not note a write for read-your-writes")
     return result
 
 
-def _written(match: re.Match[str], sql: str, params: Any, many: bool) -> list[str]:
-    table = _tables().get(match.group(2))
-    if table is None or any(capture.paused(target.label) for target in table.targets):
-        return []  # not captured, or a bulk helper notes its rows itself
+@dataclass(frozen=True)
+class _Write:
+    """What a write statement's SQL says about the rows it changes, whatever its parameters."""
+
+    labels: tuple[str, ...]
+    """Registered models whose rows it writes (both ends of an m2m table)."""
+    instances: bool
+    """Whether it can change rows that cached instances hold (updates and deletes)."""
+    rows: str
+    """Where its rows' pks are: ``last`` parameter, ``all`` parameters, or ``unknown``."""
+    to_python: Callable[[Any], Any]
+
+    def keys(self, params: Any, many: bool) -> list[str]:
+        if not self.instances:  # new rows, m2m links: only querysets may hold them
+            return [store.generation_key(label) for label in self.labels]
+        pks = None
+        if not many and isinstance(params, list | tuple) and params and self.rows != "unknown":
+            values = [params[-1]] if self.rows == "last" else params
+            pks = [self.to_python(pk) for pk in values]
+        return keys_for(self.labels[0], pks)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(sql: str) -> _Write | None:
+    """The write of ``sql`` to a captured table, or None (cached: Django repeats its SQL)."""
+    match = _WRITE.match(sql)
+    table = _tables().get(match.group(2)) if match is not None else None
+    if match is None or table is None:
+        return None
     verb = match.group(1)[0].upper()
-    if table.through or (verb == "I" and "ON CONFLICT" not in sql.upper()):
-        # New rows and m2m links: no cached instance holds them, querysets might.
-        return [store.generation_key(target.label) for target in table.targets]
-    pks: list[object] | None = None
-    if not many and isinstance(params, list | tuple) and params:
-        target = table.targets[0]
-        exact = (_BY_PK if verb == "U" else _IN_PKS).search(sql)
-        if exact is not None and exact.group(1) == target.column:
-            to_python = registry.get_model(target.label)._meta.pk.to_python
-            pks = [to_python(pk) for pk in ([params[-1]] if verb == "U" else params)]
-    return keys_for(table.targets[0].label, pks)
+    labels = tuple(target.label for target in table.targets)
+    pk = registry.get_model(labels[0])._meta.pk
+    instances = not table.through and (verb != "I" or "ON CONFLICT" in sql.upper())
+    exact = (_BY_PK if verb == "U" else _IN_PKS).search(sql) if verb != "I" else None
+    rows = "unknown"
+    if exact is not None and exact.group(1) == table.targets[0].column:
+        rows = "last" if verb == "U" else "all"
+    return _Write(labels, instances, rows, pk.to_python)
 
 
 @functools.cache
@@ -176,8 +197,9 @@ def _tables() -> dict[str, capture.Table]:
 
 
 def tables_changed() -> None:
-    """Forget the table map (a model was registered)."""
+    """Forget the table map and parsed statements (a model was registered)."""
     _tables.cache_clear()
+    _parse.cache_clear()
 
 
 def watch(connection: BaseDatabaseWrapper, **kwargs: Any) -> None:

@@ -77,6 +77,7 @@ class ChangeBatch(models.Model):
         blank=True,
         on_delete=models.CASCADE,
         related_name="batches",
+        db_index=False,  # indexed below for job rows only: captured rows have no job
         help_text="The resync job this batch is a chunk of.",
     )
 
@@ -93,6 +94,9 @@ class ChangeBatch(models.Model):
                 fields=["finished_at"],
                 name="ormbridge_done_idx",
                 condition=models.Q(state="done"),
+            ),
+            models.Index(
+                fields=["job"], name="ormbridge_job_idx", condition=models.Q(job__isnull=False)
             ),
         ]
 
