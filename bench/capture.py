@@ -903,7 +903,6 @@ def main() -> None:
             "REDIS_URL": f"{data.url}/0",
             "BENCH_RECEIVER_REDIS": f"{data.url}/7",
             "CELERY_BROKER_URL": f"{broker.url}/0",
-            "ORMBRIDGE_FLUSH_DELAY": os.environ.get("ORMBRIDGE_FLUSH_DELAY", "0.05"),
         }
         for backend in args.backends:
             env["DATABASE_URL"] = (

@@ -39,7 +39,6 @@ CACHES["default"]["KEY_PREFIX"] = "test"
 
 ORMBRIDGE = {
     **ORMBRIDGE,
-    "FLUSH_DELAY": 0.2,
     "EMITTERS": ["tests.emitters.RecordingEmitter", "ormbridge.broadcast.RedisStreamEmitter"],
 }
 

@@ -82,7 +82,6 @@ CACHES = {
 
 ORMBRIDGE = {
     "REDIS_URL": REDIS_URL,
-    "FLUSH_DELAY": float(os.environ.get("ORMBRIDGE_FLUSH_DELAY", "1.0")),
     # Product, Tag and Order register themselves with @ormbridge.register; these by name.
     "MODELS": ["shop.Category", "shop.Customer"],
 }
