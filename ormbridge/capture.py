@@ -38,7 +38,12 @@ PREFIX = "ormbridge_"
 LOG_TABLE = "ormbridge_changebatch"
 PAUSE_TABLE = "ormbridge_capturepause"
 PAUSE_SETTING = "ormbridge.pause"
-OPERATIONS = {"INSERT": ("ins", "create"), "UPDATE": ("upd", "update"), "DELETE": ("del", "delete")}
+OPERATIONS = {
+    "INSERT": ("ins", "create"),
+    "UPDATE": ("upd", "update"),
+    "DELETE": ("del", "delete"),
+    "TRUNCATE": ("trn", "invalidate"),  # PostgreSQL only: every row, pks unknown
+}
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,9 @@ class Table:
     through: bool = False
 
     def action(self, operation: str) -> str:
-        return "update" if self.through else OPERATIONS[operation][1]
+        if self.through and operation != "TRUNCATE":
+            return "update"
+        return OPERATIONS[operation][1]
 
 
 def supports(connection: BaseDatabaseWrapper) -> bool:
@@ -118,9 +125,11 @@ def trigger_name(table: str, operation: str) -> str:
 
 def definitions(table: Table, vendor: str) -> dict[str, list[str]]:
     """The SQL creating each trigger of ``table``, by trigger name."""
-    build = _postgresql if vendor == "postgresql" else _sqlite
+    if vendor == "postgresql":
+        return {trigger_name(table.name, op): _postgresql(table, op) for op in OPERATIONS}
+    # SQLite has no TRUNCATE: a DELETE without WHERE fires the row triggers.
     return {
-        trigger_name(table.name, operation): build(table, operation) for operation in OPERATIONS
+        trigger_name(table.name, op): _sqlite(table, op) for op in OPERATIONS if op != "TRUNCATE"
     }
 
 
@@ -144,14 +153,21 @@ def _postgresql(table: Table, operation: str) -> list[str]:
         column = f'"{target.column}"'
         fields = "NULL" if target.field is None else f"jsonb_build_array({_literal(target.field)})"
         distinct = "DISTINCT " if table.through else ""
+        action = _literal(table.action(operation))
+        if operation == "TRUNCATE":  # no transition table: every row, as an invalidation
+            source = f"VALUES ({_literal(target.label)}, {action}, NULL::jsonb, 0, NULL::jsonb"
+            insert = f"{source}, false, 'pending', 0, now(), '', '');"
+        else:
+            insert = (
+                f"SELECT {_literal(target.label)}, {action}, jsonb_agg({distinct}{column}), "
+                f"count({distinct}{column}), {fields}, false, 'pending', 0, now(), '', '' "
+                f"FROM {rows} HAVING count(*) > 0;"
+            )
         # Each end of an m2m table is paused on its own: a bulk helper that logs
         # one end itself leaves the other end to the trigger.
         steps.append(
             f"IF paused NOT LIKE {_literal('%,' + target.label + ',%')} THEN\n"
-            f"    INSERT INTO {LOG_TABLE} ({_COLUMNS}) "
-            f"SELECT {_literal(target.label)}, {_literal(table.action(operation))}, "
-            f"jsonb_agg({distinct}{column}), count({distinct}{column}), {fields}, false, "
-            f"'pending', 0, now(), '', '' FROM {rows} HAVING count(*) > 0;\n"
+            f"    INSERT INTO {LOG_TABLE} ({_COLUMNS}) {insert}\n"
             "    logged := logged OR FOUND;\n"
             "  END IF;"
         )
@@ -171,7 +187,8 @@ END
 $$""",
         f'DROP TRIGGER IF EXISTS "{name}" ON "{table.name}"',
         f'CREATE TRIGGER "{name}" AFTER {operation} ON "{table.name}" '
-        f'REFERENCING {referencing} FOR EACH STATEMENT EXECUTE FUNCTION "{name}"()',
+        f"{'' if operation == 'TRUNCATE' else f'REFERENCING {referencing} '}"
+        f'FOR EACH STATEMENT EXECUTE FUNCTION "{name}"()',
     ]
 
 

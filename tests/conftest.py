@@ -19,6 +19,7 @@ from django.db import connection
 
 from ormbridge import store
 from ormbridge.cache import get_cache
+from ormbridge.models import ChangeBatch
 from tests import settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +107,21 @@ def redis_servers() -> Iterator[dict[str, RedisServer]]:
 
 
 @pytest.fixture(autouse=True)
-def clean_redis(redis_servers: dict[str, RedisServer]) -> Iterator[None]:
+def clean_log(request: pytest.FixtureRequest) -> None:
+    """Database tests start with an empty change log.
+
+    The previous test's flush deletes every row, and the capture triggers log
+    those deletes (SQLite) or the truncation (PostgreSQL).
+    """
+    if request.node.get_closest_marker("django_db") is None:
+        return
+    request.getfixturevalue("django_db_setup")
+    with request.getfixturevalue("django_db_blocker").unblock(), connection.cursor() as cursor:
+        cursor.execute(f"DELETE FROM {ChangeBatch._meta.db_table}")
+
+
+@pytest.fixture(autouse=True)
+def clean_redis(redis_servers: dict[str, RedisServer], clean_log: None) -> Iterator[None]:
     """Each test starts with empty ormbridge and cache servers (the broker is left alone)."""
     for name in ("ormbridge", "cache"):
         if redis_servers[name].process is None:
@@ -149,8 +164,10 @@ class Worker:
         self.pool = pool
         self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0  # where this run's lines begin (a restart appends)
 
     def start(self) -> None:
+        self._log_start = len(self.log_text())
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "tests.settings",
@@ -193,7 +210,7 @@ class Worker:
     def _ready(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
             pytest.fail(f"worker exited with {self.process.returncode}:\n{self.log_text()}")
-        return " ready." in self.log_text()
+        return " ready." in self.log_text()[self._log_start :]
 
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""

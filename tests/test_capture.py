@@ -34,7 +34,7 @@ from django.test.utils import CaptureQueriesContext
 from django_celery_beat.models import IntervalSchedule
 
 import ormbridge
-from ormbridge import registry, store
+from ormbridge import registry, relay, store
 from ormbridge.cache import cached_instance, get_cache, instance_key
 from ormbridge.models import ChangeBatch
 from shop.models import Category, Customer, Order, Product, Tag
@@ -287,6 +287,25 @@ def test_a_bulk_delete_leaves_the_other_end_of_its_m2m_links_to_the_triggers(no_
     ]
     assert {pk for row in tag_rows for pk in row.pks} == {tag.pk}
     assert {tuple(row.fields) for row in tag_rows} == {("products",)}
+
+
+@pytest.mark.skipif("connection.vendor != 'postgresql'", reason="TRUNCATE is PostgreSQL's")
+def test_a_truncate_invalidates_every_row_of_the_tables_it_empties(no_relay):
+    tag = Tag.objects.create(name=_tag(0))
+    tag.products.add(_product())
+    relay.drain()
+    cached_instance(Tag, tag.pk)
+    mark = log_mark()
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE shop_tag CASCADE")  # and the m2m table that references it
+    logged = {(row.model, row.action, row.pks) for row in logged_since(mark)}
+    assert logged == {
+        ("shop.tag", "invalidate", None),
+        ("shop.product", "invalidate", None),  # through the emptied m2m table
+    }
+    relay.drain()
+    with pytest.raises(Tag.DoesNotExist):
+        cached_instance(Tag, tag.pk)
 
 
 def test_a_statement_that_changes_no_row_logs_nothing(no_relay):
