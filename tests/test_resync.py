@@ -169,9 +169,10 @@ def test_a_job_whose_relay_was_killed_is_finished_by_resume(no_relay, start_work
 
 def test_ctrl_c_marks_the_job_interrupted_and_resume_finishes_it(no_relay):
     make_products(3_000)
+    # 2 ms a replay: the last of the 3,000 is seconds after the first 600, time to interrupt.
     command = commands.manage(
         "ormbridge_resync", "shop.Product", "--sync", "--chunk-size", "500", "--no-progress",
-        env={"ORMBRIDGE_TEST_REPLAY_DELAY": "0.0005"},
+        env={"ORMBRIDGE_TEST_REPLAY_DELAY": "0.002"},
     )  # fmt: skip
     wait_until(lambda: len(replays.saves()) >= 600, 60, "the first chunks")
     command.send_signal(signal.SIGINT)
