@@ -11,7 +11,12 @@ class OrmbridgeConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from celery.signals import worker_ready, worker_shutdown
+        from celery.signals import (
+            worker_process_init,
+            worker_process_shutdown,
+            worker_ready,
+            worker_shutdown,
+        )
         from django.core.signals import setting_changed
         from django.db import connections
         from django.db.backends.signals import connection_created
@@ -30,7 +35,9 @@ class OrmbridgeConfig(AppConfig):
         for connection in connections.all(initialized_only=True):
             buffer.watch(connection)
         post_migrate.connect(install_triggers, sender=self, dispatch_uid="ormbridge-triggers")
+        worker_process_init.connect(relay.start_in_process, dispatch_uid="ormbridge-relay-process")
         worker_ready.connect(relay.start_in_worker, dispatch_uid="ormbridge-relay-start")
+        worker_process_shutdown.connect(relay.stop_in_worker, dispatch_uid="ormbridge-relay-end")
         worker_shutdown.connect(relay.stop_in_worker, dispatch_uid="ormbridge-relay-stop")
 
 

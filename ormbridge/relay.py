@@ -70,6 +70,9 @@ def _due(now: Any) -> Q:
 def claim(using: str, owner: str, limit: int | None = None) -> list[ChangeBatch]:
     """Claim up to ``limit`` due rows for ``owner``, oldest first.
 
+    At most one of them asks for replays: replaying a chunk's rows is the long
+    part of delivering, so the other chunks are left to other relays (the
+    other processes and machines of the pool) to replay at the same time.
     Rows tried ``MAX_ATTEMPTS`` times are marked failed instead.
     """
     limit = int(settings.RELAY_BATCH) if limit is None else limit
@@ -79,7 +82,14 @@ def claim(using: str, owner: str, limit: int | None = None) -> list[ChangeBatch]
         return []
     with transaction.atomic(using=using):
         due = log.select_for_update(skip_locked=True).filter(_due(now)).order_by("id")
-        rows = list(due.values_list("id", "attempts")[:limit])
+        rows = []
+        replays = 0
+        for pk, attempts, replay in due.values_list("id", "attempts", "replay")[:limit]:
+            if replay and attempts < settings.MAX_ATTEMPTS:
+                replays += 1
+                if replays > 1:
+                    continue
+            rows.append((pk, attempts))
         spent = [pk for pk, attempts in rows if attempts >= settings.MAX_ATTEMPTS]
         ids = [pk for pk, attempts in rows if attempts < settings.MAX_ATTEMPTS]
         if spent:
@@ -318,8 +328,12 @@ class Relay:
 _worker_relay: Relay | None = None
 
 
-def start_in_worker(**kwargs: Any) -> None:
-    """``worker_ready`` receiver: run a relay in this Celery worker (unless ``RELAY`` is off)."""
+def start_in_process(**kwargs: Any) -> None:
+    """``worker_process_init`` receiver: run a relay in this pool process.
+
+    Prefork workers get one relay per child process, so replays run with the
+    pool's concurrency; the solo pool sends it from the worker's own process.
+    """
     global _worker_relay
     if not settings.RELAY or _worker_relay is not None:
         return
@@ -328,8 +342,16 @@ def start_in_worker(**kwargs: Any) -> None:
     logger.info("ormbridge: relay %s started", _worker_relay.owner)
 
 
+def start_in_worker(sender: Any = None, **kwargs: Any) -> None:
+    """``worker_ready`` receiver: a relay in the worker's process for pools of threads."""
+    from celery.concurrency.prefork import TaskPool
+
+    if not isinstance(getattr(sender, "pool", None), TaskPool):
+        start_in_process()
+
+
 def stop_in_worker(**kwargs: Any) -> None:
-    """``worker_shutdown`` receiver: stop this worker's relay."""
+    """``worker_process_shutdown`` / ``worker_shutdown`` receiver: stop this process's relay."""
     global _worker_relay
     if _worker_relay is not None:
         _worker_relay.stop()

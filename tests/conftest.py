@@ -157,11 +157,13 @@ class Worker:
         queue: str = "ormbridge",
         pool: str = "solo",
         env: dict[str, str] | None = None,
+        concurrency: int = 1,
     ) -> None:
         self.log = RUN_DIR / f"worker-{uuid.uuid4().hex[:8]}.log"
         self.db_name = db_name
         self.queue = queue
         self.pool = pool
+        self.concurrency = concurrency
         self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
         self._log_start = 0  # where this run's lines begin (a restart appends)
@@ -188,7 +190,7 @@ class Worker:
                 "-P",
                 self.pool,
                 "-c",
-                "1",
+                str(self.concurrency),
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",

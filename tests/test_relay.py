@@ -1,0 +1,42 @@
+"""How relays share the change log: claims, replays spread over processes."""
+
+import pytest
+
+import ormbridge
+from ormbridge import relay
+from ormbridge.models import ChangeBatch
+from shop.models import Product
+from tests.factories import log_mark, logged_since, make_products
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_a_claim_takes_at_most_one_chunk_to_replay(no_relay):
+    make_products(300)
+    relay.drain()
+    result = ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=100, stock=3)
+    first = relay.claim("default", "first")
+    second = relay.claim("default", "second")
+    assert [batch.pk for batch in first] == result.batch_ids[:1]
+    assert [batch.pk for batch in second] == result.batch_ids[1:2]
+
+
+def test_a_claim_takes_every_due_row_that_needs_no_replay(no_relay):
+    products = make_products(3)
+    relay.drain()
+    mark = log_mark()
+    for product in products:
+        product.save()
+    due = [batch.pk for batch in logged_since(mark)]
+    assert [batch.pk for batch in relay.claim("default", "one")] == due
+
+
+def test_a_prefork_worker_replays_chunks_in_each_of_its_processes(start_worker):
+    make_products(2_000)
+    start_worker(pool="prefork", concurrency=2, env={"ORMBRIDGE_TEST_REPLAY_DELAY": "0.002"})
+    result = ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=200, stock=4)
+    result.wait(timeout=120)
+    chunks = ChangeBatch.objects.filter(id__in=result.batch_ids)
+    owners = list(chunks.values_list("claimed_by", flat=True))
+    pids = {owner.split(":")[1] for owner in owners}
+    assert len(pids) == 2, owners
