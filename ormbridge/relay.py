@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -52,6 +52,12 @@ class DrainResult:
     rows: int = 0
     failed: int = 0
     flush: flush.FlushResult = field(default_factory=flush.FlushResult)
+
+    def add(self, other: DrainResult) -> None:
+        self.batches += other.batches
+        self.rows += other.rows
+        self.failed += other.failed
+        self.flush.add(other.flush)
 
 
 def log_databases() -> Iterator[str]:
@@ -104,12 +110,12 @@ def claim(using: str, owner: str, limit: int | None = None) -> list[ChangeBatch]
     return list(log.filter(id__in=ids, claimed_by=owner).order_by("id"))
 
 
-def renew(using: str, owner: str) -> int:
-    """Extend the lease of every row ``owner`` holds; returns how many."""
+def renew(using: str, owner: str, ids: Iterable[int]) -> int:
+    """Extend the lease of the rows ``ids`` that ``owner`` still holds; returns how many."""
     lease = timezone.now() + timedelta(seconds=float(settings.RELAY_LEASE))
     return (
         ChangeBatch.objects.using(using)
-        .filter(state=ChangeBatch.State.CLAIMED, claimed_by=owner)
+        .filter(id__in=list(ids), state=ChangeBatch.State.CLAIMED, claimed_by=owner)
         .update(lease_until=lease)
     )
 
@@ -196,20 +202,30 @@ def _failed(batches: list[ChangeBatch], using: str, error: Exception, result: Dr
     result.failed += len(batches)
 
 
-def drain(using: str | None = None, owner: str | None = None, passes: int = 50) -> DrainResult:
-    """Claim and deliver until nothing is due (at most ``passes`` claims per database)."""
+def drain(
+    using: str | None = None,
+    owner: str | None = None,
+    passes: int = 50,
+    holding: dict[str, set[int]] | None = None,
+) -> DrainResult:
+    """Claim and deliver until nothing is due (at most ``passes`` claims per database).
+
+    ``holding`` (per database alias) is kept up to date with the ids of the rows
+    being delivered, for a heartbeat to renew their leases.
+    """
     owner = owner or new_owner()
+    holding = {} if holding is None else holding
     result = DrainResult()
     for alias in [using] if using else list(log_databases()):
         for _ in range(passes):
             batches = claim(alias, owner)
             if not batches:
                 break
-            part = deliver(batches, alias)
-            result.batches += part.batches
-            result.rows += part.rows
-            result.failed += part.failed
-            result.flush.add(part.flush)
+            holding[alias] = {batch.pk for batch in batches}
+            try:
+                result.add(deliver(batches, alias))
+            finally:
+                holding[alias] = set()
     return result
 
 
@@ -239,6 +255,8 @@ class Relay:
 
     def __init__(self) -> None:
         self.owner = new_owner()
+        self.holding: dict[str, set[int]] = {}
+        """Per database, the rows being delivered: only their leases are renewed."""
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self._listener: Any = None
@@ -258,7 +276,7 @@ class Relay:
         try:
             while not self.stopping.is_set():
                 try:
-                    drained = drain(owner=self.owner)
+                    drained = drain(owner=self.owner, holding=self.holding)
                 except DatabaseError as exc:
                     logger.warning("ormbridge: the relay could not reach the database: %s", exc)
                     drained = DrainResult()
@@ -277,8 +295,9 @@ class Relay:
     def _heartbeat(self) -> None:
         while not self.stopping.wait(float(settings.RELAY_LEASE) / 3):
             try:
-                for using in log_databases():
-                    renew(using, self.owner)
+                for using, ids in list(self.holding.items()):
+                    if ids:
+                        renew(using, self.owner, ids)
             except Exception as exc:
                 logger.warning("ormbridge: the relay could not renew its leases: %s", exc)
         connections.close_all()

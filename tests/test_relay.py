@@ -40,3 +40,17 @@ def test_a_prefork_worker_replays_chunks_in_each_of_its_processes(start_worker):
     owners = list(chunks.values_list("claimed_by", flat=True))
     pids = {owner.split(":")[1] for owner in owners}
     assert len(pids) == 2, owners
+
+
+def test_a_heartbeat_renews_only_the_rows_in_hand(no_relay):
+    """Rows whose delivery was abandoned (say its bookkeeping failed) are let go at lease end."""
+    products = make_products(2)
+    relay.drain()
+    for product in products:
+        product.save()
+    held, dropped = relay.claim("default", "relay-1")[:2]
+    before = {b.pk: b.lease_until for b in ChangeBatch.objects.filter(id__in=[held.pk, dropped.pk])}
+    assert relay.renew("default", "relay-1", [held.pk]) == 1
+    after = {b.pk: b.lease_until for b in ChangeBatch.objects.filter(id__in=[held.pk, dropped.pk])}
+    assert after[held.pk] > before[held.pk]
+    assert after[dropped.pk] == before[dropped.pk]
