@@ -17,7 +17,7 @@ import pytest
 import redis
 from django.db import connection
 
-from ormbridge import store
+from ormbridge import capture, store
 from ormbridge.cache import get_cache
 from ormbridge.models import ChangeBatch
 from tests import settings
@@ -277,3 +277,13 @@ def start_worker(
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def product_triggers_uninstalled() -> Iterator[None]:
+    """shop.Product's table (and its m2m table) without capture triggers, for this test."""
+    capture.uninstall("default", ["shop.product"])
+    try:
+        yield
+    finally:
+        capture.install("default")

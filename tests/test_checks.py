@@ -6,7 +6,6 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
-from ormbridge import capture
 from ormbridge.checks import check_settings, check_triggers
 
 
@@ -131,15 +130,6 @@ def test_manage_py_check_fails_on_bad_configuration(settings):
 @pytest.mark.django_db
 def test_the_test_database_has_every_trigger():
     assert check_triggers(databases=["default"]) == []
-
-
-@pytest.fixture
-def product_triggers_uninstalled():
-    capture.uninstall("default", ["shop.product"])
-    try:
-        yield
-    finally:
-        capture.install("default")
 
 
 @pytest.mark.django_db(transaction=True)

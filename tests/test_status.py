@@ -9,7 +9,6 @@ import jsonschema
 import pytest
 from django.utils import timezone
 
-from ormbridge import capture
 from ormbridge.models import ChangeBatch
 from tests import commands
 from tests.factories import make_products, wait_delivered
@@ -65,15 +64,6 @@ def test_with_redis_stopped_status_still_answers_and_says_so(no_relay, redis_ser
     assert "Error" in report["services"]["redis"]["error"]
     assert all(m["last_flush"] is None for m in report["models"])
     assert done.returncode == 0  # Redis being down is reported, the change log is healthy
-
-
-@pytest.fixture
-def product_triggers_uninstalled():
-    capture.uninstall("default", ["shop.product"])
-    try:
-        yield
-    finally:
-        capture.install("default")
 
 
 def test_a_registered_table_without_triggers_makes_it_exit_non_zero(product_triggers_uninstalled):
