@@ -45,15 +45,18 @@ def cached_instance(model: type[M], pk: Any) -> M:
     """The instance of ``model`` with primary key ``pk``, from the cache when fresh.
 
     On a miss the row is loaded with ``model._default_manager`` and cached.
+    A proxy's instances have entries of their own (they are of another class)
+    under its concrete model's tokens, which every write to the table kills.
     Raises ``model.DoesNotExist`` like ``get()``, and ``LookupError`` when the
     model is not registered with ormbridge (nothing would invalidate it).
     """
     timeout = _timeout(model)
     label = model._meta.label_lower
+    rows = model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]
     pk = model._meta.pk.to_python(pk)
     entry_key = instance_key(label, pk)
     try:
-        tokens = _tokens([store.epoch_key(label), store.token_key(label, pk)], timeout)
+        tokens = _tokens([store.epoch_key(rows), store.token_key(rows, pk)], timeout)
     except redis.RedisError as exc:
         logger.warning("ormbridge: Redis unreachable, reading %s from the database: %s", label, exc)
         return model._default_manager.get(pk=pk)

@@ -3,6 +3,7 @@
 import random
 import threading
 import time
+from decimal import Decimal
 
 import pytest
 from django.db import connection
@@ -11,7 +12,7 @@ import ormbridge
 from ormbridge import relay, store
 from ormbridge.cache import cached_instance, cached_queryset, get_cache, instance_key
 from ormbridge.models import ChangeBatch
-from shop.models import Category, Order, Product, Tag
+from shop.models import Category, DiscountedProduct, Order, Product, Tag
 from tests.factories import make_products
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -182,3 +183,14 @@ def test_a_reader_racing_a_writer_never_leaves_a_stale_value(no_relay):
             thread.join(10)
     assert not errors
     assert stale == []
+
+
+@pytest.mark.parametrize("writer", [Product, DiscountedProduct])
+def test_a_cached_proxy_instance_is_fresh_after_a_write_through_either_class(no_relay, writer):
+    [product] = make_products(1)
+    assert cached_instance(DiscountedProduct, product.pk).price == Decimal("1.00")
+    row = writer.objects.get(pk=product.pk)
+    row.price = Decimal("5.00")
+    row.save()
+    cached = cached_instance(DiscountedProduct, product.pk)
+    assert (type(cached), cached.price) == (DiscountedProduct, Decimal("5.00"))
