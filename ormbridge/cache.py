@@ -41,15 +41,30 @@ M = TypeVar("M", bound=models.Model)
 TOKEN_GRACE = 60
 
 
-def cached_instance(model: type[M], pk: Any) -> M:
+def cached_instance(model: type[M], pk: Any = None, **unique: Any) -> M:
     """The instance of ``model`` with primary key ``pk``, from the cache when fresh.
 
+    Or by the values of a unique field or unique set of fields instead of the
+    pk: ``cached_instance(Category, name="books")``; which pk they name is
+    cached too, until any row of the model changes.
     On a miss the row is loaded with ``model._default_manager`` and cached.
     A proxy's instances have entries of their own (they are of another class)
     under its concrete model's tokens, which every write to the table kills.
-    Raises ``model.DoesNotExist`` like ``get()``, and ``LookupError`` when the
-    model is not registered with ormbridge (nothing would invalidate it).
+
+    Raises:
+        model.DoesNotExist: like ``get()``.
+        LookupError: the model is not registered with ormbridge (nothing would
+            invalidate it).
+        TypeError: neither or both of ``pk`` and a unique lookup given, or the
+            lookup is not unique.
     """
+    if (pk is None) == (not unique):
+        raise TypeError(
+            f"cached_instance({model.__name__}, ...) takes a pk or a unique lookup "
+            "such as name='books', one of the two."
+        )
+    if unique:
+        pk = _pk_of(model, unique)
     timeout = _timeout(model)
     label = model._meta.label_lower
     rows = model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]
@@ -67,6 +82,46 @@ def cached_instance(model: type[M], pk: Any) -> M:
     obj = model._default_manager.get(pk=pk)
     cache.set(entry_key, (tokens, obj), timeout)
     return obj
+
+
+def _pk_of(model: type[models.Model], unique: dict[str, Any]) -> Any:
+    """The pk of the row ``unique`` names, cached under the model's queryset generation."""
+    names = frozenset(unique)
+    if names not in _unique_sets(model):
+        choices = " or ".join(", ".join(sorted(s)) for s in sorted(_unique_sets(model), key=sorted))
+        raise TypeError(
+            f"cached_instance({model.__name__}, {', '.join(sorted(names))}=...): that lookup "
+            f"is not unique on {model._meta.label}; use the pk or: {choices}."
+        )
+    rows = model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]
+    digest = hashlib.sha256(repr(sorted(unique.items())).encode()).hexdigest()
+    entry_key = store.key(model._meta.label_lower, "by", digest)
+    manager = model._default_manager
+    try:
+        tokens = _tokens([store.generation_key(rows)], _timeout(model))
+    except redis.RedisError:
+        return manager.filter(**unique).values_list("pk", flat=True).get()
+    hit: tuple[list[str], Any] | None = get_cache().get(entry_key)
+    if hit is not None and hit[0] == tokens:
+        return hit[1]
+    pk = manager.filter(**unique).values_list("pk", flat=True).get()
+    get_cache().set(entry_key, (tokens, pk), _timeout(model))
+    return pk
+
+
+def _unique_sets(model: type[models.Model]) -> set[frozenset[str]]:
+    """The field-name sets whose values name at most one row of ``model``."""
+    meta = model._meta
+    sets = {frozenset([f.name]) for f in meta.concrete_fields if f.unique}
+    sets |= {frozenset(together) for together in meta.unique_together}
+    for constraint in meta.constraints:
+        if (
+            isinstance(constraint, models.UniqueConstraint)
+            and constraint.condition is None
+            and constraint.fields
+        ):
+            sets.add(frozenset(constraint.fields))
+    return sets
 
 
 def cached_queryset(queryset: models.QuerySet[Any]) -> list[Any]:

@@ -194,3 +194,24 @@ def test_a_cached_proxy_instance_is_fresh_after_a_write_through_either_class(no_
     row.save()
     cached = cached_instance(DiscountedProduct, product.pk)
     assert (type(cached), cached.price) == (DiscountedProduct, Decimal("5.00"))
+
+
+def test_an_instance_is_cached_by_a_unique_field(no_relay, django_assert_num_queries):
+    category = Category.objects.create(name="books")
+    assert cached_instance(Category, name="books") == category
+    with django_assert_num_queries(0):
+        assert cached_instance(Category, name="books").name == "books"
+    category.name = "novels"
+    category.save()
+    with pytest.raises(Category.DoesNotExist):
+        cached_instance(Category, name="books")
+    assert cached_instance(Category, name="novels").pk == category.pk
+
+
+def test_a_lookup_that_is_not_unique_is_refused(no_relay):
+    with pytest.raises(
+        TypeError, match=r"name=\.\.\.\): that lookup is not unique on shop\.Product"
+    ):
+        cached_instance(Product, name="product 1")
+    with pytest.raises(TypeError, match="takes a pk or a unique lookup"):
+        cached_instance(Product, 1, sku="sku-1")
