@@ -138,14 +138,14 @@ def _check_names() -> list[checks.CheckMessage]:
 
 
 def _check_models() -> list[checks.CheckMessage]:
-    from ormbridge.registry import _check_model
+    from ormbridge.registry import Options, _check_model, options_from_settings
 
     entries = settings.MODELS
-    if not isinstance(entries, list | tuple):
+    if not isinstance(entries, list | tuple | dict):
         return [
             checks.Error(
-                f"ORMBRIDGE['MODELS'] must be a list of 'app_label.ModelName' strings, "
-                f"not {entries!r}.",
+                f"ORMBRIDGE['MODELS'] must be a list of 'app_label.ModelName' strings or a "
+                f"dict of them to register() options, not {entries!r}.",
                 id="ormbridge.E006",
             )
         ]
@@ -161,6 +161,20 @@ def _check_models() -> list[checks.CheckMessage]:
                     id="ormbridge.E006",
                 )
             )
+    if isinstance(entries, dict):
+        for label, options in entries.items():
+            try:
+                if not isinstance(options, dict):
+                    raise TypeError(f"its options are {options!r}, not a dict")
+                Options(**options_from_settings(options))
+            except (TypeError, ImportError) as exc:
+                errors.append(
+                    checks.Error(
+                        f"ORMBRIDGE['MODELS'][{label!r}] has bad options: {exc}",
+                        hint=f"Known options: {', '.join(Options.__dataclass_fields__)}.",
+                        id="ormbridge.E006",
+                    )
+                )
     return errors
 
 

@@ -79,9 +79,12 @@ class Settings:
         "Celery queue ormbridge's tasks (resync, sweep) are sent to. Run a worker with "
         "``-Q ormbridge`` (plus your own queues).",
     )
-    MODELS: _Setting[list[str]] = _Setting(
+    MODELS: _Setting[list[str] | dict[str, dict[str, Any]]] = _Setting(
         [],
-        'Models to register at start-up, as ``"app_label.ModelName"`` strings.',
+        'Models to register at start-up: a list of ``"app_label.ModelName"`` strings, or a '
+        "dict of them to ``register()`` options, e.g. "
+        '``{"shop.Product": {"cache_timeout": 600, "payload": "shop.events.product"}}`` '
+        "(callables as dotted paths).",
     )
     CAPTURE: _Setting[str] = _Setting(
         "triggers",

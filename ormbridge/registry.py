@@ -13,6 +13,7 @@ from typing import Any, TypeVar, overload
 
 from django.apps import apps
 from django.db import models
+from django.utils.module_loading import import_string
 
 from ormbridge.conf import settings
 
@@ -124,16 +125,38 @@ def get_model(label: str) -> type[models.Model]:
     return model
 
 
+def settings_entries() -> list[tuple[str, dict[str, Any]]]:
+    """``ORMBRIDGE["MODELS"]`` as ``(label, options)`` pairs: a list of labels, or a dict
+    of label -> ``register()`` options (callables as dotted paths). Malformed: empty."""
+    entries = settings.MODELS
+    if isinstance(entries, dict):
+        return [(label, opts if isinstance(opts, dict) else {}) for label, opts in entries.items()]
+    if isinstance(entries, list | tuple):
+        return [(label, {}) for label in entries]
+    return []
+
+
+def options_from_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """``register()`` options from a ``MODELS`` entry: dotted paths imported.
+
+    Raises:
+        ImportError: a dotted path cannot be imported.
+    """
+    return {
+        name: import_string(value)
+        if name in ("namespaces", "payload") and isinstance(value, str)
+        else value
+        for name, value in options.items()
+    }
+
+
 def register_from_settings() -> None:
     """Register ``ORMBRIDGE["MODELS"]``. Bad entries are skipped here and reported by checks."""
-    entries = settings.MODELS
-    if not isinstance(entries, list | tuple):
-        return
-    for label in entries:
+    for label, options in settings_entries():
         try:
             model = apps.get_model(label)
             _check_model(model)
-        except (LookupError, TypeError, ValueError):
+            if not is_registered(model):
+                register(model, **options_from_settings(options))
+        except (LookupError, TypeError, ValueError, ImportError):
             continue
-        if not is_registered(model):
-            register(model)

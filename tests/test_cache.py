@@ -10,9 +10,9 @@ from django.db import connection
 
 import ormbridge
 from ormbridge import relay, store
-from ormbridge.cache import cached_instance, cached_queryset, get_cache, instance_key
+from ormbridge.cache import TOKEN_GRACE, cached_instance, cached_queryset, get_cache, instance_key
 from ormbridge.models import ChangeBatch
-from shop.models import Category, DiscountedProduct, Order, Product, Tag
+from shop.models import Category, Customer, DiscountedProduct, Order, Product, Tag
 from tests.factories import make_products
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -215,3 +215,14 @@ def test_a_lookup_that_is_not_unique_is_refused(no_relay):
         cached_instance(Product, name="product 1")
     with pytest.raises(TypeError, match="takes a pk or a unique lookup"):
         cached_instance(Product, 1, sku="sku-1")
+
+
+def test_a_models_own_timeout_from_settings_applies_to_its_entries(no_relay):
+    """The example registers Customer through MODELS as a dict with cache_timeout 600."""
+    customer = Customer.objects.create(email="ann@example.com")
+    category = Category.objects.create(name="default timeout")
+    cached_instance(Customer, customer.pk)
+    cached_instance(Category, category.pk)
+    client = store.get_redis()
+    assert 600 < client.ttl(store.token_key("shop.customer", customer.pk)) <= 600 + TOKEN_GRACE
+    assert client.ttl(store.token_key("shop.category", category.pk)) > 3600  # CACHE_TIMEOUT

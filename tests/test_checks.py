@@ -111,6 +111,21 @@ def test_models_must_name_concrete_models(settings, entry):
     assert entry in message.msg
 
 
+@pytest.mark.parametrize(
+    "options,named",
+    [
+        ({"cache_timeot": 60}, "cache_timeot"),
+        ({"payload": "shop.nowhere.payload"}, "shop.nowhere"),
+        ("fast", "'fast'"),
+    ],
+)
+def test_models_as_a_dict_must_give_known_options(settings, options, named):
+    configure(settings, MODELS={"shop.Order": {"cache_timeout": 60}, "shop.Tag": options})
+    [message] = check_settings()
+    assert message.id == "ormbridge.E006"
+    assert "shop.Tag" in message.msg and named in message.msg
+
+
 def test_emitters_must_import(settings):
     configure(settings, EMITTERS=["ormbridge.broadcast.NoSuchEmitter"])
     assert ids(settings) == ["ormbridge.E007"]

@@ -7,12 +7,18 @@ from django.db.models.signals import m2m_changed, post_delete, post_save, pre_de
 
 import ormbridge
 from ormbridge import registry
-from shop.models import Category, DiscountedProduct, Order, Product, Tag
+from shop.models import Category, Customer, DiscountedProduct, Order, Product, Tag
 from tests.factories import log_mark, logged_since
 
 
 def test_models_listed_in_settings_are_registered():
-    assert all(registry.is_registered(m) for m in (Category, Tag, Order))
+    assert all(registry.is_registered(m) for m in (Category, Tag, Order, Customer))
+
+
+def test_models_given_as_a_dict_in_settings_get_their_options():
+    """The example lists Customer as {"shop.Customer": {"cache_timeout": 600}}."""
+    assert registry.options(Customer).cache_timeout == 600
+    assert registry.options(Category).cache_timeout is None
 
 
 def test_decorator_registers_the_class_and_returns_it():

@@ -82,8 +82,9 @@ CACHES = {
 
 ORMBRIDGE = {
     "REDIS_URL": REDIS_URL,
-    # Product, Tag and Order register themselves with @ormbridge.register; these by name.
-    "MODELS": ["shop.Category", "shop.Customer"],
+    # Product, Tag and Order register themselves with @ormbridge.register; these by name,
+    # with register()'s options.
+    "MODELS": {"shop.Category": {}, "shop.Customer": {"cache_timeout": 600}},
 }
 
 
