@@ -122,12 +122,14 @@ def clean_log(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(autouse=True)
 def clean_redis(redis_servers: dict[str, RedisServer], clean_log: None) -> Iterator[None]:
-    """Each test starts with empty ormbridge and cache servers (the broker is left alone)."""
+    """Each test starts with empty ormbridge and cache servers (the broker is left alone),
+    and with the commit path's circuit breaker closed."""
     for name in ("ormbridge", "cache"):
         if redis_servers[name].process is None:
             redis_servers[name].start()
     store.get_redis().flushall()
     get_cache().clear()
+    store.breaker.reset()
     yield
     for server in redis_servers.values():
         if server.process is None:  # a test stopped it
