@@ -272,7 +272,7 @@ def run(
                 _tell(on_rows, len(pks))
     job.planned = True
     job.save(update_fields=["planned"])
-    finish_if_complete(job.pk)
+    ResyncJob.finish_if_complete(job.pk)
 
 
 def _lease() -> Any:
@@ -291,13 +291,6 @@ def _deliver_here(batch_id: int, owner: str) -> None:
     if result.failed:
         error = ChangeBatch.objects.filter(id=batch_id).values_list("last_error", flat=True)
         raise ResyncError(f"chunk {batch_id} could not be delivered: {error.first()}")
-
-
-def finish_if_complete(job_id: int) -> bool:
-    """Mark the job done if it is fully planned and every chunk delivered."""
-    from ormbridge.models import ResyncJob
-
-    return ResyncJob.finish_if_complete(job_id)
 
 
 def rows_done(job: ResyncJob) -> int:
@@ -327,7 +320,7 @@ def wait(
         done = rows_done(job)
         _tell(on_rows, done - seen)
         seen = done
-        if job.state == ResyncJob.State.DONE or finish_if_complete(job.pk):
+        if job.state == ResyncJob.State.DONE or ResyncJob.finish_if_complete(job.pk):
             _tell(on_rows, rows_done(job) - seen)
             return
         time.sleep(poll)
