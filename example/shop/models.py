@@ -42,6 +42,13 @@ class DiscountedProduct(Product):
         proxy = True
 
 
+@ormbridge.register
+class DigitalProduct(Product):
+    """Multi-table inheritance: its rows span two tables, both captured."""
+
+    download_url = models.URLField(blank=True)
+
+
 class Customer(models.Model):
     email = models.EmailField(unique=True)
 
