@@ -20,14 +20,17 @@ if TYPE_CHECKING:
         safe_bulk_update,
         safe_bulk_update_objects,
     )
-    from ormbridge.cache import cached_instance, cached_queryset
+    from ormbridge.cache import cached_instance
+    from ormbridge.querysets import CachedManager, CachedQuerySet, cached_queryset
     from ormbridge.registry import register
 
 _SOURCES = {
     "BulkOperationFailed": "ormbridge.bulk",
     "BulkResult": "ormbridge.bulk",
+    "CachedManager": "ormbridge.querysets",
+    "CachedQuerySet": "ormbridge.querysets",
     "cached_instance": "ormbridge.cache",
-    "cached_queryset": "ormbridge.cache",
+    "cached_queryset": "ormbridge.querysets",
     "invalidate": "ormbridge.buffer",
     "register": "ormbridge.registry",
     "safe_bulk_create": "ormbridge.bulk",
@@ -39,6 +42,8 @@ _SOURCES = {
 __all__ = [
     "BulkOperationFailed",
     "BulkResult",
+    "CachedManager",
+    "CachedQuerySet",
     "cached_instance",
     "cached_queryset",
     "invalidate",

@@ -1,18 +1,24 @@
-"""A dependency-tracked cache of instances and querysets, kept fresh by ormbridge.
+"""A dependency-tracked cache of instances, querysets and values, kept fresh by ormbridge.
 
-Entries live in the Django cache ``ORMBRIDGE["CACHE_ALIAS"]``. Each entry is
-stored with the tokens it depends on, read from ormbridge's Redis *before*
-the database is read; an invalidation deletes those tokens (and the entries).
-An entry is served only while its tokens are still current, so a reader that
-loaded old data before a write committed cannot make that data live again by
-storing it after the invalidation ran (the stale-set race; cf. "Scaling
-Memcache at Facebook", NSDI 2013).
+Entries live in ormbridge's Redis, next to the tokens they depend on. An
+entry starts with the *stamp* of its tokens (the server's run id and each
+token's value); a read is one script call that ensures the tokens and returns
+the entry only when its stamp is still theirs. An invalidation deletes tokens,
+so a reader that loaded old data before a write committed cannot make it live
+again by storing it after the invalidation ran: it stores under the old stamp,
+which no later read produces (the stale-set race; cf. "Scaling Memcache at
+Facebook", NSDI 2013).
 
-- an instance depends on its row token and its model's epoch token;
-- a queryset depends on the generation token of every model it reads, so any
-  change to one of them invalidates all its cached querysets in O(1);
-- both depend on the incarnation of ormbridge's Redis (its run id), so a
-  restart from an old snapshot or a failover cannot revive deleted tokens.
+- an instance depends on its row's token and its model's epoch token, for
+  every table of its parent chain (multi-table inheritance);
+- anything else depends on the generation token of every model it reads, so
+  any change to one of them invalidates all of them in O(1);
+- every stamp leads with the Redis server's run id, so a restart from an old
+  snapshot or a failover cannot revive deleted tokens.
+
+A read inside a transaction whose snapshot may predate a flush, or on a
+replica, is served from the cache but never stored: what it loaded may be
+older than the last invalidation (see :func:`storable`).
 """
 
 from __future__ import annotations
@@ -21,13 +27,16 @@ import functools
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
+import pickle
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import redis
 from django.apps import apps
-from django.core.cache import BaseCache, caches
-from django.db import models
+from django.core.exceptions import EmptyResultSet, FieldDoesNotExist
+from django.db import DEFAULT_DB_ALIAS, connections, models, router
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models.constants import LOOKUP_SEP
 from django.db.models.sql import Query
 
 from ormbridge import registry, store
@@ -36,9 +45,12 @@ from ormbridge.conf import settings
 logger = logging.getLogger("ormbridge")
 
 M = TypeVar("M", bound=models.Model)
+T = TypeVar("T")
 
 # Tokens outlive the entries stored under them by this many seconds.
 TOKEN_GRACE = 60
+# What an entry's unpickling may raise when the code changed since it was stored.
+STALE_PICKLE = (pickle.UnpicklingError, AttributeError, ImportError, EOFError, TypeError)
 
 
 def cached_instance(model: type[M], pk: Any = None, **unique: Any) -> M:
@@ -50,6 +62,7 @@ def cached_instance(model: type[M], pk: Any = None, **unique: Any) -> M:
     On a miss the row is loaded with ``model._default_manager`` and cached.
     A proxy's instances have entries of their own (they are of another class)
     under its concrete model's tokens, which every write to the table kills.
+    A multi-table child's entry also depends on its parents' rows.
 
     Raises:
         model.DoesNotExist: like ``get()``.
@@ -65,23 +78,168 @@ def cached_instance(model: type[M], pk: Any = None, **unique: Any) -> M:
         )
     if unique:
         pk = _pk_of(model, unique)
-    timeout = _timeout(model)
-    label = model._meta.label_lower
-    rows = model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]
+    timeout = timeout_of(model)
+    manager = model._default_manager
     pk = model._meta.pk.to_python(pk)
-    entry_key = instance_key(label, pk)
+    return _read(
+        instance_key(model._meta.label_lower, pk),
+        _instance_tokens(model, pk),
+        [label_of(model)],
+        timeout,
+        lambda: manager.get(pk=pk),
+        storable(manager.db, model),
+    )
+
+
+def read_through(
+    name: str,
+    labels: Sequence[str],
+    load: Callable[[], T],
+    timeout: int | None,
+    using: str | None = None,
+    model: type[models.Model] | None = None,
+) -> T:
+    """``load()``'s result, cached under ``name`` until a row of any of ``labels`` changes.
+
+    ``name`` is any text (it is hashed); ``labels`` come from :func:`dependencies`;
+    the result must be picklable. ``using`` and ``model``: the database ``load``
+    reads and for which model, if known (see :func:`storable`). Hits, misses and
+    stores are counted for ``model``, or for each of ``labels`` without one.
+    """
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    return _read(
+        store.key("entry", digest),
+        [store.generation_key(label) for label in labels],
+        [label_of(model)] if model is not None else list(labels),
+        timeout,
+        load,
+        storable(using, model),
+    )
+
+
+def dependencies(*sources: type[models.Model] | models.QuerySet[Any]) -> list[str]:
+    """Sorted labels of the registered models that ``sources`` (models or querysets) read.
+
+    A queryset reads its joins, subqueries and prefetched relations; a proxy or a
+    multi-table child reads its concrete tables.
+
+    Raises:
+        LookupError: a source reads a model that is not registered with ormbridge.
+        TypeError: a source is neither a model nor a queryset, or prefetches
+            something ormbridge cannot follow.
+    """
+    labels: set[str] = set()
+    for source in sources:
+        if isinstance(source, models.QuerySet):
+            labels.update(queryset_dependencies(source))
+        elif isinstance(source, type) and issubclass(source, models.Model):
+            if not registry.is_registered(source):
+                raise LookupError(
+                    f"{source._meta.label} is not registered with ormbridge, so its changes "
+                    "would not invalidate what is cached against it."
+                )
+            labels.update(label_of(m) for m in [source, *source._meta.get_parent_list()])
+        else:
+            raise TypeError(
+                f"ormbridge caches against models and querysets, not {source!r} "
+                f"({type(source).__name__})."
+            )
+    return sorted(labels)
+
+
+def default_timeout(labels: Iterable[str]) -> int | None:
+    """The shortest timeout of the models in ``labels`` (``CACHE_TIMEOUT`` without any)."""
+    timeouts = [timeout_of(apps.get_model(label)) for label in labels]
+    finite = [t for t in timeouts if t is not None]
+    if finite:
+        return min(finite)
+    return None if timeouts else settings.CACHE_TIMEOUT
+
+
+def storable(using: str | None, model: type[models.Model] | None = None) -> bool:
+    """Whether what a read on ``using`` loads may be stored.
+
+    Not inside a transaction whose snapshot may be older than the last
+    invalidation (REPEATABLE READ or SERIALIZABLE; SQLite in WAL mode), and not
+    from a database the router sends ``model``'s reads to but not its writes (a
+    replica may lag behind the flush). ``using=None``: any open connection of
+    this thread.
+    """
+    if using is None:
+        return not any(_in_snapshot(c) for c in connections.all(initialized_only=True))
+    if _in_snapshot(connections[using]):
+        return False
+    return model is None or (router.db_for_write(model) or DEFAULT_DB_ALIAS) == using
+
+
+def _in_snapshot(connection: BaseDatabaseWrapper) -> bool:
+    if not connection.in_atomic_block:
+        return False
+    if connection.vendor == "sqlite":
+        options = connection.settings_dict.get("OPTIONS", {})
+        return "wal" in str(options.get("init_command", "")).lower()
+    level = getattr(connection, "isolation_level", None)
+    name = str(getattr(level, "name", level) or "").lower().replace("_", " ")
+    return name in ("repeatable read", "serializable")
+
+
+def _read(
+    entry_key: str,
+    token_keys: list[str],
+    labels: list[str],
+    timeout: int | None,
+    load: Callable[[], T],
+    store_it: bool,
+) -> T:
+    """One round trip on a hit; the load and a second round trip to store on a miss."""
+    client = store.entries_redis()
+    stats = [store.stats_key(label) for label in labels]
+    ttl = 0 if timeout is None else int(timeout) + TOKEN_GRACE
     try:
-        tokens = _tokens([store.epoch_key(rows), store.token_key(rows, pk)], timeout)
+        run_id = store.incarnation(client)
+        found, data = store.script(store.READ_ENTRY, client)(
+            keys=[entry_key, *stats, *token_keys],
+            args=[os.urandom(8).hex(), ttl, run_id, len(stats)],
+        )
     except redis.RedisError as exc:
-        logger.warning("ormbridge: Redis unreachable, reading %s from the database: %s", label, exc)
-        return model._default_manager.get(pk=pk)
-    cache = get_cache()
-    hit: tuple[list[str], M] | None = cache.get(entry_key)
-    if hit is not None and hit[0] == tokens:
-        return hit[1]
-    obj = model._default_manager.get(pk=pk)
-    cache.set(entry_key, (tokens, obj), timeout)
-    return obj
+        logger.warning("ormbridge: Redis unreachable, reading the database: %s", exc)
+        return load()
+    if found:
+        try:
+            value: T = pickle.loads(data)
+            return value
+        except STALE_PICKLE:
+            pass
+    value = load()
+    # A reconnection during the read may have reached another incarnation.
+    if store_it and client.run_id == run_id:
+        try:
+            store.script(store.STORE_ENTRY, client)(
+                keys=[entry_key, *stats],
+                args=[data + pickle.dumps(value, pickle.HIGHEST_PROTOCOL), timeout or 0],
+            )
+        except redis.RedisError as exc:
+            logger.warning("ormbridge: Redis unreachable, %s not cached: %s", entry_key, exc)
+    return value
+
+
+def _instance_tokens(model: type[models.Model], pk: Any) -> list[str]:
+    """Row and epoch tokens of every table along the pk's parent links; the
+    generation of any other parent (multiple inheritance)."""
+    keys: list[str] = []
+    chain: list[type[models.Model]] = []
+    current: type[models.Model] | None = model._meta.concrete_model
+    while current is not None:
+        chain.append(current)
+        label = current._meta.label_lower
+        keys += [store.epoch_key(label), store.token_key(label, pk)]
+        link = current._meta.pk
+        parent_link = link is not None and link.remote_field and link.remote_field.parent_link
+        current = link.related_model if parent_link else None
+    for parent in model._meta.get_parent_list():
+        if parent not in chain:
+            keys.append(store.generation_key(parent._meta.label_lower))
+    return keys
 
 
 def _pk_of(model: type[models.Model], unique: dict[str, Any]) -> Any:
@@ -93,20 +251,16 @@ def _pk_of(model: type[models.Model], unique: dict[str, Any]) -> Any:
             f"cached_instance({model.__name__}, {', '.join(sorted(names))}=...): that lookup "
             f"is not unique on {model._meta.label}; use the pk or: {choices}."
         )
-    rows = model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]
-    digest = hashlib.sha256(repr(sorted(unique.items())).encode()).hexdigest()
-    entry_key = store.key(model._meta.label_lower, "by", digest)
     manager = model._default_manager
-    try:
-        tokens = _tokens([store.generation_key(rows)], _timeout(model))
-    except redis.RedisError:
-        return manager.filter(**unique).values_list("pk", flat=True).get()
-    hit: tuple[list[str], Any] | None = get_cache().get(entry_key)
-    if hit is not None and hit[0] == tokens:
-        return hit[1]
-    pk = manager.filter(**unique).values_list("pk", flat=True).get()
-    get_cache().set(entry_key, (tokens, pk), _timeout(model))
-    return pk
+    digest = hashlib.sha256(repr(sorted(unique.items())).encode()).hexdigest()
+    return _read(
+        store.key(model._meta.label_lower, "by", digest),
+        [store.generation_key(label) for label in dependencies(model)],
+        [label_of(model)],
+        timeout_of(model),
+        lambda: manager.filter(**unique).values_list("pk", flat=True).get(),
+        storable(manager.db, model),
+    )
 
 
 def _unique_sets(model: type[models.Model]) -> set[frozenset[str]]:
@@ -124,54 +278,22 @@ def _unique_sets(model: type[models.Model]) -> set[frozenset[str]]:
     return sets
 
 
-def cached_queryset(queryset: models.QuerySet[Any]) -> list[Any]:
-    """The rows of ``queryset`` as a list, from the cache when fresh.
-
-    Cached per database and SQL; invalidated by a change to any model the
-    query reads (joins and subqueries included). Raises ``LookupError`` when
-    the query reads a model that is not registered with ormbridge.
-    """
-    labels = sorted(_dependencies(queryset))
-    timeout = _timeout(queryset.model)
-    query = queryset.query.clone()
-    sql, params = query.get_compiler(using=queryset.db).as_sql()
-    digest = hashlib.sha256(f"{queryset.db}\0{sql}\0{params!r}".encode()).hexdigest()
-    entry_key = store.key("qs", digest)
-    try:
-        tokens = _tokens([store.generation_key(label) for label in labels], timeout)
-    except redis.RedisError as exc:
-        logger.warning("ormbridge: Redis unreachable, reading the database: %s", exc)
-        return list(queryset.all())
-    cache = get_cache()
-    hit: tuple[list[str], list[Any]] | None = cache.get(entry_key)
-    if hit is not None and hit[0] == tokens:
-        return hit[1]
-    rows = list(queryset.all())  # a fresh clone: the queryset may hold old results
-    cache.set(entry_key, (tokens, rows), timeout)
-    return rows
-
-
-def get_cache() -> BaseCache:
-    return caches[settings.CACHE_ALIAS]
-
-
 def instance_key(label: str, pk: Any) -> str:
-    """The Django-cache key of a cached instance."""
+    """The Redis key of a cached instance."""
     return store.key(label, "obj", pk)
 
 
 def forget(model: type[models.Model], pks: Iterable[str], pipe: redis.client.Pipeline) -> int:
     """Invalidate the cached instances of ``pks`` (as text) and the model's querysets.
 
-    The token deletions are queued on ``pipe`` (the caller executes it); the
-    entries are deleted from the Django cache in one call. Returns how many
+    Queued on ``pipe`` (the caller executes it). Returns how many instance
     entries were asked to be deleted.
     """
     label = model._meta.label_lower
     pks = list(pks)
     if pks:
         pipe.delete(*(store.token_key(label, pk) for pk in pks))
-        get_cache().delete_many([instance_key(label, pk) for pk in pks])
+        pipe.delete(*(instance_key(label, pk) for pk in pks))
     pipe.delete(store.generation_key(label))
     return len(pks)
 
@@ -182,37 +304,128 @@ def forget_all(model: type[models.Model], pipe: redis.client.Pipeline) -> None:
     pipe.delete(store.epoch_key(label), store.generation_key(label))
 
 
-def _timeout(model: type[models.Model]) -> int | None:
+def label_of(model: type[models.Model]) -> str:
+    """The label whose tokens a model's rows use: its concrete model's."""
+    return model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]  # always set
+
+
+def timeout_of(model: type[models.Model]) -> int | None:
+    """Seconds the model's entries live: its ``cache_timeout``, else ``CACHE_TIMEOUT``."""
     own = registry.options(model).cache_timeout
     return settings.CACHE_TIMEOUT if own is None else own
 
 
-def _tokens(keys: list[str], timeout: int | None) -> list[str]:
-    """The tokens of ``keys`` (created if missing), led by the Redis server's run id.
-
-    A Redis restored from a snapshot, or a replica promoted in its place, brings
-    back tokens that were deleted since; its new run id still tells every entry
-    stored before apart.
-    """
-    ttl = 0 if timeout is None else int(timeout) + TOKEN_GRACE
-    tokens = store.script(store.ENSURE_TOKENS)(keys=keys, args=[os.urandom(8).hex(), ttl])
-    return [store.get_redis().run_id, *tokens]
+# -- querysets: what a query reads, and what names its result
 
 
-def _dependencies(queryset: models.QuerySet[Any]) -> set[str]:
-    """Labels of the registered models whose tables ``queryset`` reads."""
-    query = queryset.query.clone()
-    query.get_compiler(using=queryset.db).as_sql()  # resolves joins into alias_map
+class Compiled:
+    """A queryset's SQL and what it depends on, computed once per read."""
+
+    def __init__(self, queryset: models.QuerySet[Any]) -> None:
+        query = queryset.query.clone()
+        self.sql, self.params = query.get_compiler(using=queryset.db).as_sql()
+        prefetched = [_prefetch_key(lookup) for lookup in queryset._prefetch_related_lookups]  # type: ignore[attr-defined]
+        self.labels = _labels_of(queryset, query, self.sql, prefetched)
+        self.key = "\0".join(
+            [
+                queryset.db,
+                self.sql,
+                repr(self.params),
+                queryset._iterable_class.__qualname__,
+                repr(queryset._fields),  # type: ignore[attr-defined]
+                *prefetched,
+            ]
+        )
+
+
+def compile_queryset(queryset: models.QuerySet[Any]) -> Compiled | None:
+    """The queryset's SQL, key and dependencies; None when it matches nothing by
+    construction (``filter(pk__in=[])``) or locks rows: such reads are not cached."""
+    if queryset.query.select_for_update:
+        return None
+    try:
+        return Compiled(queryset)
+    except EmptyResultSet:
+        return None
+
+
+def queryset_dependencies(queryset: models.QuerySet[Any]) -> set[str]:
+    """Labels of the registered models ``queryset`` reads, prefetches included."""
+    compiled = compile_queryset(queryset)
+    if compiled is not None:
+        return set(compiled.labels)
+    return {label_of(queryset.model)} | _prefetch_labels(queryset)
+
+
+_labels_by_sql: dict[tuple[str, str], tuple[str, ...]] = {}
+registry.on_change(_labels_by_sql.clear)
+
+
+def _labels_of(
+    queryset: models.QuerySet[Any], compiled: Query, sql: str, prefetched: list[str]
+) -> tuple[str, ...]:
+    """Dependencies of a compiled query: remembered per SQL text (it names every table)."""
+    memo = (queryset.db, "\0".join([sql, *prefetched]))
+    labels = _labels_by_sql.get(memo)
+    if labels is None:
+        found = _table_labels(_tables(compiled, queryset.db), "cached querysets")
+        labels = tuple(sorted(found | _prefetch_labels(queryset)))
+        if len(_labels_by_sql) > 4096:
+            _labels_by_sql.clear()
+        _labels_by_sql[memo] = labels
+    return labels
+
+
+def _table_labels(tables: Iterable[str], what: str) -> set[str]:
     owners = _table_owners()
     labels: set[str] = set()
-    for table in _tables(query, queryset.db):
+    for table in tables:
         for label in owners.get(table, ()):
             if not registry.is_registered(apps.get_model(label)):
                 raise LookupError(
-                    f"cached_queryset(): the query reads {label}, which is not registered "
-                    "with ormbridge, so its changes would not invalidate the cached rows."
+                    f"{what}: the query reads {label}, which is not registered with "
+                    "ormbridge, so its changes would not invalidate the cached result."
                 )
             labels.add(label)
+    return labels
+
+
+def _prefetch_key(lookup: Any) -> str:
+    """A prefetch lookup as text: its path, and the SQL of a ``Prefetch`` queryset."""
+    if not isinstance(lookup, models.Prefetch):
+        return str(lookup)
+    inner = lookup.queryset
+    compiled = compile_queryset(inner) if inner is not None else None
+    return f"{lookup.prefetch_to}={compiled.key if compiled else inner!r}"
+
+
+def _prefetch_labels(queryset: models.QuerySet[Any]) -> set[str]:
+    """Models read by ``queryset``'s ``prefetch_related`` lookups (TypeError if unknowable)."""
+    labels: set[str] = set()
+    for lookup in queryset._prefetch_related_lookups:  # type: ignore[attr-defined]
+        path = lookup.prefetch_through if isinstance(lookup, models.Prefetch) else lookup
+        if isinstance(lookup, models.Prefetch) and lookup.queryset is not None:
+            labels |= queryset_dependencies(lookup.queryset)
+        model = queryset.model
+        for part in path.split(LOOKUP_SEP):
+            try:
+                field = model._meta.get_field(part)
+            except FieldDoesNotExist:
+                field = None
+            related: Any = getattr(field, "related_model", None)
+            if field is None or not field.is_relation or related is None:
+                raise TypeError(
+                    f"prefetch_related({path!r}) on {queryset.model._meta.label}: {part!r} is "
+                    f"not a relation ormbridge can follow on {model._meta.label} (a generic "
+                    "foreign key or an attribute), so it cannot tell which rows the cached "
+                    "result holds; prefetch after reading from the cache instead."
+                )
+            tables = [related._meta.db_table]
+            if field.many_to_many:
+                through: Any = getattr(field, "through", None) or field.remote_field.through
+                tables.append(through._meta.db_table)
+            labels |= _table_labels(tables, f"prefetch_related({path!r})")
+            model = related
     return labels
 
 

@@ -20,6 +20,13 @@ def register_checks() -> None:
     checks.register(check_triggers, "ormbridge", checks.Tags.database)
 
 
+# Keys earlier versions read, and what replaced them.
+RETIRED = {
+    "CACHE_ALIAS": "Cache entries live in ormbridge's own Redis (REDIS_URL) next to their "
+    "tokens, so a hit is one round trip; remove CACHE_ALIAS.",
+}
+
+
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Validate ``settings.ORMBRIDGE``; one message per problem."""
     user = getattr(django_settings, "ORMBRIDGE", {})
@@ -36,11 +43,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         errors.append(
             checks.Warning(
                 f"ORMBRIDGE has an unknown key {name!r}; it is ignored.",
-                hint=f"Known keys: {', '.join(settings.names())}.",
+                hint=RETIRED.get(name, f"Known keys: {', '.join(settings.names())}."),
                 id="ormbridge.W001",
             )
         )
-    errors += _check_redis_url() + _check_cache() + _check_numbers() + _check_names()
+    errors += _check_redis_url() + _check_numbers() + _check_names()
     errors += _check_models() + _check_emitters() + _check_serializer() + _check_capture()
     return errors
 
@@ -56,31 +63,6 @@ def _check_redis_url() -> list[checks.CheckMessage]:
             id="ormbridge.E002",
         )
     ]
-
-
-def _check_cache() -> list[checks.CheckMessage]:
-    alias = settings.CACHE_ALIAS
-    caches = getattr(django_settings, "CACHES", {})
-    if alias not in caches:
-        return [
-            checks.Error(
-                f"ORMBRIDGE['CACHE_ALIAS'] is {alias!r}, which is not in CACHES.",
-                hint=f"Use one of: {', '.join(caches) or '(none defined)'}.",
-                id="ormbridge.E003",
-            )
-        ]
-    backend = caches[alias].get("BACKEND", "")
-    if backend.endswith(("LocMemCache", "DummyCache")):
-        return [
-            checks.Warning(
-                f"The cache {alias!r} ({backend}) is private to each process, so "
-                "invalidations run by Celery workers cannot reach it.",
-                hint="Point ORMBRIDGE['CACHE_ALIAS'] at a shared cache such as "
-                "django.core.cache.backends.redis.RedisCache.",
-                id="ormbridge.W002",
-            )
-        ]
-    return []
 
 
 def _check_numbers() -> list[checks.CheckMessage]:

@@ -51,13 +51,7 @@ class Settings:
     )
     KEY_PREFIX: _Setting[str] = _Setting(
         "ormbridge",
-        "Prefix of every Redis key and cache key ormbridge writes.",
-    )
-    CACHE_ALIAS: _Setting[str] = _Setting(
-        "default",
-        "Alias in ``settings.CACHES`` of the cache that holds cached instances "
-        "and querysets. Must be shared by web processes and workers (not "
-        "LocMemCache).",
+        "Prefix of every Redis key ormbridge writes: tokens, cache entries, streams, counters.",
     )
     CACHE_TIMEOUT: _Setting[int | None] = _Setting(
         3600,

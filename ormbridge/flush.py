@@ -82,8 +82,8 @@ def _emit(
 def invalidate(model: type[models.Model], pks: list[str], everything: bool = False) -> int:
     """Delete the cache tokens and entries of ``pks`` (as text), or of every row.
 
-    Two round trips whatever the number of rows: one Redis pipeline, one
-    ``delete_many`` on the Django cache. Returns the number of entries deleted.
+    One Redis pipeline whatever the number of rows. Returns the number of
+    instance entries deleted.
     """
     pipe = store.get_redis().pipeline(transaction=False)
     entries = cache.forget(model, pks, pipe)

@@ -4,6 +4,8 @@ Redis is a cache of the change log (the database is the truth): it may be
 emptied, restored or failed over at any time. Every key is built here, under
 ``ORMBRIDGE["KEY_PREFIX"]``. Per model (``label`` is ``app_label.modelname``):
 
+``{prefix}:{label}:obj:<pk>``         cached instance: its tokens' stamp, then a pickle
+``{prefix}:entry:<sha256>``           cached queryset, value or fragment, the same way
 ``{prefix}:{label}:tok:<pk>``         token of a cached instance (deleted on change)
 ``{prefix}:{label}:epoch``            token of all cached instances of the model
 ``{prefix}:{label}:gen``              token of all cached querysets reading the model
@@ -44,6 +46,11 @@ def get_redis() -> Client:
     return _client(settings.REDIS_URL, 2.0, 5.0)
 
 
+def entries_redis() -> Client:
+    """A client of the same server that answers bytes: cache entries hold pickles."""
+    return _client(settings.REDIS_URL, 2.0, 5.0, decode=False)
+
+
 def commit_redis() -> Client:
     """The client of the commit path: timeouts of ``COMMIT_TIMEOUT`` seconds."""
     timeout = float(settings.COMMIT_TIMEOUT)
@@ -51,14 +58,14 @@ def commit_redis() -> Client:
 
 
 @functools.lru_cache(maxsize=8)
-def _client(url: str, connect_timeout: float, timeout: float) -> Client:
+def _client(url: str, connect_timeout: float, timeout: float, decode: bool = True) -> Client:
     holder: list[Client] = []
 
     def on_connect(connection: AbstractConnection) -> None:
         connection.on_connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
         connection.send_command("INFO", "server")  # type: ignore[no-untyped-call]  # same
         info = connection.read_response()
-        text = info.decode() if isinstance(info, bytes) else str(info)
+        text = info.decode() if isinstance(info, bytes) else str(info)  # INFO is text
         for line in text.splitlines():
             if line.startswith("run_id:"):
                 holder[0].run_id = line.partition(":")[2].strip()
@@ -68,16 +75,16 @@ def _client(url: str, connect_timeout: float, timeout: float) -> Client:
         url,
         socket_connect_timeout=connect_timeout,
         socket_timeout=timeout,
-        decode_responses=True,
+        decode_responses=decode,
         redis_connect_func=on_connect,
     )
     holder.append(client)
     return client
 
 
-def incarnation() -> str:
-    """The run id of the server ``get_redis()`` is connected to (connects if needed)."""
-    client = get_redis()
+def incarnation(client: Client | None = None) -> str:
+    """The run id of the server ``client`` (``get_redis()``) talks to; connects if needed."""
+    client = client or get_redis()
     if not client.run_id:
         client.ping()
     return client.run_id
@@ -163,9 +170,61 @@ return out
 """
 
 
-def script(source: str) -> Any:
-    """A registered script on the current client (cached per client and source)."""
-    return _script(get_redis(), source)
+# KEYS: the entry, then ARGV[4] stats hashes, then the entry's token keys.
+# ARGV: nonce, token ttl (0 = none), the server's run id, number of stats hashes.
+# Ensures the tokens like ENSURE_TOKENS; the entry is a hit when it starts with
+# their stamp (run id and tokens). Counts the hit or miss. Returns {1, pickle}
+# on a hit, {0, stamp} on a miss: the stamp to store the loaded value under.
+READ_ENTRY = """
+local ttl = tonumber(ARGV[2])
+local stats = tonumber(ARGV[4])
+local parts = {ARGV[3]}
+for i = 2 + stats, #KEYS do
+  local k = KEYS[i]
+  local v
+  if ttl > 0 then
+    v = redis.call('GETEX', k, 'EX', ttl)
+  else
+    v = redis.call('GET', k)
+  end
+  if not v then
+    v = ARGV[1] .. '.' .. i
+    if ttl > 0 then
+      redis.call('SET', k, v, 'EX', ttl)
+    else
+      redis.call('SET', k, v)
+    end
+  end
+  parts[#parts + 1] = v
+end
+local stamp = table.concat(parts, ' ') .. '\\n'
+local entry = redis.call('GET', KEYS[1])
+local hit = entry and string.sub(entry, 1, #stamp) == stamp
+for i = 2, 1 + stats do
+  redis.call('HINCRBY', KEYS[i], hit and 'hits' or 'misses', 1)
+end
+if hit then
+  return {1, string.sub(entry, #stamp + 1)}
+end
+return {0, stamp}
+"""
+
+# KEYS: the entry, then stats hashes. ARGV: stamp and pickle, timeout (0 = none).
+STORE_ENTRY = """
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+for i = 2, #KEYS do
+  redis.call('HINCRBY', KEYS[i], 'stores', 1)
+end
+"""
+
+
+def script(source: str, client: Client | None = None) -> Any:
+    """A registered script on ``client`` (``get_redis()``), cached per client and source."""
+    return _script(client or get_redis(), source)
 
 
 @functools.lru_cache(maxsize=32)

@@ -18,7 +18,6 @@ import redis
 from django.db import connection
 
 from ormbridge import capture, store
-from ormbridge.cache import get_cache
 from ormbridge.models import ChangeBatch
 from tests import settings
 
@@ -128,7 +127,6 @@ def clean_redis(redis_servers: dict[str, RedisServer], clean_log: None) -> Itera
         if redis_servers[name].process is None:
             redis_servers[name].start()
     store.get_redis().flushall()
-    get_cache().clear()
     store.breaker.reset()
     yield
     for server in redis_servers.values():

@@ -5,6 +5,8 @@ from decimal import Decimal
 
 from django.db.models import Max, QuerySet
 
+from ormbridge import store
+from ormbridge.cache import instance_key
 from ormbridge.models import ChangeBatch
 from shop.models import Category, Product
 
@@ -48,3 +50,9 @@ def wait_delivered(timeout: float = 120) -> None:
     from tests.conftest import wait_until
 
     wait_until(lambda: not undelivered().exists(), timeout, "the relay to deliver the change log")
+
+
+def cached_entry(label: str, pk: object) -> bytes | None:
+    """The raw Redis value of an instance's cache entry (None when there is none)."""
+    value: bytes | None = store.entries_redis().get(instance_key(label, pk))
+    return value

@@ -9,12 +9,12 @@ from django.db.models import Count, F, ProtectedError
 
 import ormbridge
 from ormbridge import signals, store
-from ormbridge.cache import cached_instance, get_cache, instance_key
+from ormbridge.cache import cached_instance
 from ormbridge.conf import settings as ormbridge_settings
 from shop.models import Category, Customer, Order, Product
 from tests import emitters, replays
 from tests.conftest import wait_until
-from tests.factories import log_mark, logged_since, make_products, wait_delivered
+from tests.factories import cached_entry, log_mark, logged_since, make_products, wait_delivered
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -75,9 +75,8 @@ def test_update_replays_one_post_save_per_matching_row(worker, bulk_signals):
     assert len(pre) == len(post) == result.chunks > 1
     assert sorted(pk for s in post for pk in s[2]) == [p.pk for p in matching]
     assert {s[3] for s in post} == {frozenset({"price"})}
-    cache = get_cache()
-    assert all(cache.get(instance_key("shop.product", p.pk)) is None for p in matching[::1000])
-    assert all(cache.get(instance_key("shop.product", p.pk)) is not None for p in others[:20])
+    assert all(cached_entry("shop.product", p.pk) is None for p in matching[::1000])
+    assert all(cached_entry("shop.product", p.pk) is not None for p in others[:20])
     logged = list(logged_since(mark))
     assert [row.id for row in logged] == result.batch_ids  # the triggers logged nothing more
     events = [e for e in emitters.recorded() if e["model"] == "shop.product"]
@@ -111,7 +110,7 @@ def test_delete_replays_post_delete_with_the_deleted_values(worker, bulk_signals
     assert values[doomed[0].pk]["sku"] == doomed[0].sku
     assert replays.deletes("shop.order") == {o.pk: 1 for o in orders}  # cascaded, as delete()
     assert not Order.objects.exists()
-    assert get_cache().get(instance_key("shop.product", doomed[0].pk)) is None
+    assert cached_entry("shop.product", doomed[0].pk) is None
     post = [s for s in bulk_signals if s[0] == "post_bulk_delete"]
     assert sorted(pk for s in post for pk in s[2]) == [p.pk for p in doomed]
 

@@ -10,8 +10,9 @@ from django.db import connection
 
 import ormbridge
 from ormbridge import relay, store
-from ormbridge.cache import TOKEN_GRACE, cached_instance, cached_queryset, get_cache, instance_key
+from ormbridge.cache import TOKEN_GRACE, cached_instance, instance_key
 from ormbridge.models import ChangeBatch
+from ormbridge.querysets import cached_queryset
 from shop.models import Category, Customer, DiscountedProduct, Order, Product, Tag
 from tests.factories import make_products
 
@@ -76,26 +77,26 @@ def test_a_queryset_is_invalidated_by_a_joined_model(no_relay):
     category.name = "novels"
     category.save()
     relay.drain()
-    assert cached_queryset(query) == []
+    assert list(cached_queryset(query)) == []
 
 
 def test_a_queryset_is_invalidated_by_a_subquery_model(no_relay):
     [product] = make_products(1)
     query = Product.objects.filter(pk__in=Order.objects.values("product_id"))
-    assert cached_queryset(query) == []
+    assert list(cached_queryset(query)) == []
     Order.objects.create(product=product)
     relay.drain()
-    assert cached_queryset(query) == [product]
+    assert list(cached_queryset(query)) == [product]
 
 
 def test_a_queryset_is_invalidated_by_an_m2m_change(no_relay):
     [product] = make_products(1)
     tag = Tag.objects.create(name="sale")
     query = Product.objects.filter(tags__name="sale")
-    assert cached_queryset(query) == []
+    assert list(cached_queryset(query)) == []
     product.tags.add(tag)
     relay.drain()
-    assert cached_queryset(query) == [product]
+    assert list(cached_queryset(query)) == [product]
 
 
 def test_a_queryset_reading_an_unregistered_model_is_refused():
@@ -166,7 +167,7 @@ def test_a_reader_racing_a_writer_never_leaves_a_stale_value(no_relay):
     try:
         for value in range(1, rounds + 1):
             written.clear()
-            get_cache().delete(instance_key("shop.product", product.pk))  # a cold entry
+            store.entries_redis().delete(instance_key("shop.product", product.pk))  # a cold entry
             start.wait()
             time.sleep(0.002)  # let the readers get going
             Product.objects.filter(pk=product.pk).update(stock=value)

@@ -35,11 +35,12 @@ from django_celery_beat.models import IntervalSchedule
 
 import ormbridge
 from ormbridge import registry, relay, store
-from ormbridge.cache import cached_instance, get_cache, instance_key
+from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch
 from shop.models import Category, Customer, Order, Product, Tag
 from tests import emitters
 from tests.conftest import wait_until
+from tests.factories import cached_entry
 from tests.testapp.apps import record_delete, record_save
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -651,8 +652,7 @@ def test_another_process_writes_are_captured_and_delivered_within_a_second(worke
     sample = updated[::500] + deleted[::10]
     for pk in sample:
         assert cached_instance(Product, pk).stock == 0
-    cache = get_cache()
-    assert all(cache.get(instance_key("shop.product", pk)) is not None for pk in sample)
+    assert all(cached_entry("shop.product", pk) is not None for pk in sample)
     latency: dict[str, float] = {}
 
     def deliver(name: str, action: str, pks: list[Any], *statements: str) -> None:
@@ -689,7 +689,7 @@ def test_another_process_writes_are_captured_and_delivered_within_a_second(worke
         "UPDATE shop_product SET stock = stock + 1 WHERE sku LIKE 'upd-%'",
     )
     assert tokens_left(update_keys) == 0
-    assert all(cache.get(instance_key("shop.product", pk)) is None for pk in updated[::500])
+    assert all(cached_entry("shop.product", pk) is None for pk in updated[::500])
     assert {cached_instance(Product, pk).stock for pk in updated[::500]} == {1}
     assert tokens_left(delete_keys) == len(deleted)  # rows the update did not touch
 

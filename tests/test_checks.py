@@ -48,20 +48,11 @@ def test_redis_url_must_be_a_redis_url(settings, url):
     assert ids(settings) == ["ormbridge.E002"]
 
 
-def test_cache_alias_must_exist(settings):
-    configure(settings, CACHE_ALIAS="nope")
+def test_the_retired_cache_alias_says_where_entries_live_now(settings):
+    configure(settings, CACHE_ALIAS="default")
     [message] = check_settings()
-    assert message.id == "ormbridge.E003"
-    assert "default" in message.hint
-
-
-def test_a_per_process_cache_is_a_warning(settings):
-    settings.CACHES = {
-        **settings.CACHES,
-        "local": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    }
-    configure(settings, CACHE_ALIAS="local")
-    assert ids(settings) == ["ormbridge.W002"]
+    assert message.id == "ormbridge.W001"
+    assert "REDIS_URL" in message.hint
 
 
 @pytest.mark.parametrize(

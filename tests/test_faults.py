@@ -22,12 +22,12 @@ from django.db import connection, transaction
 
 import ormbridge
 from ormbridge import relay, store
-from ormbridge.cache import cached_instance, get_cache, instance_key
+from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch
 from shop.models import Product
 from tests import emitters, replays
 from tests.conftest import ROOT, RUN_DIR, RedisServer, wait_until
-from tests.factories import make_products
+from tests.factories import cached_entry, make_products
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -45,7 +45,7 @@ def django_env() -> dict[str, str]:
 def fill(product: Product) -> None:
     """Cache ``product``; the entry is there."""
     assert cached_instance(Product, product.pk).price == product.price
-    assert get_cache().get(instance_key("shop.product", product.pk)) is not None
+    assert cached_entry("shop.product", product.pk) is not None
 
 
 def price(pk: int) -> Decimal:
@@ -201,7 +201,7 @@ def test_a_restart_from_an_older_snapshot_revives_no_stale_entry(no_relay, redis
         server.start()  # loads the snapshot: the old token is back, the cache untouched
         assert store.get_redis().exists(token)
         assert store.incarnation() != incarnation
-        assert get_cache().get(instance_key("shop.product", product.pk)) is not None
+        assert cached_entry("shop.product", product.pk) is not None
         assert undelivered() >= 1  # no relay ran
 
         assert price(product.pk) == Decimal("2.00")

@@ -3,8 +3,9 @@
 import pytest
 from django.core.management import CommandError, call_command
 
-from ormbridge.cache import cached_instance, cached_queryset
+from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch
+from ormbridge.querysets import cached_queryset
 from shop.models import Product, Tag
 from tests import commands
 from tests.factories import log_mark, logged_since, make_products

@@ -10,13 +10,13 @@ from django.db import transaction
 from django.db.models import Sum
 
 from ormbridge import relay, tasks
-from ormbridge.cache import cached_instance, get_cache, instance_key
+from ormbridge.cache import cached_instance
 from ormbridge.conf import settings as ormbridge_settings
 from ormbridge.models import ChangeBatch
 from shop.models import Category, Product
 from tests import emitters
 from tests.conftest import wait_until
-from tests.factories import make_products, undelivered
+from tests.factories import cached_entry, make_products, undelivered
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -57,7 +57,7 @@ def test_a_rolled_back_save_leaves_the_cache_untouched_and_emits_nothing(worker)
     Category.objects.create(name="a later, committed change")
     wait_until(lambda: emitters.recorded(), 10, "the later change's event")
     assert [event["model"] for event in emitters.recorded()] == ["shop.category"]
-    assert get_cache().get(instance_key("shop.product", product.pk)) is not None
+    assert cached_entry("shop.product", product.pk) is not None
 
 
 def test_a_save_inside_atomic_is_not_delivered_before_the_commit(worker):
@@ -67,7 +67,7 @@ def test_a_save_inside_atomic_is_not_delivered_before_the_commit(worker):
         product.price = 100
         product.save()
         time.sleep(1)  # five relay polls
-        assert get_cache().get(instance_key("shop.product", product.pk)) is not None
+        assert cached_entry("shop.product", product.pk) is not None
         assert emitters.recorded() == []
     assert cached_instance(Product, product.pk).price == 100  # at commit, in this process
     wait_until(lambda: emitters.recorded(), 10, "the relay's event")

@@ -7,12 +7,12 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from ormbridge import relay, resync
-from ormbridge.cache import cached_instance, get_cache, instance_key
+from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch, ResyncJob
 from shop.models import Product
 from tests import commands, replays
 from tests.conftest import wait_until
-from tests.factories import log_mark, logged_since, make_products
+from tests.factories import cached_entry, log_mark, logged_since, make_products
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -70,7 +70,7 @@ def test_invalidate_mode_replays_nothing_but_clears_caches(worker):
         cached_instance(Product, product.pk)
     resync_command("shop.Product", "--mode", "invalidate", "--wait")
     assert replays.saves() == {}
-    assert all(get_cache().get(instance_key("shop.product", p.pk)) is None for p in products[:10])
+    assert all(cached_entry("shop.product", p.pk) is None for p in products[:10])
 
 
 def test_filters_and_excludes_choose_the_rows(no_relay):

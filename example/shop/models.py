@@ -31,6 +31,8 @@ class Product(models.Model):
     stock = models.IntegerField(default=0)
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = ormbridge.CachedManager()  # Product.objects.cache()...
+
     def __str__(self) -> str:
         return f"{self.sku} {self.name}"
 
