@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         safe_bulk_update_objects,
     )
     from ormbridge.cache import cached_instance
+    from ormbridge.decorators import cached_as, cached_view_as
     from ormbridge.querysets import CachedManager, CachedQuerySet, cached_queryset
     from ormbridge.registry import register
 
@@ -29,8 +30,10 @@ _SOURCES = {
     "BulkResult": "ormbridge.bulk",
     "CachedManager": "ormbridge.querysets",
     "CachedQuerySet": "ormbridge.querysets",
+    "cached_as": "ormbridge.decorators",
     "cached_instance": "ormbridge.cache",
     "cached_queryset": "ormbridge.querysets",
+    "cached_view_as": "ormbridge.decorators",
     "invalidate": "ormbridge.buffer",
     "register": "ormbridge.registry",
     "safe_bulk_create": "ormbridge.bulk",
@@ -44,8 +47,10 @@ __all__ = [
     "BulkResult",
     "CachedManager",
     "CachedQuerySet",
+    "cached_as",
     "cached_instance",
     "cached_queryset",
+    "cached_view_as",
     "invalidate",
     "register",
     "safe_bulk_create",

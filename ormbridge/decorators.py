@@ -1,0 +1,309 @@
+"""Functions and views cached against the models they read, fresh when a row changes.
+
+``@cached_as(Product)`` caches a function's result per arguments;
+``@cached_view_as(Product)`` caches a view's responses per method, URL
+(scheme, host, path, query string), language and time zone, and, when the
+view depends on them, per client: a view that touches the session (which
+``request.user`` does) is cached per session cookie, one that renders a CSRF
+token per CSRF cookie, one that sets ``Vary`` per the headers it names. Both
+are invalidated by any committed change to a row of the models they depend on
+(see :func:`ormbridge.cache.read_through`). The ``{% cached_as %}`` template
+tag is in :mod:`ormbridge.templatetags.ormbridge`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar, cast
+
+from django.conf import settings
+from django.db import models
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
+from django.utils.cache import patch_vary_headers
+from django.utils.functional import LazyObject, empty
+from django.utils.timezone import get_current_timezone_name
+from django.utils.translation import get_language
+
+from ormbridge import cache
+
+P = ParamSpec("P")
+R = TypeVar("R")
+V = TypeVar("V", bound=Callable[..., HttpResponseBase])
+
+Source = type[models.Model] | models.QuerySet[Any]
+
+# What a cached view varies on besides headers: its user (":" is never in a header name).
+USER = ":user"
+COOKIE = "cookie:"
+
+_COMMAS = re.compile(r"\s*,\s*")
+_ADDRESS_REPR: Any = object.__repr__  # "<... object at 0x...>": a new key per object
+
+
+def cached_as(
+    *sources: Source, timeout: int | None = None, key: str | Callable[..., str] | None = None
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Cache a function's result until a row of a model in ``sources`` changes.
+
+    ``sources``: models and querysets (those the function reads: a queryset
+    stands for every model it joins, filters on or prefetches). The result is
+    cached per arguments, which are keyed by their ``repr`` (a model instance
+    by its label and pk); the result must be picklable. ``timeout`` in seconds
+    (``None``: the shortest of the models' cache timeouts).
+    ``key``: a string names the function in the key instead of its module and
+    qualified name (functions defined in a loop or a closure); a callable
+    takes the function's arguments and returns the text that stands for them
+    (arguments whose ``repr`` does not identify them).
+
+    Raises:
+        TypeError: at decoration, a source is neither a model nor a queryset;
+            at a call, an argument cannot be keyed (give ``key``).
+        LookupError: at a call, before anything is cached or run, a source
+            reads a model that is not registered with ormbridge.
+    """
+    _check_sources("cached_as", sources)
+    if key is not None and not isinstance(key, str) and not callable(key):
+        raise TypeError(f"cached_as(key=...) takes a string or a callable, not {key!r}.")
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        name = key if isinstance(key, str) else f"{func.__module__}.{func.__qualname__}"
+
+        @functools.wraps(func)
+        def cached(*args: P.args, **kwargs: P.kwargs) -> R:
+            labels = cache.dependencies(*sources)
+            if callable(key):
+                part = key(*args, **kwargs)
+                if not isinstance(part, str):
+                    raise TypeError(f"cached_as(key=...) returned {part!r}, not a string.")
+            else:
+                part = _arguments_key(name, args, kwargs)
+            return cache.read_through(
+                f"func\0{name}\0{part}",
+                labels,
+                lambda: func(*args, **kwargs),
+                _timeout(timeout, labels),
+            )
+
+        return cached
+
+    return decorate
+
+
+def cached_view_as(*sources: Source, timeout: int | None = None) -> Callable[[V], V]:
+    """Cache a view's GET and HEAD responses until a row of a model in ``sources`` changes.
+
+    The key is the method, the absolute URL with its query string, the active
+    language and time zone, and what the view turned out to depend on, learnt
+    from its first response per URL (like Django's cache middleware):
+
+    - the session (touched by ``request.user``): the session cookie, so two
+      clients never share an entry (a user that did not come from the session
+      is keyed by its pk too); the response gets ``Vary: Cookie``;
+    - a CSRF token in the page: the CSRF cookie;
+    - the headers the response names in ``Vary`` (set by ``@vary_on_headers``
+      or ``@vary_on_cookie`` placed *below* this decorator).
+
+    Only rendered (a ``TemplateResponse`` is rendered here) 200 responses are
+    cached, and not those that are streaming, set cookies, say
+    ``Cache-Control: private`` or ``no-store`` or ``Vary: *``, wrote to the
+    session, issued a new CSRF cookie, or showed or added messages. A view
+    must not read a cookie or header other than through the session or CSRF
+    token unless it says so with ``Vary``. For sync function views (a
+    class-based view through ``method_decorator``).
+
+    Raises:
+        TypeError: at decoration, a source is neither a model nor a queryset,
+            or the view is async.
+        LookupError: at a request, before the view runs, a source reads a
+            model that is not registered with ormbridge.
+    """
+    _check_sources("cached_view_as", sources)
+
+    def decorate(view: V) -> V:
+        if inspect.iscoroutinefunction(view):
+            raise TypeError(f"cached_view_as(): {view.__qualname__} is async; sync views only.")
+        owner = getattr(view, "view_class", None)  # as_view() functions share one qualname
+        name = f"{view.__module__}.{(owner or view).__qualname__}"
+
+        @functools.wraps(view)
+        def cached(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            if request.method not in ("GET", "HEAD"):
+                return view(request, *args, **kwargs)
+            labels = cache.dependencies(*sources)
+            seconds = _timeout(timeout, labels)
+            base = "\0".join(
+                [
+                    "view",
+                    name,
+                    request.method,
+                    request.build_absolute_uri(),
+                    get_language() or "",
+                    get_current_timezone_name(),
+                ]
+            )
+            first: list[HttpResponseBase] = []
+
+            def learn() -> list[str]:
+                response, varies_on = _respond(view, request, args, kwargs)
+                first.append(response)
+                return varies_on
+
+            def load() -> HttpResponseBase:
+                if first:
+                    return first[0]
+                response, varies_on = _respond(view, request, args, kwargs)
+                if not set(varies_on) <= set(learnt):
+                    # It depends on more than its URL's entries are keyed by: not storable
+                    # under them until they are invalidated or expire.
+                    raise _NotCacheable(response)
+                return response
+
+            try:
+                learnt = cache.read_through(f"{base}\0vary", labels, learn, seconds)
+                key = repr([_value(request, item) for item in learnt])
+                return cache.read_through(f"{base}\0{key}", labels, load, seconds)
+            except _NotCacheable as refused:
+                return refused.response
+
+        return cast(V, cached)
+
+    return decorate
+
+
+class _NotCacheable(Exception):
+    """Raised by a load to hand back a response without storing it."""
+
+    def __init__(self, response: HttpResponseBase) -> None:
+        super().__init__()
+        self.response = response
+
+
+def _check_sources(what: str, sources: tuple[Any, ...]) -> None:
+    if not sources:
+        raise TypeError(f"{what}() needs the models or querysets the result depends on.")
+    for source in sources:
+        is_model = isinstance(source, type) and issubclass(source, models.Model)
+        if not is_model and not isinstance(source, models.QuerySet):
+            raise TypeError(
+                f"{what}() caches against models and querysets, not {source!r} "
+                f"({type(source).__name__})."
+            )
+
+
+def _timeout(timeout: int | None, labels: list[str]) -> int | None:
+    return cache.default_timeout(labels) if timeout is None else timeout
+
+
+def _arguments_key(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The arguments as text that tells different values apart."""
+    named = sorted(kwargs.items())
+    return repr(
+        [
+            *map(functools.partial(_argument, name), args),
+            *((k, _argument(name, v)) for k, v in named),
+        ]
+    )
+
+
+def _argument(name: str, value: Any) -> Any:
+    if isinstance(value, models.Model):
+        if value.pk is None:
+            raise TypeError(f"cached_as {name}: an unsaved {type(value).__name__} has no key.")
+        return f"<{value._meta.label_lower} pk={value.pk!r}>"
+    if isinstance(value, models.QuerySet) or type(value).__repr__ is _ADDRESS_REPR:
+        raise TypeError(
+            f"cached_as {name}: {type(value).__name__} arguments have no repr that tells "
+            "their values apart; give cached_as a key= callable that does."
+        )
+    return value
+
+
+def _respond(
+    view: Callable[..., HttpResponseBase],
+    request: HttpRequest,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[HttpResponseBase, list[str]]:
+    """The view's rendered response and what it varies on; ``_NotCacheable`` if not storable."""
+    csrf_secret = request.META.get("CSRF_COOKIE")
+    response = view(request, *args, **kwargs)
+    render = getattr(response, "render", None)
+    if callable(render):
+        response = render()  # its content and what rendering touched (request.user) count
+    if not _storable(request, response, csrf_secret):
+        raise _NotCacheable(response)
+    varies_on = _varies_on(request, response)
+    if any(item.startswith(COOKIE) for item in varies_on):
+        patch_vary_headers(response, ["Cookie"])  # also on hits, for HTTP caches downstream
+    return response, varies_on
+
+
+def _storable(request: HttpRequest, response: HttpResponseBase, csrf_secret: Any) -> bool:
+    if response.streaming or response.status_code != 200 or response.cookies:
+        return False
+    control = {
+        d.split("=")[0].strip().lower() for d in _COMMAS.split(response.get("Cache-Control", ""))
+    }
+    if control & {"private", "no-store"} or "*" in _vary_headers(response):
+        return False
+    session = getattr(request, "session", None)
+    if session is not None and session.modified:
+        return False  # it will set a cookie, and the page shows state no model holds
+    if request.META.get("CSRF_COOKIE_NEEDS_UPDATE") and (
+        csrf_secret is None or request.META.get("CSRF_COOKIE") != csrf_secret
+    ):
+        return False  # the page holds a CSRF secret issued to this client only
+    messages = getattr(request, "_messages", None)
+    return messages is None or not (messages.added_new or (messages.used and len(messages)))
+
+
+def _varies_on(request: HttpRequest, response: HttpResponseBase) -> list[str]:
+    """Sorted items the response depends on: header names, ``cookie:<name>``, ``:user``."""
+    items = set(_vary_headers(response))
+    session = getattr(request, "session", None)
+    if session is not None and session.accessed:
+        items.add(COOKIE + settings.SESSION_COOKIE_NAME)
+    if request.META.get("CSRF_COOKIE_NEEDS_UPDATE") and not settings.CSRF_USE_SESSIONS:
+        items.add(COOKIE + settings.CSRF_COOKIE_NAME)
+    if _user_loaded(request) and not _user_of_session(request):
+        items.add(USER)
+    return sorted(items)
+
+
+def _vary_headers(response: HttpResponseBase) -> list[str]:
+    return [h.strip().lower() for h in _COMMAS.split(response.get("Vary", "")) if h.strip()]
+
+
+def _user_loaded(request: HttpRequest) -> bool:
+    """Whether the view read ``request.user`` (AuthenticationMiddleware's is lazy)."""
+    user = request.__dict__.get("user")
+    if isinstance(user, LazyObject):
+        return user._wrapped is not empty
+    return user is not None
+
+
+def _user_of_session(request: HttpRequest) -> bool:
+    """Whether ``request.user`` is the session's user, so the session cookie identifies it."""
+    session = getattr(request, "session", None)
+    if session is None or not session.accessed:
+        return False
+    from django.contrib.auth import SESSION_KEY
+
+    user = request.user
+    if not user.is_authenticated:
+        return SESSION_KEY not in session
+    return bool(session.get(SESSION_KEY) == user._meta.pk.value_to_string(user))
+
+
+def _value(request: HttpRequest, item: str) -> str | None:
+    """The request's value of one thing a response varies on."""
+    if item == USER:
+        user = request.user
+        return f"{user._meta.label_lower}:{user.pk}" if user.is_authenticated else "anonymous"
+    if item.startswith(COOKIE):
+        return request.COOKIES.get(item[len(COOKIE) :])
+    return request.headers.get(item)
