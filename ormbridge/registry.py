@@ -33,6 +33,8 @@ class Options:
 
 
 _registry: dict[str, Options] = {}
+# Parents registered because a multi-table child was: their own register() may set options.
+_implied: set[str] = set()
 _listeners: list[Callable[[], None]] = []
 
 
@@ -53,7 +55,9 @@ def register(model: M | None = None, **options: Any) -> M | Callable[[M], M]:
     Usable as ``register(Product)``, ``@register`` or ``@register(cache_timeout=60)``.
     Options: ``cache_timeout``, ``namespaces`` (a row's extra event namespaces),
     ``payload`` (field values in events; off by default).
-    Registering a model again with the same options does nothing.
+    Registering a model again with the same options does nothing. A
+    multi-table child's parents are registered with it (their tables hold part
+    of its rows), with default options unless registered themselves.
 
     Raises:
         TypeError: ``model`` is not a concrete Django model, or an option is unknown.
@@ -72,12 +76,17 @@ def register(model: M | None = None, **options: Any) -> M | Callable[[M], M]:
             f"known options: {known}"
         ) from None
     label = model._meta.label_lower
-    if label in _registry and _registry[label] != opts:
+    if label in _registry and _registry[label] != opts and label not in _implied:
         raise ValueError(
             f"{model._meta.label} is already registered with ormbridge with other options "
             f"({_registry[label]}); register it once."
         )
     _registry[label] = opts
+    _implied.discard(label)
+    for parent in model._meta.get_parent_list():
+        if parent._meta.label_lower not in _registry:
+            _registry[parent._meta.label_lower] = Options()
+            _implied.add(parent._meta.label_lower)
     for listener in _listeners:
         listener()
     return model

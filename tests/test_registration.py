@@ -2,8 +2,10 @@
 
 import pytest
 from django.contrib.auth.models import AbstractUser
+from django.db import models
 from django.db.models.deletion import Collector
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
+from django.test.utils import isolate_apps
 
 import ormbridge
 from ormbridge import registry
@@ -96,3 +98,30 @@ def test_unregistered_models_get_no_delete_receivers():
     from django.contrib.auth.models import User
 
     assert not post_delete.has_listeners(User)
+
+
+@pytest.fixture
+def scratch_registry():
+    """Registrations made by the test are forgotten after it."""
+    saved, implied = dict(registry._registry), set(getattr(registry, "_implied", ()))
+    yield
+    registry._registry.clear()
+    registry._registry.update(saved)
+    registry._implied.clear()
+    registry._implied.update(implied)
+
+
+@isolate_apps("tests.testapp")
+def test_registering_a_multi_table_child_registers_its_parents(scratch_registry):
+    class Venue(models.Model):  # noqa: DJ008
+        class Meta:
+            app_label = "testapp"
+
+    class Theatre(Venue):  # noqa: DJ008
+        class Meta:
+            app_label = "testapp"
+
+    ormbridge.register(Theatre)
+    assert registry.is_registered(Venue)
+    ormbridge.register(Venue, cache_timeout=5)  # its own registration may still set options
+    assert registry.options(Venue).cache_timeout == 5
