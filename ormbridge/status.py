@@ -19,6 +19,8 @@ from ormbridge import capture, registry, relay, resync, store
 from ormbridge.conf import settings
 
 RECENT_JOBS = 5
+# Status names of the cache counters, and the fields of the stats hash they read.
+CACHE_COUNTERS = {"hits": "hits", "misses": "misses", "stores": "stores", "invalidations": "rows"}
 UNDELIVERED = ("pending", "claimed", "failed")
 
 
@@ -45,7 +47,7 @@ def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
         .annotate(oldest=Min("created_at"))
     }
     triggers = _triggers()
-    last_flushes = _last_flushes(labels) if services["redis"]["ok"] else {}
+    stats = _stats(labels) if services["redis"]["ok"] else {}
     models: list[dict[str, Any]] = []
     for label in sorted(by_state):
         counts = {state: by_state[label].get(state, 0) for state in UNDELIVERED}
@@ -55,7 +57,11 @@ def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
                 "model": label,
                 "registered": label in labels,
                 "triggers": triggers.get(label),
-                "last_flush": last_flushes.get(label),
+                "last_flush": _float(stats.get(label, {}).get("last_flush")),
+                "cache": {
+                    name: int(stats.get(label, {}).get(field, 0))
+                    for name, field in CACHE_COUNTERS.items()
+                },
                 "change_log": counts,
                 "oldest_undelivered_age": age,
             }
@@ -124,15 +130,20 @@ def _triggers() -> dict[str, str]:
     return states
 
 
-def _last_flushes(labels: list[str]) -> dict[str, float]:
+def _stats(labels: list[str]) -> dict[str, dict[str, str]]:
+    """Each model's counters: cache reads (cache.py) and flushes (flush.py)."""
     pipe = store.get_redis().pipeline(transaction=False)
     for label in labels:
-        pipe.hget(store.stats_key(label), "last_flush")
+        pipe.hgetall(store.stats_key(label))
     try:
         replies = pipe.execute()
     except (redis.RedisError, OSError):
         return {}
-    return {label: float(last) for label, last in zip(labels, replies, strict=True) if last}
+    return dict(zip(labels, replies, strict=True))
+
+
+def _float(value: str | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _jobs() -> list[dict[str, Any]]:

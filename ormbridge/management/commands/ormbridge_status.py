@@ -50,6 +50,14 @@ class Command(BaseCommand):
                 f"{model['model']:<24} {triggers:<10} {counts:<16} "
                 f"{'-' if age is None else f'{age:,.0f} s':>9}  {status.ago(model['last_flush'])}"
             )
+        out.write("")
+        out.write(f"{'model':<24} {'hits':>10} {'misses':>10} {'stores':>10} {'invalidations':>14}")
+        for model in report["models"]:
+            c = model["cache"]
+            out.write(
+                f"{model['model']:<24} {c['hits']:>10,} {c['misses']:>10,} {c['stores']:>10,} "
+                f"{c['invalidations']:>14,}"
+            )
         if report["jobs"]:
             out.write("")
             out.write("resync jobs:")
