@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from django import template
 from django.core.cache.utils import make_template_fragment_key
+from django.db import models
 from django.template.base import FilterExpression, NodeList, Parser, Token
 
 from ormbridge import cache
@@ -43,7 +44,12 @@ class CachedAsNode(template.Node):
             raise template.TemplateSyntaxError(
                 f'"cached_as" tag got an unknown variable: {self.sources.token!r}'
             )
-        labels = cache.dependencies(*(sources if isinstance(sources, list | tuple) else [sources]))
+        if not isinstance(sources, list | tuple):
+            sources = [sources]
+        # A model in the context reaches the tag as an instance (templates call callables).
+        labels = cache.dependencies(
+            *(type(s) if isinstance(s, models.Model) else s for s in sources)
+        )
         timeout = self.timeout.resolve(context)
         if timeout is None:
             timeout = cache.default_timeout(labels)
@@ -69,7 +75,8 @@ def do_cached_as(parser: Parser, token: Token) -> CachedAsNode:
 
         {% cached_as sources timeout name [var1 var2 ...] %}...{% endcached_as %}
 
-    ``sources``: a queryset, a model, or a list of them (a variable);
+    ``sources``: a queryset, a model (or an instance: its model), or a list of
+    them (a variable);
     ``timeout``: seconds, or ``None`` for the shortest of the models' cache
     timeouts; ``name``: the fragment's name (quoted or not, not a variable);
     each distinct set of ``var`` values is an entry of its own.

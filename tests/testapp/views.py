@@ -1,0 +1,73 @@
+"""Views cached with ``cached_view_as`` for tests/test_cached_view_as.py."""
+
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.middleware.csrf import get_token
+from django.template.response import TemplateResponse
+
+from ormbridge import cached_view_as
+from ormbridge.models import ChangeBatch
+from shop.models import Product
+
+
+def names() -> str:
+    return ", ".join(Product.objects.order_by("pk").values_list("name", flat=True))
+
+
+@cached_view_as(Product)
+def product_names(request: HttpRequest) -> HttpResponse:
+    """Depends on the products and on the query string only."""
+    return HttpResponse(f"{names()} (page {request.GET.get('page', 1)})")
+
+
+@cached_view_as(Product)
+def greeting(request: HttpRequest) -> HttpResponse:
+    """Depends on the user: reading request.user loads the session."""
+    return HttpResponse(f"{request.user.get_username() or 'anonymous'} sees {names()}")
+
+
+@cached_view_as(Product)
+def greeting_page(request: HttpRequest) -> TemplateResponse:
+    """Depends on the user through its template only (the auth context processor)."""
+    return TemplateResponse(request, "testapp/greeting.html", {"products": Product.objects.all()})
+
+
+@cached_view_as(Product)
+def product_form(request: HttpRequest) -> HttpResponse:
+    """Holds a CSRF token, like a page with {% csrf_token %}."""
+    return HttpResponse(f"{names()} <input name=csrfmiddlewaretoken value={get_token(request)}>")
+
+
+@cached_view_as(Product)
+def with_status(request: HttpRequest, status: int) -> HttpResponse:
+    return HttpResponse(names(), status=status)
+
+
+@cached_view_as(Product)
+def with_cookie(request: HttpRequest) -> HttpResponse:
+    response = HttpResponse(names())
+    response.set_cookie("seen", "yes")
+    return response
+
+
+@cached_view_as(Product)
+def streaming(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(iter([names()]))
+
+
+@cached_view_as(Product)
+def with_message(request: HttpRequest) -> HttpResponse:
+    messages.info(request, "welcome back")
+    return HttpResponse(names())
+
+
+@cached_view_as(Product)
+def counting_visits(request: HttpRequest) -> HttpResponse:
+    request.session["visits"] = request.session.get("visits", 0) + 1
+    return HttpResponse(f"{names()}: visit {request.session['visits']}")
+
+
+@cached_view_as(ChangeBatch)
+def change_log(request: HttpRequest) -> HttpResponse:
+    """Cached against a model ormbridge does not watch: refused at the request."""
+    return HttpResponse(str(ChangeBatch.objects.count()))
