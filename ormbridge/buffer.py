@@ -32,7 +32,7 @@ import redis
 from django.db import connections, models, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from ormbridge import capture, registry, store
+from ormbridge import cache, capture, registry, store
 from ormbridge.models import ChangeBatch
 
 logger = logging.getLogger("ormbridge")
@@ -83,6 +83,19 @@ def _open_changes(using: str) -> list[Changes]:
     slots.clear()
     slots.update(alive)
     return [changes for ref in alive.values() if (changes := ref()) is not None]
+
+
+def dirty(using: str | None) -> bool:
+    """Whether the open transaction on ``using`` (None: any alias) has noted writes."""
+    aliases = [using] if using is not None else list(_local.open)
+    return any(
+        connections[alias].in_atomic_block
+        and any(not changes.delivered for changes in _open_changes(alias))
+        for alias in aliases
+    )
+
+
+cache.bypass.append(dirty)
 
 
 def note(keys: Iterable[str], using: str) -> None:

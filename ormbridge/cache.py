@@ -18,7 +18,9 @@ Facebook", NSDI 2013).
 
 A read inside a transaction whose snapshot may predate a flush, or on a
 replica, is served from the cache but never stored: what it loaded may be
-older than the last invalidation (see :func:`storable`).
+older than the last invalidation (see :func:`storable`). A read inside a
+transaction that has written goes to the database: its own uncommitted rows
+are neither hidden from it nor stored for others.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def cached_instance(model: type[M], pk: Any = None, **unique: Any) -> M:
         [label_of(model)],
         timeout,
         lambda: manager.get(pk=pk),
-        storable(manager.db, model),
+        manager.db,
+        model,
     )
 
 
@@ -113,7 +116,8 @@ def read_through(
         [label_of(model)] if model is not None else list(labels),
         timeout,
         load,
-        storable(using, model),
+        using,
+        model,
     )
 
 
@@ -156,6 +160,12 @@ def default_timeout(labels: Iterable[str]) -> int | None:
     return None if timeouts else settings.CACHE_TIMEOUT
 
 
+# Predicates of a database alias (None: any this thread uses) under which reads
+# go to the database, neither served nor stored. The buffer adds one: "the open
+# transaction has written", whose rows the cache must neither hide nor keep.
+bypass: list[Callable[[str | None], bool]] = []
+
+
 def storable(using: str | None, model: type[models.Model] | None = None) -> bool:
     """Whether what a read on ``using`` loads may be stored.
 
@@ -189,9 +199,12 @@ def _read(
     labels: list[str],
     timeout: int | None,
     load: Callable[[], T],
-    store_it: bool,
+    using: str | None,
+    model: type[models.Model] | None,
 ) -> T:
     """One round trip on a hit; the load and a second round trip to store on a miss."""
+    if any(check(using) for check in bypass):
+        return load()
     client = store.entries_redis()
     stats = [store.stats_key(label) for label in labels]
     ttl = 0 if timeout is None else int(timeout) + TOKEN_GRACE
@@ -212,7 +225,7 @@ def _read(
             pass
     value = load()
     # A reconnection during the read may have reached another incarnation.
-    if store_it and client.run_id == run_id:
+    if client.run_id == run_id and storable(using, model):
         try:
             store.script(store.STORE_ENTRY, client)(
                 keys=[entry_key, *stats],
@@ -259,7 +272,8 @@ def _pk_of(model: type[models.Model], unique: dict[str, Any]) -> Any:
         [label_of(model)],
         timeout_of(model),
         lambda: manager.filter(**unique).values_list("pk", flat=True).get(),
-        storable(manager.db, model),
+        manager.db,
+        model,
     )
 
 

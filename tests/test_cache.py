@@ -6,7 +6,7 @@ import time
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
 import ormbridge
 from ormbridge import relay, store
@@ -227,3 +227,15 @@ def test_a_models_own_timeout_from_settings_applies_to_its_entries(no_relay):
     client = store.get_redis()
     assert 600 < client.ttl(store.token_key("shop.customer", customer.pk)) <= 600 + TOKEN_GRACE
     assert client.ttl(store.token_key("shop.category", category.pk)) > 3600  # CACHE_TIMEOUT
+
+
+def test_a_transaction_that_wrote_reads_its_own_rows_and_stores_none(no_relay):
+    make_products(1)
+    query = Product.objects.order_by("pk")
+    assert len(cached_queryset(query)) == 1
+    with pytest.raises(RuntimeError), transaction.atomic():
+        make_products(1, price="2")
+        assert len(cached_queryset(query)) == 2  # not the entry cached before the write
+        assert len(Product.objects.cache().order_by("pk")) == 2
+        raise RuntimeError("roll back")
+    assert len(cached_queryset(query)) == 1  # nothing of the rolled-back row was stored
