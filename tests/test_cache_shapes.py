@@ -3,7 +3,9 @@
 Proxies, multi-table inheritance, ``prefetch_related`` / ``select_related``,
 readers whose snapshot predates a write (REPEATABLE READ), and reads routed to
 a replica. Most tests deliver the change log themselves (``no_relay`` and
-``relay.drain()``); the ``worker`` tests go end to end through a real worker.
+``relay.drain()``), their setup's rows before the first cached read, so that
+only the change under test can invalidate it; the ``worker`` tests go end to
+end through a real worker.
 
 Not covered: generic relations (no model of the example project has one).
 """
@@ -40,7 +42,7 @@ T = TypeVar("T")
 
 
 def cached_queryset(queryset: Any) -> list[Any]:
-    """``ormbridge.cached_queryset()``'s rows as a list (it returns a list or a QuerySet)."""
+    """The rows ``ormbridge.cached_queryset(queryset)`` returns, as a list."""
     return list(ormbridge.cached_queryset(queryset))
 
 
@@ -110,6 +112,7 @@ def write_and_deliver(pk: int | None, price: str) -> None:
 
 def test_a_cached_proxy_queryset_is_fresh_after_a_save_through_the_concrete_model(no_relay):
     [product] = make_products(1)
+    relay.drain()
     query = DiscountedProduct.objects.order_by("pk")
     assert [p.price for p in cached_queryset(query)] == [Decimal("1.00")]
     set_price(Product, product.pk, "4.00")
@@ -128,6 +131,7 @@ def test_invalidating_the_concrete_model_reloads_a_cached_proxy_instance(
     no_relay, product_triggers_uninstalled
 ):
     [product] = make_products(1)
+    relay.drain()
     cached_instance(DiscountedProduct, product.pk)
     Product.objects.filter(pk=product.pk).update(price=Decimal("6.00"))  # no trigger logs it
     ormbridge.invalidate(Product)
@@ -140,6 +144,7 @@ def test_invalidating_the_concrete_model_reloads_a_cached_proxy_instance(
 
 def test_a_cached_child_instance_is_fresh_after_an_update_of_its_parent_row(no_relay):
     child = make_digital(price="1.00")
+    relay.drain()
     assert cached_instance(DigitalProduct, child.pk).price == Decimal("1.00")
     Product.objects.filter(pk=child.pk).update(price=Decimal("7.00"))
     relay.drain()
@@ -150,6 +155,7 @@ def test_a_cached_child_instance_is_fresh_after_its_parent_part_is_saved_through
     no_relay,
 ):
     child = make_digital()
+    relay.drain()
     cached_instance(DigitalProduct, child.pk)
     parent = Product.objects.get(pk=child.pk)
     parent.name = "a renamed e-book"
@@ -161,6 +167,7 @@ def test_a_cached_child_instance_is_fresh_after_its_parent_part_is_saved_through
 
 def test_a_cached_parent_instance_is_fresh_after_a_child_save_changes_a_parent_field(no_relay):
     child = make_digital(price="1.00")
+    relay.drain()
     assert cached_instance(Product, child.pk).price == Decimal("1.00")
     set_price(DigitalProduct, child.pk, "8.00")
     relay.drain()
@@ -169,6 +176,7 @@ def test_a_cached_parent_instance_is_fresh_after_a_child_save_changes_a_parent_f
 
 def test_a_cached_child_queryset_is_fresh_after_its_parent_rows_change(no_relay):
     child = make_digital(price="1.00")
+    relay.drain()
     query = DigitalProduct.objects.order_by("pk")
     assert [p.price for p in cached_queryset(query)] == [Decimal("1.00")]
     Product.objects.filter(pk=child.pk).update(price=Decimal("9.00"))
@@ -273,6 +281,7 @@ def test_a_prefetch_through_an_attribute_that_is_not_a_relation_is_refused(no_re
 def test_a_select_related_queryset_is_fresh_after_its_category_is_renamed(no_relay):
     category = Category.objects.create(name="books")
     make_products(1, category=category)
+    relay.drain()
     query = Product.objects.select_related("category")
     with CaptureQueriesContext(connection) as queries:
         assert [p.category.name for p in cached_queryset(query)] == ["books"]
@@ -355,15 +364,15 @@ class ReplicaRouter:
 
 @pytest.fixture
 def replica(settings) -> Iterator[None]:
-    """A "replica" alias on the same database (a replica with no lag), and the router."""
-    connections.settings["replica"] = dict(connections["default"].settings_dict)
+    """A "replica" connection to the same database (a replica with no lag), and the router."""
+    default = connections["default"]
+    connections["replica"] = type(default)(dict(default.settings_dict), "replica")
     settings.DATABASE_ROUTERS = [ReplicaRouter()]
     try:
         yield
     finally:
         connections["replica"].close()
         del connections["replica"]
-        del connections.settings["replica"]
 
 
 @pytest.mark.parametrize(
