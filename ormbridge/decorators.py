@@ -229,12 +229,11 @@ def _respond(
     kwargs: dict[str, Any],
 ) -> tuple[HttpResponseBase, list[str]]:
     """The view's rendered response and what it varies on; ``_NotCacheable`` if not storable."""
-    csrf_secret = request.META.get("CSRF_COOKIE")
     response = view(request, *args, **kwargs)
     render = getattr(response, "render", None)
     if callable(render):
         response = render()  # its content and what rendering touched (request.user) count
-    if not _storable(request, response, csrf_secret):
+    if not _storable(request, response):
         raise _NotCacheable(response)
     varies_on = _varies_on(request, response)
     if any(item.startswith(COOKIE) for item in varies_on):
@@ -242,7 +241,7 @@ def _respond(
     return response, varies_on
 
 
-def _storable(request: HttpRequest, response: HttpResponseBase, csrf_secret: Any) -> bool:
+def _storable(request: HttpRequest, response: HttpResponseBase) -> bool:
     if response.streaming or response.status_code != 200 or response.cookies:
         return False
     control = {
@@ -254,11 +253,21 @@ def _storable(request: HttpRequest, response: HttpResponseBase, csrf_secret: Any
     if session is not None and session.modified:
         return False  # it will set a cookie, and the page shows state no model holds
     if request.META.get("CSRF_COOKIE_NEEDS_UPDATE") and (
-        csrf_secret is None or request.META.get("CSRF_COOKIE") != csrf_secret
+        request.META.get("CSRF_COOKIE") != _csrf_secret_sent(request)
     ):
-        return False  # the page holds a CSRF secret issued to this client only
+        return False  # the page holds a CSRF secret issued to this client only, not yet sent
     messages = getattr(request, "_messages", None)
     return messages is None or not (messages.added_new or (messages.used and len(messages)))
+
+
+def _csrf_secret_sent(request: HttpRequest) -> str | None:
+    """The CSRF secret the client sent (in its cookie, or its session's)."""
+    if settings.CSRF_USE_SESSIONS:
+        from django.middleware.csrf import CSRF_SESSION_KEY
+
+        session = getattr(request, "session", None)
+        return None if session is None else session.get(CSRF_SESSION_KEY)
+    return request.COOKIES.get(settings.CSRF_COOKIE_NAME)
 
 
 def _varies_on(request: HttpRequest, response: HttpResponseBase) -> list[str]:

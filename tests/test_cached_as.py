@@ -6,7 +6,7 @@ import ormbridge
 from ormbridge import relay, store
 from ormbridge.models import ChangeBatch
 from shop.models import Category, Customer, Product
-from tests.factories import make_products
+from tests.factories import make_products, wait_delivered
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,6 +33,7 @@ def test_the_second_call_is_served_from_the_cache(no_relay, django_assert_num_qu
 
 def test_the_result_is_fresh_after_a_committed_change_to_its_model(no_relay):
     [product] = make_products(1)
+    relay.drain()  # the setup's rows: only the change under test may invalidate
 
     @ormbridge.cached_as(Product)
     def names() -> list[str]:
@@ -48,6 +49,7 @@ def test_the_result_is_fresh_after_a_committed_change_to_its_model(no_relay):
 def test_a_queryset_source_depends_on_the_models_it_joins(no_relay):
     books = Category.objects.create(name="books")
     make_products(2, category=books)
+    relay.drain()
     in_books = Product.objects.filter(category__name="books")
 
     @ormbridge.cached_as(in_books)
@@ -59,6 +61,20 @@ def test_a_queryset_source_depends_on_the_models_it_joins(no_relay):
     books.save()
     relay.drain()
     assert count_in_books() == 0
+
+
+def test_with_a_worker_the_result_is_fresh_after_a_committed_change(worker):
+    [product] = make_products(1)
+    wait_delivered()
+
+    @ormbridge.cached_as(Product)
+    def prices() -> list[str]:
+        return [str(price) for price in Product.objects.values_list("price", flat=True)]
+
+    assert prices() == ["1.00"]
+    Product.objects.filter(pk=product.pk).update(price=3)
+    wait_delivered()
+    assert prices() == ["3.00"]
 
 
 def test_each_set_of_arguments_has_its_own_entry(no_relay):

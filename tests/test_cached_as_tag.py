@@ -6,7 +6,7 @@ from django.template import Context, Template, TemplateSyntaxError
 from ormbridge import relay, store
 from ormbridge.models import ChangeBatch
 from shop.models import Category, Customer, Product
-from tests.factories import make_products
+from tests.factories import make_products, wait_delivered
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,6 +33,7 @@ def test_the_second_render_is_served_from_the_cache(no_relay, django_assert_num_
 
 def test_the_fragment_is_fresh_after_a_committed_change_to_its_model(no_relay):
     [product] = make_products(1)
+    relay.drain()  # the setup's rows: only the change under test may invalidate
     fragment = '{% cached_as products None "names" %}' + NAMES + "{% endcached_as %}"
     render(fragment, products=Product.objects.all())
     product.name = "renamed"
@@ -41,9 +42,20 @@ def test_the_fragment_is_fresh_after_a_committed_change_to_its_model(no_relay):
     assert render(fragment, products=Product.objects.all()) == "renamed;"
 
 
+def test_with_a_worker_the_fragment_is_fresh_after_a_committed_change(worker):
+    [product] = make_products(1)
+    wait_delivered()
+    fragment = '{% cached_as products None "names" %}' + NAMES + "{% endcached_as %}"
+    render(fragment, products=Product.objects.all())
+    Product.objects.filter(pk=product.pk).update(name="renamed")
+    wait_delivered()
+    assert render(fragment, products=Product.objects.all()) == "renamed;"
+
+
 def test_the_fragment_depends_on_the_models_its_queryset_joins(no_relay):
     books = Category.objects.create(name="books")
     make_products(1, category=books)
+    relay.drain()
     fragment = '{% cached_as products None "in-books" %}{{ products.count }}{% endcached_as %}'
     assert render(fragment, products=Product.objects.filter(category__name="books")) == "1"
     books.name = "novels"

@@ -10,7 +10,7 @@ from django.test.utils import CaptureQueriesContext
 import ormbridge
 from ormbridge import relay, store
 from shop.models import Product
-from tests.factories import make_products
+from tests.factories import make_products, wait_delivered
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.urls("tests.testapp.urls")]
 
@@ -55,10 +55,20 @@ def test_the_second_get_is_served_from_the_cache(no_relay, client, django_assert
 
 def test_the_page_is_fresh_after_a_committed_change_to_its_model(no_relay, client):
     [product] = make_products(1)
+    relay.drain()  # the setup's rows: only the change under test may invalidate
     assert client.get("/products/").content == f"{product.name} (page 1)".encode()
     product.name = "renamed"
     product.save()
     relay.drain()
+    assert client.get("/products/").content == b"renamed (page 1)"
+
+
+def test_with_a_worker_the_page_is_fresh_after_a_committed_change(worker, client):
+    [product] = make_products(1)
+    wait_delivered()
+    client.get("/products/")
+    Product.objects.filter(pk=product.pk).update(name="renamed")
+    wait_delivered()
     assert client.get("/products/").content == b"renamed (page 1)"
 
 
