@@ -203,8 +203,8 @@ def _read(
     model: type[models.Model] | None,
 ) -> T:
     """One round trip on a hit; the load and a second round trip to store on a miss."""
-    if any(check(using) for check in bypass):
-        return load()
+    if (timeout is not None and timeout <= 0) or any(check(using) for check in bypass):
+        return load()  # a timeout of 0 caches nothing, as in Django
     client = store.entries_redis()
     stats = [store.stats_key(label) for label in labels]
     ttl = 0 if timeout is None else int(timeout) + TOKEN_GRACE
@@ -343,6 +343,7 @@ class Compiled:
         self.key = "\0".join(
             [
                 queryset.db,
+                queryset.model._meta.label_lower,  # a proxy's rows are of its own class
                 self.sql,
                 repr(self.params),
                 queryset._iterable_class.__qualname__,
