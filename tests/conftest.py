@@ -21,6 +21,8 @@ from ormbridge import capture, store
 from ormbridge.models import ChangeBatch
 from tests import settings
 
+pytest_plugins = ["ormbridge.testing"]  # the ormbridge_testing fixture, as a project loads it
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = Path(os.environ["ORMBRIDGE_TEST_RUN_DIR"])
 
