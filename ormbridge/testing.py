@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -92,6 +93,7 @@ class Harness:
         """Aliases whose last write is still in progress (SQLite, ``RETURNING``)."""
         self._at_commit: dict[str, weakref.ref[_AtCommit]] = {}
         self._delivering = False
+        self._thread = threading.get_ident()
 
     @property
     def aliases(self) -> list[str]:
@@ -104,6 +106,7 @@ class Harness:
 
     def start(self) -> None:
         """Switch to a new key prefix, watch the databases, deliver what was logged before."""
+        self._thread = threading.get_ident()
         self.prefix = f"{settings.KEY_PREFIX}:testing:{uuid.uuid4().hex}"
         emitters = list(settings.EMITTERS)
         if STREAM_EMITTER not in emitters:  # events() reads the streams
@@ -239,8 +242,9 @@ class Harness:
 
     def _before_read(self, using: str | None) -> bool:
         """A ``cache.bypass`` predicate that never bypasses: a cached read is about
-        to begin, so the writes waiting for their statement are delivered first."""
-        if not self._delivering:
+        to begin, so the writes waiting for their statement are delivered first.
+        Only in the test's thread: the connections are per thread, the list is not."""
+        if not self._delivering and threading.get_ident() == self._thread:
             self.settle()
         return False
 
