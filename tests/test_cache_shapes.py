@@ -6,8 +6,8 @@ a replica. Most tests deliver the change log themselves (``no_relay`` and
 ``relay.drain()``), their setup's rows before the first cached read, so that
 only the change under test can invalidate it; the ``worker`` tests go end to
 end through a real worker.
-
-Not covered: generic relations (no model of the example project has one).
+Generic relations: ``shop.Note`` is attached to products by a generic foreign
+key, and ``Product.notes`` is its ``GenericRelation``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from django.test.utils import CaptureQueriesContext
 import ormbridge
 from ormbridge import relay
 from ormbridge.cache import cached_instance
-from shop.models import Category, DigitalProduct, DiscountedProduct, Order, Product, Tag
+from shop.models import Category, DigitalProduct, DiscountedProduct, Note, Order, Product, Tag
 from tests.factories import make_products, wait_delivered
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -290,6 +290,39 @@ def test_a_select_related_queryset_is_fresh_after_its_category_is_renamed(no_rel
     category.save()
     relay.drain()
     assert [p.category.name for p in cached_queryset(query)] == ["novels"]
+
+
+def note_on(product: Product, text: str) -> Note:
+    return Note.objects.create(subject=product, text=text)
+
+
+def test_a_query_through_a_generic_relation_is_fresh_after_a_note_is_added(no_relay):
+    [product] = make_products(1)
+    relay.drain()
+    query = Product.objects.filter(notes__text="fragile")
+    assert cached_queryset(query) == []
+    note_on(product, "fragile")
+    relay.drain()
+    assert cached_queryset(query) == [product]
+
+
+def test_a_generic_relation_prefetch_is_fresh_after_a_note_changes(no_relay):
+    [product] = make_products(1)
+    note = note_on(product, "fragile")
+    relay.drain()
+    query = Product.objects.prefetch_related("notes")
+    assert related_names(cached_queryset(query), "notes", "text") == [["fragile"]]
+    note.text = "heavy"
+    note.save()
+    relay.drain()
+    assert related_names(cached_queryset(query), "notes", "text") == [["heavy"]]
+
+
+def test_a_generic_foreign_key_prefetch_is_refused(no_relay):
+    note_on(make_products(1)[0], "fragile")
+    query = Note.objects.prefetch_related("subject")  # rows of any model
+    with pytest.raises(TypeError, match="generic foreign key"):
+        cached_queryset(query)
 
 
 def test_with_a_worker_a_prefetched_queryset_is_fresh_after_a_tag_is_renamed(worker):

@@ -233,6 +233,8 @@ def test_resync_all_covers_every_registered_model(no_relay):
     assert set(ResyncJob.objects.get().labels) == {
         "shop.category",
         "shop.customer",
+        "shop.digitalproduct",
+        "shop.note",
         "shop.order",
         "shop.product",
         "shop.tag",

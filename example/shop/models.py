@@ -1,3 +1,5 @@
+from django.contrib.contenttypes.fields import GenericForeignKey, GenericRelation
+from django.contrib.contenttypes.models import ContentType
 from django.db import models
 
 import ormbridge
@@ -30,6 +32,8 @@ class Product(models.Model):
     price = models.DecimalField(max_digits=10, decimal_places=2)
     stock = models.IntegerField(default=0)
     updated_at = models.DateTimeField(auto_now=True)
+
+    notes = GenericRelation("Note", related_query_name="product")
 
     objects = ormbridge.CachedManager()  # Product.objects.cache()...
 
@@ -80,3 +84,19 @@ class Order(models.Model):
 
     def __str__(self) -> str:
         return f"order {self.pk} ({self.status})"
+
+
+@ormbridge.register
+class Note(models.Model):
+    """A note on any row (a generic foreign key): its changes reach what reads it."""
+
+    content_type = models.ForeignKey(ContentType, on_delete=models.CASCADE)
+    object_id = models.PositiveBigIntegerField()
+    subject = GenericForeignKey("content_type", "object_id")
+    text = models.CharField(max_length=200)
+
+    class Meta:
+        indexes = [models.Index(fields=["content_type", "object_id"])]
+
+    def __str__(self) -> str:
+        return self.text
