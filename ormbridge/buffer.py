@@ -98,6 +98,15 @@ def dirty(using: str | None) -> bool:
 cache.bypass.append(dirty)
 
 
+def commit_open(using: str) -> None:
+    """Run the open transaction's read-your-writes now, as its commit would.
+
+    For test harnesses: a ``TestCase``'s transaction never commits.
+    """
+    for changes in _open_changes(using):
+        changes()
+
+
 def note(keys: Iterable[str], using: str) -> None:
     """Delete ``keys`` from ormbridge's Redis when the current transaction commits.
 

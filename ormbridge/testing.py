@@ -301,8 +301,7 @@ def _commit_buffer(connection: BaseDatabaseWrapper) -> None:
     from ormbridge import buffer
 
     if _in_test_case(connection):
-        for changes in buffer._open_changes(connection.alias):
-            changes()
+        buffer.commit_open(connection.alias)
 
 
 def _in_test_case(connection: BaseDatabaseWrapper) -> bool:
