@@ -2,8 +2,9 @@
 
 Entries live in ormbridge's Redis, next to the tokens they depend on. An
 entry starts with the *stamp* of its tokens (the server's run id and each
-token's value); a read is one script call that ensures the tokens and returns
-the entry only when its stamp is still theirs. An invalidation deletes tokens,
+token's value); a hit is one MGET of the tokens and the entry whose stamp is
+still theirs. A miss creates missing tokens and stores the loaded value under
+their stamp, unless an invalidation deleted one in the meantime. An invalidation deletes tokens,
 so a reader that loaded old data before a write committed cannot make it live
 again by storing it after the invalidation ran: it stores under the old stamp,
 which no later read produces (the stale-set race; cf. "Scaling Memcache at
@@ -25,13 +26,17 @@ are neither hidden from it nor stored for others.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import logging
 import os
 import pickle
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from django.apps import apps
@@ -80,16 +85,24 @@ def cached_instance(model: type[M], pk: Any = None, **unique: Any) -> M:
         )
     if unique:
         pk = _pk_of(model, unique)
-    timeout = timeout_of(model)
     manager = model._default_manager
     pk = model._meta.pk.to_python(pk)
+    return instance(model, pk, lambda: manager.get(pk=pk), manager.db, timeout_of(model))
+
+
+def instance(model: type[M], pk: Any, load: Callable[[], M], using: str, timeout: int | None) -> M:
+    """The cached instance of ``model`` with ``pk`` (a Python value), ``load()`` on a miss.
+
+    The one entry per row that :func:`cached_instance` and ``.cache().get(pk=...)``
+    share: it depends on the row (and its parent rows), not on the whole table.
+    """
     return _read(
         instance_key(model._meta.label_lower, pk),
         _instance_tokens(model, pk),
         [label_of(model)],
         timeout,
-        lambda: manager.get(pk=pk),
-        manager.db,
+        load,
+        using,
         model,
     )
 
@@ -202,14 +215,40 @@ def _read(
     using: str | None,
     model: type[models.Model] | None,
 ) -> T:
-    """One round trip on a hit; the load and a second round trip to store on a miss."""
+    """A hit is one MGET of the tokens and the entry; a miss runs the load and two scripts."""
     if (timeout is not None and timeout <= 0) or any(check(using) for check in bypass):
         return load()  # a timeout of 0 caches nothing, as in Django
     client = store.entries_redis()
+    try:
+        run_id = store.incarnation(client)
+        # Bytes: this client does not decode responses.
+        *tokens, entry = cast(list[bytes | None], client.mget([*token_keys, entry_key]))
+    except redis.RedisError as exc:
+        logger.warning("ormbridge: Redis unreachable, reading the database: %s", exc)
+        return load()
+    if entry is not None and all(token is not None for token in tokens):
+        stamp = b" ".join([run_id.encode(), *cast(list[bytes], tokens)]) + b"\n"
+        if entry.startswith(stamp) and (value := _unpickle(entry, len(stamp))) is not _STALE:
+            hits.add(labels)
+            return cast(T, value)
+    return _miss(client, run_id, entry_key, token_keys, labels, timeout, load, using, model)
+
+
+def _miss(
+    client: store.Client,
+    run_id: str,
+    entry_key: str,
+    token_keys: list[str],
+    labels: list[str],
+    timeout: int | None,
+    load: Callable[[], T],
+    using: str | None,
+    model: type[models.Model] | None,
+) -> T:
+    """Create missing tokens, load, and store under their stamp if they still hold it."""
     stats = [store.stats_key(label) for label in labels]
     ttl = 0 if timeout is None else int(timeout) + TOKEN_GRACE
     try:
-        run_id = store.incarnation(client)
         found, data = store.script(store.READ_ENTRY, client)(
             keys=[entry_key, *stats, *token_keys],
             args=[os.urandom(8).hex(), ttl, run_id, len(stats)],
@@ -217,23 +256,77 @@ def _read(
     except redis.RedisError as exc:
         logger.warning("ormbridge: Redis unreachable, reading the database: %s", exc)
         return load()
-    if found:
-        try:
-            value: T = pickle.loads(data)
-            return value
-        except STALE_PICKLE:
-            pass
+    if found:  # stored by another reader since the MGET
+        value = _unpickle(data, 0)
+        return cast(T, value) if value is not _STALE else load()
     value = load()
     # A reconnection during the read may have reached another incarnation.
     if client.run_id == run_id and storable(using, model):
         try:
             store.script(store.STORE_ENTRY, client)(
-                keys=[entry_key, *stats],
-                args=[data + pickle.dumps(value, pickle.HIGHEST_PROTOCOL), timeout or 0],
+                keys=[entry_key, *token_keys, *stats],
+                args=[
+                    data,
+                    data + pickle.dumps(value, pickle.HIGHEST_PROTOCOL),
+                    timeout or 0,
+                    ttl,
+                    run_id,
+                    len(token_keys),
+                ],
             )
         except redis.RedisError as exc:
             logger.warning("ormbridge: Redis unreachable, %s not cached: %s", entry_key, exc)
     return value
+
+
+_STALE = object()
+
+
+def _unpickle(entry: bytes, start: int) -> Any:
+    """The value pickled in ``entry`` from ``start``; ``_STALE`` if the code changed since."""
+    try:
+        return pickle.loads(memoryview(entry)[start:])
+    except STALE_PICKLE:
+        return _STALE
+
+
+class Hits:
+    """Cache hits, counted in memory and added to Redis at most every ``every`` seconds.
+
+    A hit is one MGET: counting it there would cost a second command. Misses
+    and stores are counted by the scripts they run anyway.
+    """
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._sent = time.monotonic()
+
+    def add(self, labels: Iterable[str]) -> None:
+        with self._lock:
+            self._counts.update(labels)
+            due = time.monotonic() - self._sent >= self.every
+        if due:
+            self.send()
+
+    def send(self) -> None:
+        """Add the hits counted so far to Redis now (the status command reads them there)."""
+        with self._lock:
+            counts, self._counts, self._sent = self._counts, Counter(), time.monotonic()
+        if not counts:
+            return
+        pipe = store.get_redis().pipeline(transaction=False)
+        for label, n in counts.items():
+            pipe.hincrby(store.stats_key(label), "hits", n)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            logger.debug("ormbridge: hit counts not sent: %s", exc)
+
+
+hits = Hits()
+atexit.register(hits.send)
 
 
 def _instance_tokens(model: type[models.Model], pk: Any) -> list[str]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Self, TypeVar
 
+from django.core.exceptions import ValidationError
 from django.db import models
+from django.db.models.query import ModelIterable
 
 from ormbridge import cache
 
@@ -72,6 +74,51 @@ class CachedQuerySet(models.QuerySet[M]):
             self._result_cache = rows
             self._prefetch_done = True
         super()._fetch_all()
+
+    def get(self, *args: Any, **kwargs: Any) -> M:
+        pk = self._pk_only(args, kwargs)
+        if pk is None:
+            return super().get(*args, **kwargs)
+        timeout = self._ormbridge_timeout
+        return cache.instance(
+            self.model,
+            pk,
+            lambda: self.nocache().get(*args, **kwargs),
+            self.db,
+            cache.timeout_of(self.model) if timeout is DEFAULT else timeout,
+        )
+
+    def _pk_only(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The pk of a cached ``get(pk=...)`` among all rows; None for any other read.
+
+        Such a read shares :func:`ormbridge.cached_instance`'s entry, which a
+        write to another row leaves alone.
+        """
+        if not self._ormbridge_on or args or len(kwargs) != 1:
+            return None
+        [(name, value)] = kwargs.items()
+        meta, query = self.model._meta, self.query
+        plain = (
+            self._iterable_class is ModelIterable
+            and not self._prefetch_related_lookups  # type: ignore[attr-defined]
+            and not query.where
+            and not query.select_related
+            and not query.annotations
+            and not query.extra
+            and not query.extra_tables
+            and not query.is_sliced
+            and not query.distinct
+            and not query.combinator
+            and not query.select_for_update
+            and query.deferred_loading == (frozenset(), True)
+            and self.db == self.model._default_manager.db
+        )
+        if not plain or name not in ("pk", meta.pk.name, meta.pk.attname):
+            return None
+        try:
+            return meta.pk.to_python(value)
+        except (ValidationError, TypeError, ValueError):
+            return None
 
     def count(self) -> int:
         if self._result_cache is not None or not self._ormbridge_on:

@@ -107,6 +107,7 @@ class Harness:
     def start(self) -> None:
         """Switch to a new key prefix, watch the databases, deliver what was logged before."""
         self._thread = threading.get_ident()
+        cache.hits.send()  # hits counted so far belong to the prefix before this test's
         self.prefix = f"{settings.KEY_PREFIX}:testing:{uuid.uuid4().hex}"
         emitters = list(settings.EMITTERS)
         if STREAM_EMITTER not in emitters:  # events() reads the streams
@@ -140,6 +141,7 @@ class Harness:
         Raises:
             DeliveryError: a delivery at commit raised during the test.
         """
+        cache.hits.send()  # under the test's prefix, about to be wiped
         try:
             self._stack.close()
         finally:

@@ -17,7 +17,7 @@ import pytest
 import redis
 from django.db import connection
 
-from ormbridge import capture, store
+from ormbridge import cache, capture, store
 from ormbridge.models import ChangeBatch
 from tests import settings
 
@@ -128,6 +128,7 @@ def clean_redis(redis_servers: dict[str, RedisServer], clean_log: None) -> Itera
     for name in ("ormbridge", "cache"):
         if redis_servers[name].process is None:
             redis_servers[name].start()
+    cache.hits.send()  # the last test's hits, not this one's
     store.get_redis().flushall()
     store.breaker.reset()
     yield

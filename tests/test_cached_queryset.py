@@ -16,7 +16,7 @@ from django.db import models
 from django.db.models import Max, Sum
 
 import ormbridge
-from ormbridge import relay, store
+from ormbridge import cache, relay, store
 from ormbridge.cache import cached_instance, instance_key
 from shop.models import Category, Customer, Product
 from tests import commands
@@ -240,6 +240,7 @@ def test_status_shows_the_hits_and_misses_of_a_scripted_sequence_of_reads(no_rel
     relay.drain()  # the update: one row invalidated
     cached_instance(Product, product.pk)  # miss, stored
     products().count()  # miss, stored
+    cache.hits.send()  # hits reach Redis at most a second late; the test does not wait
     figures = cache_figures("shop.product")
     assert figures == {"hits": 3, "misses": 4, "stores": 4, "invalidations": 2}
 
@@ -261,3 +262,23 @@ def test_a_models_own_timeout_from_settings_applies_to_its_entries(no_relay):
     client = store.get_redis()
     assert 0 < client.ttl(instance_key("shop.customer", customer.pk)) <= 600
     assert client.ttl(instance_key("shop.category", category.pk)) > 600  # CACHE_TIMEOUT
+
+
+def test_a_cached_get_by_pk_survives_a_write_to_another_row(no_relay, django_assert_num_queries):
+    first, second = make_products(2)
+    relay.drain()
+    assert Product.objects.cache().get(pk=first.pk) == first
+    set_price(second, "9.00")
+    relay.drain()
+    with django_assert_num_queries(0):
+        assert Product.objects.cache().get(pk=first.pk) == first
+        assert cached_instance(Product, first.pk) == first  # the same entry
+
+
+def test_a_cached_get_by_pk_is_fresh_after_its_row_changes(no_relay):
+    [product] = make_products(1)
+    relay.drain()
+    Product.objects.cache().get(id=product.pk)
+    set_price(product, "9.00")
+    relay.drain()
+    assert Product.objects.cache().get(id=product.pk).price == Decimal("9.00")
