@@ -429,7 +429,8 @@ class Compiled:
     """A queryset's SQL and what it depends on, computed once per read."""
 
     def __init__(self, queryset: models.QuerySet[Any]) -> None:
-        query = queryset.query.clone()
+        # Compiled in place, as evaluating the queryset (or str(queryset.query)) does.
+        query = queryset.query
         self.sql, self.params = query.get_compiler(using=queryset.db).as_sql()
         prefetched = [_prefetch_key(lookup) for lookup in queryset._prefetch_related_lookups]  # type: ignore[attr-defined]
         self.labels = _labels_of(queryset, query, self.sql, prefetched)
