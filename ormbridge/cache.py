@@ -449,8 +449,9 @@ class Compiled:
 
 def compile_queryset(queryset: models.QuerySet[Any]) -> Compiled | None:
     """The queryset's SQL, key and dependencies; None when it matches nothing by
-    construction (``filter(pk__in=[])``) or locks rows: such reads are not cached."""
-    if queryset.query.select_for_update:
+    construction (``filter(pk__in=[])``), locks rows or is in random order: such
+    reads are not cached."""
+    if queryset.query.select_for_update or "?" in queryset.query.order_by:
         return None
     try:
         return Compiled(queryset)

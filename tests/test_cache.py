@@ -209,6 +209,13 @@ def test_an_instance_is_cached_by_a_unique_field(no_relay, django_assert_num_que
     assert cached_instance(Category, name="novels").pk == category.pk
 
 
+def test_an_instance_is_cached_by_its_slug(no_relay, django_assert_num_queries):
+    category = Category.objects.create(name="Books")
+    assert cached_instance(Category, slug="books") == category
+    with django_assert_num_queries(0):
+        assert cached_instance(Category, slug="books").name == "Books"
+
+
 def test_a_lookup_that_is_not_unique_is_refused(no_relay):
     with pytest.raises(
         TypeError, match=r"name=\.\.\.\): that lookup is not unique on shop\.Product"

@@ -282,3 +282,10 @@ def test_a_cached_get_by_pk_is_fresh_after_its_row_changes(no_relay):
     set_price(product, "9.00")
     relay.drain()
     assert Product.objects.cache().get(id=product.pk).price == Decimal("9.00")
+
+
+def test_a_query_in_random_order_is_not_cached(no_relay, django_assert_num_queries):
+    make_products(2)
+    list(Product.objects.cache().order_by("?"))
+    with django_assert_num_queries(1):
+        assert len(Product.objects.cache().order_by("?")) == 2
