@@ -223,6 +223,9 @@ def _read(
         run_id = store.incarnation(client)
         # Bytes: this client does not decode responses.
         *tokens, entry = cast(list[bytes | None], client.mget([*token_keys, entry_key]))
+        if client.run_id != run_id:  # it reconnected, to a restarted or another server
+            run_id = client.run_id
+            *tokens, entry = cast(list[bytes | None], client.mget([*token_keys, entry_key]))
     except redis.RedisError as exc:
         logger.warning("ormbridge: Redis unreachable, reading the database: %s", exc)
         return load()

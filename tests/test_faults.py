@@ -290,3 +290,15 @@ def test_a_worker_killed_mid_flush_loses_nothing(no_relay, start_worker):
     print(f"kill -> every chunk done: {done:.2f} s (rows checked fresh at {checked:.2f} s)")
     assert stale == [], f"{len(stale)} rows read stale"
     assert set(replays.saves()) >= set(pks), "a row's post_save was never replayed"
+
+
+def test_the_first_read_after_a_redis_restart_is_stored(
+    no_relay, redis_servers, django_assert_num_queries
+):
+    first, second = make_products(2)
+    cached_instance(Product, first.pk)  # the cache client holds a connection to the old server
+    redis_servers["ormbridge"].stop()
+    redis_servers["ormbridge"].start()
+    cached_instance(Product, second.pk)  # reconnects: a miss, stored under the new run id
+    with django_assert_num_queries(0):
+        cached_instance(Product, second.pk)
