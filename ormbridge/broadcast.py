@@ -5,16 +5,18 @@ An event says which rows of which model changed, never their values::
     {"id": "…", "type": "update", "model": "shop.product", "namespace": "shop.product",
      "pks": [1, 2, 3], "fields": ["price"], "ts": 1764200000.0}
 
-``type`` is ``create``, ``update``, ``delete`` or ``invalidate``; ``pks`` is
-None when every row of the model is concerned; ``fields`` lists the changed
-fields of an update (None: unknown or all). A model registered with
+``type`` is ``create``, ``update``, ``delete``, ``invalidate`` or ``removed``;
+``pks`` is None when every row of the model is concerned; ``fields`` lists the
+changed fields of an update (None: unknown or all). A model registered with
 ``payload=`` adds ``"payload": {pk: data}``.
 
 Every model's events go to its namespace ``app_label.model``; a model
 registered with ``namespaces=`` also sends each row's events to
 ``app_label.model::<name>`` for every name the resolver returns for the row.
-The names a row had last time are remembered in Redis, so a row that moves
-from one namespace to another produces events in both.
+The names a row had last time are remembered in Redis: a namespace a row has
+left gets a ``removed`` event with its pk only (no fields, no payload), since
+its subscribers may no longer see the row's values; the namespaces it is in
+now get the batch's own event.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from ormbridge.conf import settings
 logger = logging.getLogger("ormbridge.events")
 
 SEPARATOR = "::"
+REMOVED = "removed"
+"""Type of the event a namespace gets for rows that left it: their pks, nothing else."""
 LOAD_SIZE = 2000
 
 
@@ -86,7 +90,8 @@ def events_for(
     options = registry.options(model) if registry.is_registered(model) else None
     if pks is None or options is None or not (options.namespaces or options.payload):
         return [make_event(action, label, pks, event_fields)]
-    by_namespace: dict[str, list[Any]] = defaultdict(list)
+    # (namespace, type) -> pks; a namespace may get both the batch's event and "removed"
+    by_namespace: dict[tuple[str, str], list[Any]] = defaultdict(list)
     payload: dict[str, Any] = {}
     loaded = {obj.pk: obj for obj in rows or ()}
     if action != "delete" and not loaded:
@@ -94,14 +99,21 @@ def events_for(
     now = {pk: _names(options, loaded.get(pk)) for pk in pks}
     before = _remember(label, now, forget=action == "delete") if options.namespaces else {}
     for pk in pks:
-        by_namespace[label].append(pk)
-        for name in sorted(now[pk] | before.get(pk, set())):
-            by_namespace[f"{label}{SEPARATOR}{name}"].append(pk)
+        by_namespace[label, action].append(pk)
+        # A deleted row is gone from every namespace it was in: "delete" says so there.
+        here = now[pk] | before.get(pk, set()) if action == "delete" else now[pk]
+        for name in sorted(here):
+            by_namespace[f"{label}{SEPARATOR}{name}", action].append(pk)
+        for name in sorted(before.get(pk, set()) - here):
+            by_namespace[f"{label}{SEPARATOR}{name}", REMOVED].append(pk)
         if options.payload and pk in loaded and action != "delete":
             payload[str(pk)] = options.payload(loaded[pk])
     events = []
-    for namespace, members in by_namespace.items():
-        event = make_event(action, label, members, event_fields, namespace)
+    for (namespace, kind), members in by_namespace.items():
+        if kind == REMOVED:  # never the row's values: the namespace may not see them now
+            events.append(make_event(REMOVED, label, members, None, namespace))
+            continue
+        event = make_event(kind, label, members, event_fields, namespace)
         if payload:
             event["payload"] = {str(pk): payload[str(pk)] for pk in members if str(pk) in payload}
         events.append(event)

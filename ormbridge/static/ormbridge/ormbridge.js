@@ -8,7 +8,9 @@
  *   subscription.close();
  *
  * Events carry primary keys and field names, not values: refetch the rows through your
- * own (permission-checked) API. The browser reconnects by itself, sending Last-Event-ID;
+ * own (permission-checked) API. event.type is "create", "update", "delete", "invalidate"
+ * (event.pks null: every row) or "removed": the rows left this namespace (a tenant's, say);
+ * drop them from what you show for it. The browser reconnects by itself, sending Last-Event-ID;
  * when it gives up (a server restart answering with an error), this client reconnects
  * after `retryMs`, resuming from the last event it saw, so nothing is missed or repeated
  * within the server's retention.
