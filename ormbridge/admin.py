@@ -1,4 +1,8 @@
-"""Read-only admin lists of the change log and resync jobs, with a "retry" action."""
+"""Read-only admin lists of the change log and resync jobs, with a "retry" action.
+
+The admin never shows a row's values: deleted rows' snapshots are neither shown nor
+searchable or filterable, to superusers and view-only staff alike.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
+from django.db.models.constants import LOOKUP_SEP
 from django.http import HttpRequest
 
 from ormbridge import resync, tasks
@@ -33,6 +38,10 @@ class ReadOnlyAdmin(_ModelAdmin):
         return request.user.has_perm(f"{meta.app_label}.change_{meta.model_name}")
 
 
+# ChangeBatch fields holding rows' values (deleted rows' snapshots, for the replay).
+ROW_VALUES = ("snapshot",)
+
+
 @admin.register(ChangeBatch)
 class ChangeBatchAdmin(ReadOnlyAdmin):
     list_display = ("id", "model", "action", "rows", "state", "attempts", "created_at",
@@ -40,6 +49,22 @@ class ChangeBatchAdmin(ReadOnlyAdmin):
     list_filter = ("state", "action", "model")
     search_fields = ("model", "last_error")
     actions = ["retry"]
+    exclude = ROW_VALUES  # the change log is not a way to read deleted rows
+    readonly_fields = ("snapshot_kept",)
+
+    @admin.display(description="snapshot")
+    def snapshot_kept(self, batch: ChangeBatch) -> str:
+        """That deleted rows' values are kept for the replay, never what they are."""
+        snapshot = batch.snapshot
+        if not isinstance(snapshot, dict) or not snapshot.get("rows"):
+            return "none"
+        return f"{len(snapshot['rows'])} deleted row(s)' values, kept until delivered (not shown)"
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
+        """No filtering on snapshots from the URL: each guess would tell a value."""
+        if lookup.split(LOOKUP_SEP, 1)[0] in ROW_VALUES:
+            return False
+        return super().lookup_allowed(lookup, value, request)
 
     @admin.action(description="Retry the selected change batches", permissions=["retry"])
     def retry(self, request: HttpRequest, queryset: QuerySet[ChangeBatch]) -> None:
