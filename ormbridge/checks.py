@@ -184,19 +184,49 @@ def _check_emitters() -> list[checks.CheckMessage]:
     return errors
 
 
+# Pickle's names in Celery's settings: the serializer's name and its content type.
+PICKLE = {"pickle", "application/x-python-serialize"}
+
+
 def _check_serializer() -> list[checks.CheckMessage]:
-    accepted = getattr(django_settings, "CELERY_ACCEPT_CONTENT", ["json"])
-    serializer = getattr(django_settings, "CELERY_TASK_SERIALIZER", "json")
-    if serializer == "pickle" or "pickle" in accepted:
-        return [
-            checks.Warning(
-                "Celery is set to use pickle; ormbridge's tasks carry only JSON "
-                "and a worker that accepts pickle runs code sent to its broker.",
-                hint='Set CELERY_TASK_SERIALIZER = "json" and CELERY_ACCEPT_CONTENT = ["json"].',
-                id="ormbridge.W003",
-            )
-        ]
-    return []
+    """Pickle anywhere Celery may take it from: Django's ``CELERY_*`` settings, and the
+    effective configuration of the project's Celery app (celeryconfig.py, ``app.conf``)."""
+    from celery import current_app
+    from celery.exceptions import ImproperlyConfigured
+
+    values = {
+        "CELERY_ACCEPT_CONTENT": getattr(django_settings, "CELERY_ACCEPT_CONTENT", None),
+        "CELERY_TASK_SERIALIZER": getattr(django_settings, "CELERY_TASK_SERIALIZER", None),
+        "CELERY_RESULT_SERIALIZER": getattr(django_settings, "CELERY_RESULT_SERIALIZER", None),
+    }
+    try:
+        conf = current_app.conf
+        for name in ("accept_content", "result_accept_content", "task_serializer",
+                     "result_serializer"):  # fmt: skip
+            values[name] = conf.get(name)
+    except (ImportError, ImproperlyConfigured):
+        pass  # a configuration Celery cannot load: Celery itself says so
+    found = [f"{name} = {value!r}" for name, value in values.items() if _pickles(value)]
+    if not found:
+        return []
+    return [
+        checks.Warning(
+            f"Celery is set to use pickle ({'; '.join(found)}); ormbridge's tasks carry "
+            "only JSON and a worker that accepts pickle runs code sent to its broker.",
+            hint="Use JSON wherever the Celery app is configured (CELERY_* settings, "
+            'celeryconfig.py, app.conf): task_serializer = "json", result_serializer = '
+            '"json", accept_content = ["json"].',
+            id="ormbridge.W003",
+        )
+    ]
+
+
+def _pickles(value: object) -> bool:
+    """Whether a serializer name or a list of accepted content names pickle."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list | tuple | set | frozenset):
+        return False
+    return any(isinstance(name, str) and name.lower() in PICKLE for name in names)
 
 
 def check_triggers(
