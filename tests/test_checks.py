@@ -1,8 +1,10 @@
 """Misconfiguration is reported by system checks with a named id, never at import."""
 
+from collections.abc import Iterator
 from io import StringIO
 
 import pytest
+from celery import Celery, current_app
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
@@ -125,6 +127,50 @@ def test_emitters_must_import(settings):
 def test_pickle_is_a_warning(settings):
     settings.CELERY_ACCEPT_CONTENT = ["json", "pickle"]
     assert ids(settings) == ["ormbridge.W003"]
+
+
+@pytest.fixture
+def celery_app() -> Iterator[Celery]:
+    """A project's Celery app configured outside Django settings, current for the test."""
+    project = current_app._get_current_object()
+    app = Celery("elsewhere", set_as_current=True)
+    yield app
+    project.set_current()
+
+
+class PickleConfig:
+    """A celeryconfig.py that lets pickle in."""
+
+    task_serializer = "json"
+    accept_content = ["json", "pickle"]
+
+
+def test_pickle_accepted_through_a_celeryconfig_module_is_a_warning(settings, celery_app):
+    celery_app.config_from_object(PickleConfig)
+    [message] = check_settings()
+    assert message.id == "ormbridge.W003"
+    assert "accept_content" in message.msg
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("accept_content", ["json", "application/x-python-serialize"]),  # pickle's MIME type
+        ("task_serializer", "pickle"),
+        ("result_serializer", "pickle"),
+        ("result_accept_content", ["pickle"]),
+    ],
+)
+def test_pickle_set_in_the_app_conf_is_a_warning(settings, celery_app, key, value):
+    celery_app.conf[key] = value
+    [message] = check_settings()
+    assert message.id == "ormbridge.W003"
+    assert key in message.msg
+
+
+def test_a_json_only_celery_app_is_clean(settings, celery_app):
+    celery_app.conf.accept_content = ["json", "msgpack"]
+    assert check_settings() == []
 
 
 def test_manage_py_check_fails_on_bad_configuration(settings):
