@@ -218,8 +218,8 @@ def _read(
     """A hit is one MGET of the tokens and the entry; a miss runs the load and two scripts."""
     if (timeout is not None and timeout <= 0) or any(check(using) for check in bypass):
         return load()  # a timeout of 0 caches nothing, as in Django
-    client = store.entries_redis()
     try:
+        client = store.entries_redis()  # a cluster client connects when it is created
         run_id = store.incarnation(client)
         # Bytes: this client does not decode responses.
         *tokens, entry = cast(list[bytes | None], client.mget([*token_keys, entry_key]))
@@ -319,10 +319,10 @@ class Hits:
             counts, self._counts, self._sent = self._counts, Counter(), time.monotonic()
         if not counts:
             return
-        pipe = store.get_redis().pipeline(transaction=False)
-        for label, n in counts.items():
-            pipe.hincrby(store.stats_key(label), "hits", n)
         try:
+            pipe = store.get_redis().pipeline(transaction=False)
+            for label, n in counts.items():
+                pipe.hincrby(store.stats_key(label), "hits", n)
             pipe.execute()
         except redis.RedisError as exc:
             logger.debug("ormbridge: hit counts not sent: %s", exc)
@@ -393,7 +393,7 @@ def instance_key(label: str, pk: Any) -> str:
     return store.key(label, "obj", pk)
 
 
-def forget(model: type[models.Model], pks: Iterable[str], pipe: redis.client.Pipeline) -> int:
+def forget(model: type[models.Model], pks: Iterable[str], pipe: store.Pipeline) -> int:
     """Invalidate the cached instances of ``pks`` (as text) and the model's querysets.
 
     Queued on ``pipe`` (the caller executes it). Returns how many instance
@@ -408,7 +408,7 @@ def forget(model: type[models.Model], pks: Iterable[str], pipe: redis.client.Pip
     return len(pks)
 
 
-def forget_all(model: type[models.Model], pipe: redis.client.Pipeline) -> None:
+def forget_all(model: type[models.Model], pipe: store.Pipeline) -> None:
     """Invalidate every cached instance and queryset of ``model`` in O(1)."""
     label = model._meta.label_lower
     pipe.delete(store.epoch_key(label), store.generation_key(label))

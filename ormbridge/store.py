@@ -2,7 +2,10 @@
 
 Redis is a cache of the change log (the database is the truth): it may be
 emptied, restored or failed over at any time. Every key is built here, under
-``ORMBRIDGE["KEY_PREFIX"]``. Per model (``label`` is ``app_label.modelname``):
+``ORMBRIDGE["KEY_PREFIX"]`` in braces: ``{prefix}`` is a Redis Cluster hash
+tag, so every key of a prefix lives in one hash slot and the scripts, MGETs,
+multi-key deletes and multi-stream reads that span models work on a cluster.
+Per model (``label`` is ``app_label.modelname``):
 
 ``{prefix}:{label}:obj:<pk>``         cached instance: its tokens' stamp, then a pickle
 ``{prefix}:entry:<sha256>``           cached queryset, value or fragment, the same way
@@ -16,21 +19,27 @@ emptied, restored or failed over at any time. Every key is built here, under
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TypeAlias
 
 import redis
+import redis.asyncio
+import redis.asyncio.cluster
+from redis.cluster import ClusterPipeline, RedisCluster
 from redis.connection import AbstractConnection
+from redis.exceptions import RedisClusterException
 
 from ormbridge.conf import settings
 
 logger = logging.getLogger("ormbridge")
 
 
-class Client(redis.Redis):
+class ServerClient(redis.Redis):
     """A redis-py client that knows which incarnation of the server it talks to.
 
     ``run_id`` is read from ``INFO server`` on every new connection: a restart
@@ -41,52 +50,169 @@ class Client(redis.Redis):
     run_id: str = ""
 
 
+class ClusterError(redis.RedisError):
+    """A failure of redis-py's cluster client (``RedisClusterException``, which is
+    not a ``RedisError``: every node down, slots uncovered) as a ``RedisError``,
+    so that the handlers of Redis failures see it as one."""
+
+
+@contextlib.contextmanager
+def _as_redis_error() -> Iterator[None]:
+    try:
+        yield
+    except RedisClusterException as exc:
+        raise ClusterError(str(exc)) from exc
+
+
+class ClusterClient(RedisCluster):
+    """A Redis Cluster client (``ORMBRIDGE["REDIS_CLUSTER"]``) that knows which
+    incarnation of the node serving ormbridge's slot it talks to.
+
+    Every key of ``KEY_PREFIX`` is in one hash slot, so one node (a master)
+    serves them all: ``run_id`` is that node's, read from ``INFO server`` on
+    every new connection to each node. A failover moves the slot to a replica,
+    whose run id differs. Its failures are ``RedisError`` (see :class:`ClusterError`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.run_ids: dict[str, str] = {}  # "host:port" of a node -> its run id
+        with _as_redis_error():
+            super().__init__(*args, **kwargs)
+        # KEYS looks at every master, as SCAN does (redis-py asks one node only).
+        self.command_flags["KEYS"] = self.PRIMARIES
+
+    @property
+    def run_id(self) -> str:
+        try:
+            node = self.get_node_from_key(key())  # type: ignore[no-untyped-call]  # unannotated
+        except RedisClusterException:  # no slot map at the moment: no known incarnation
+            return ""
+        return self.run_ids.get(node.name, "") if node is not None else ""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        with _as_redis_error():
+            return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        pipe: ClusterPipeline = super().pipeline(transaction, shard_hint)  # type: ignore[no-untyped-call]
+        # redis-py builds the pipeline; this class only adds to its methods.
+        pipe.__class__ = _ClusterPipeline
+        return pipe
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """A cluster pipeline whose failures are ``RedisError`` and that deletes many keys of
+    one slot with one ``DEL`` (redis-py's takes one key per call)."""
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        with _as_redis_error():
+            return super().execute(raise_on_error)
+
+    def delete(self, *names: Any) -> Any:
+        return self.execute_command("DEL", *names)  # type: ignore[no-untyped-call]  # unannotated
+
+    def unlink(self, *names: Any) -> Any:
+        return self.execute_command("UNLINK", *names)  # type: ignore[no-untyped-call]  # same
+
+
+Client: TypeAlias = ServerClient | ClusterClient
+Pipeline: TypeAlias = redis.client.Pipeline | ClusterPipeline
+
+
 def get_redis() -> Client:
-    """The client for ``ORMBRIDGE["REDIS_URL"]``, shared per URL."""
-    return _client(settings.REDIS_URL, 2.0, 5.0)
+    """The client for ``ORMBRIDGE["REDIS_URL"]``, shared per URL.
+
+    Raises:
+        redis.RedisError: a cluster client could not reach any node of the cluster
+            (a client of one server connects only when it is first used).
+    """
+    return _client(settings.REDIS_URL, bool(settings.REDIS_CLUSTER), 2.0, 5.0)
 
 
 def entries_redis() -> Client:
     """A client of the same server that answers bytes: cache entries hold pickles."""
-    return _client(settings.REDIS_URL, 2.0, 5.0, decode=False)
+    return _client(settings.REDIS_URL, bool(settings.REDIS_CLUSTER), 2.0, 5.0, decode=False)
 
 
 def commit_redis() -> Client:
     """The client of the commit path: timeouts of ``COMMIT_TIMEOUT`` seconds."""
     timeout = float(settings.COMMIT_TIMEOUT)
-    return _client(settings.REDIS_URL, timeout, timeout)
+    return _client(settings.REDIS_URL, bool(settings.REDIS_CLUSTER), timeout, timeout)
+
+
+def async_redis(timeout: float) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
+    """A new asyncio client (answers as ``str``) of ormbridge's Redis, for the event streams."""
+    if settings.REDIS_CLUSTER:
+        return redis.asyncio.cluster.RedisCluster.from_url(
+            settings.REDIS_URL, decode_responses=True, socket_timeout=timeout
+        )
+    return redis.asyncio.Redis.from_url(
+        settings.REDIS_URL, decode_responses=True, socket_timeout=timeout
+    )
+
+
+def _run_id(connection: AbstractConnection) -> tuple[str, str]:
+    """The run id and mode (standalone, cluster, …) of the server behind ``connection``."""
+    connection.send_command("INFO", "server")  # type: ignore[no-untyped-call]  # unannotated
+    info = connection.read_response()
+    text = info.decode() if isinstance(info, bytes) else str(info)  # INFO is text
+    fields = dict(line.partition(":")[::2] for line in text.splitlines() if ":" in line)
+    return fields.get("run_id", "").strip(), fields.get("redis_mode", "").strip()
 
 
 @functools.lru_cache(maxsize=8)
-def _client(url: str, connect_timeout: float, timeout: float, decode: bool = True) -> Client:
-    holder: list[Client] = []
+def _client(
+    url: str, cluster: bool, connect_timeout: float, timeout: float, decode: bool = True
+) -> Client:
+    options: dict[str, Any] = {
+        "socket_connect_timeout": connect_timeout,
+        "socket_timeout": timeout,
+        "decode_responses": decode,
+    }
+    if cluster:
+        run_ids: dict[str, str] = {}
+
+        def on_node_connect(connection: AbstractConnection) -> None:
+            # The cluster client has done the handshake (connection.on_connect) already.
+            host, port = getattr(connection, "host", ""), getattr(connection, "port", "")
+            run_ids[f"{host}:{port}"] = _run_id(connection)[0]
+
+        with _as_redis_error():
+            # from_url is annotated -> "RedisCluster" but returns cls(...), a ClusterClient.
+            client: ClusterClient = ClusterClient.from_url(  # type: ignore[assignment]
+                url, redis_connect_func=on_node_connect, **options
+            )
+        client.run_ids = run_ids  # including the nodes it connected to while starting
+        return client
+    servers: list[ServerClient] = []
 
     def on_connect(connection: AbstractConnection) -> None:
         connection.on_connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py
-        connection.send_command("INFO", "server")  # type: ignore[no-untyped-call]  # same
-        info = connection.read_response()
-        text = info.decode() if isinstance(info, bytes) else str(info)  # INFO is text
-        for line in text.splitlines():
-            if line.startswith("run_id:"):
-                holder[0].run_id = line.partition(":")[2].strip()
+        run_id, mode = _run_id(connection)
+        if mode == "cluster":
+            raise redis.ConnectionError(
+                f"{url} is a node of a Redis Cluster: set ORMBRIDGE['REDIS_CLUSTER'] = True"
+            )
+        servers[0].run_id = run_id
 
-    # redis-py annotates from_url as -> "Redis" but returns cls(...), here a Client.
-    client: Client = Client.from_url(  # type: ignore[assignment]
-        url,
-        socket_connect_timeout=connect_timeout,
-        socket_timeout=timeout,
-        decode_responses=decode,
-        redis_connect_func=on_connect,
+    # redis-py annotates from_url as -> "Redis" but returns cls(...), here a ServerClient.
+    server: ServerClient = ServerClient.from_url(  # type: ignore[assignment]
+        url, redis_connect_func=on_connect, **options
     )
-    holder.append(client)
-    return client
+    servers.append(server)
+    return server
 
 
 def incarnation(client: Client | None = None) -> str:
-    """The run id of the server ``client`` (``get_redis()``) talks to; connects if needed."""
+    """The run id of the server ``client`` (``get_redis()``) talks to, on a cluster the
+    node serving ormbridge's slot; connects if needed."""
     client = client or get_redis()
     if not client.run_id:
-        client.ping()
+        if isinstance(client, ClusterClient):
+            node = client.get_node_from_key(key())  # type: ignore[no-untyped-call]  # unannotated
+            client.ping(target_nodes=node)
+        else:
+            client.ping()
     return client.run_id
 
 
@@ -124,8 +250,14 @@ class Breaker:
 breaker = Breaker()
 
 
+def tag(prefix: str | None = None) -> str:
+    """``{prefix}`` (``KEY_PREFIX`` by default), the start of every key: a Redis Cluster
+    hash tag, so that all of a prefix's keys share one hash slot."""
+    return "{" + (settings.KEY_PREFIX if prefix is None else prefix) + "}"
+
+
 def key(*parts: object) -> str:
-    return ":".join([settings.KEY_PREFIX, *map(str, parts)])
+    return ":".join([tag(), *map(str, parts)])
 
 
 def token_key(label: str, pk: object) -> str:
@@ -254,5 +386,5 @@ def script(source: str, client: Client | None = None) -> Any:
 
 
 @functools.lru_cache(maxsize=32)
-def _script(client: redis.Redis, source: str) -> Any:
+def _script(client: Client, source: str) -> Any:
     return client.register_script(source)

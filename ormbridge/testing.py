@@ -336,10 +336,10 @@ def wipe(prefix: str) -> int:
 
     Never raises: a test that stopped Redis leaves its keys to Redis.
     """
-    pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in prefix) + ":*"
-    client = store.get_redis()
+    pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in store.tag(prefix)) + ":*"
     deleted = 0
     try:
+        client = store.get_redis()
         batch: list[str] = []
         for key in client.scan_iter(match=pattern, count=1000):
             batch.append(key)

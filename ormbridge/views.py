@@ -16,7 +16,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
-import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.db import connections
 from django.http import (
@@ -28,7 +27,7 @@ from django.http import (
 from django.http.response import HttpResponseBase
 from django.utils.module_loading import import_string
 
-from ormbridge import registry
+from ormbridge import registry, store
 from ormbridge.broadcast import SEPARATOR, stream_key
 from ormbridge.conf import settings
 
@@ -99,9 +98,7 @@ async def stream(
 ) -> AsyncIterator[str]:
     """The event-stream body: events after ``cursor`` (or from now), then heartbeats."""
     heartbeat = float(settings.EVENTS_HEARTBEAT)
-    client = redis.asyncio.Redis.from_url(
-        settings.REDIS_URL, decode_responses=True, socket_timeout=heartbeat + 10
-    )
+    client = store.async_redis(heartbeat + 10)
     try:
         keys = {stream_key(namespace): namespace for namespace in namespaces}
         positions: dict[str, str] = {}

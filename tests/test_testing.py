@@ -146,8 +146,8 @@ def test_the_keys_of_a_test_are_deleted_when_it_ends(no_relay):
     with Harness() as harness:
         [product] = make_products(1)
         ormbridge.cached_instance(Product, product.pk)
-        assert store.get_redis().keys(f"{harness.prefix}:*")
-    assert store.get_redis().keys(f"{harness.prefix}:*") == []
+        assert store.get_redis().keys(f"{store.tag(harness.prefix)}:*")
+    assert store.get_redis().keys(f"{store.tag(harness.prefix)}:*") == []
 
 
 @pytest.mark.django_db
