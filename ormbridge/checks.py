@@ -13,6 +13,7 @@ from django.utils.module_loading import import_string
 from ormbridge.conf import settings
 
 REDIS_SCHEMES = {"redis", "rediss", "unix"}
+CLUSTER_SCHEMES = {"redis", "rediss"}  # cluster nodes announce TCP addresses
 
 
 def register_checks() -> None:
@@ -53,9 +54,26 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
 
 
 def _check_redis_url() -> list[checks.CheckMessage]:
-    url = settings.REDIS_URL
-    if isinstance(url, str) and urlsplit(url).scheme in REDIS_SCHEMES:
+    url, cluster = settings.REDIS_URL, settings.REDIS_CLUSTER
+    if not isinstance(cluster, bool):
+        return [
+            checks.Error(
+                f"ORMBRIDGE['REDIS_CLUSTER'] must be True or False, not {cluster!r}.",
+                id="ormbridge.E002",
+            )
+        ]
+    schemes = CLUSTER_SCHEMES if cluster else REDIS_SCHEMES
+    if isinstance(url, str) and urlsplit(url).scheme in schemes:
         return []
+    if cluster:
+        return [
+            checks.Error(
+                f"ORMBRIDGE['REDIS_URL'] is not the URL of a Redis Cluster node: {url!r}.",
+                hint="With REDIS_CLUSTER, use redis://host:port or rediss://host:port "
+                "of any node of the cluster.",
+                id="ormbridge.E002",
+            )
+        ]
     return [
         checks.Error(
             f"ORMBRIDGE['REDIS_URL'] is not a Redis URL: {url!r}.",
@@ -116,6 +134,16 @@ def _check_names() -> list[checks.CheckMessage]:
                     id="ormbridge.E005",
                 )
             )
+    prefix = settings.KEY_PREFIX
+    if isinstance(prefix, str) and ("{" in prefix or "}" in prefix):
+        errors.append(
+            checks.Error(
+                f"ORMBRIDGE['KEY_PREFIX'] must not contain braces, not {prefix!r}.",
+                hint="Keys start with {KEY_PREFIX}, a Redis Cluster hash tag that keeps "
+                "them in one hash slot; braces inside it would split them.",
+                id="ormbridge.E005",
+            )
+        )
     return errors
 
 

@@ -49,9 +49,17 @@ class Settings:
         "accepts (redis://, rediss://, unix://). Connect and socket timeouts default "
         "to 2 s and 5 s unless the URL sets them.",
     )
+    REDIS_CLUSTER: _Setting[bool] = _Setting(
+        False,
+        "True: ``REDIS_URL`` (redis:// or rediss://) names one node of a Redis Cluster; the "
+        "others are found from it. Every key of a ``KEY_PREFIX`` is in one hash slot, so "
+        "one master (and its replicas) holds them all: the cluster gives failover, not "
+        "sharding. The Celery broker stays a plain Redis (kombu has no cluster support).",
+    )
     KEY_PREFIX: _Setting[str] = _Setting(
         "ormbridge",
-        "Prefix of every Redis key ormbridge writes: tokens, cache entries, streams, counters.",
+        "Prefix of every Redis key ormbridge writes: tokens, cache entries, streams, counters. "
+        "Keys start with ``{prefix}``, a Redis Cluster hash tag: no braces in the prefix.",
     )
     CACHE_TIMEOUT: _Setting[int | None] = _Setting(
         3600,
