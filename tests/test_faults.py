@@ -26,7 +26,7 @@ from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch
 from shop.models import Product
 from tests import emitters, replays
-from tests.conftest import ROOT, RUN_DIR, RedisServer, wait_until
+from tests.conftest import ROOT, RedisServer, wait_until
 from tests.factories import cached_entry, make_products
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -71,14 +71,16 @@ def undelivered() -> int:
 
 @pytest.fixture
 def pause(redis_servers: dict[str, RedisServer]) -> Iterator[Callable[[str], None]]:
-    """Pause every client of a Redis server for 3 s (``CLIENT PAUSE 3000 ALL``)."""
+    """Pause every client of a Redis server (every node of a cluster) for 3 s
+    (``CLIENT PAUSE 3000 ALL``)."""
     paused: list[redis.Redis] = []
     store.breaker.reset()
 
     def pause(name: str) -> None:
-        client = redis.Redis(unix_socket_path=str(redis_servers[name].socket))
-        client.execute_command("CLIENT", "PAUSE", 3000, "ALL")
-        paused.append(client)
+        for node in redis_servers[name].nodes:
+            client = redis.Redis(unix_socket_path=str(node.socket))
+            client.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+            paused.append(client)
 
     yield pause
     for client in paused:
@@ -185,14 +187,13 @@ def test_a_process_killed_right_after_its_commit_loses_nothing(no_relay, start_w
 
 def test_a_restart_from_an_older_snapshot_revives_no_stale_entry(no_relay, redis_servers):
     server = redis_servers["ormbridge"]
-    snapshot = RUN_DIR / "ormbridge.rdb"
     [product] = make_products(1, price="1.00")
     fill(product)
     token = store.token_key("shop.product", product.pk)
     incarnation = store.incarnation()
     try:
-        store.get_redis().save()
-        assert snapshot.exists()
+        server.save()  # every node of a cluster
+        assert all(snapshot.exists() for snapshot in server.snapshots)
         product.price = Decimal("2.00")
         product.save()  # commits; the row's token is deleted
         assert not store.get_redis().exists(token)
@@ -206,7 +207,8 @@ def test_a_restart_from_an_older_snapshot_revives_no_stale_entry(no_relay, redis
 
         assert price(product.pk) == Decimal("2.00")
     finally:
-        snapshot.unlink(missing_ok=True)
+        for snapshot in server.snapshots:
+            snapshot.unlink(missing_ok=True)
 
 
 # -- 9. the broker restarted empty --------------------------------------------------
