@@ -10,6 +10,7 @@ masters on free TCP ports of 127.0.0.1 instead (``REDIS_CLUSTER``), started by t
 run like the others (tests/conftest.py); the cache and the broker stay plain servers.
 """
 
+import json
 import os
 import socket
 import tempfile
@@ -68,6 +69,9 @@ ORMBRIDGE = {
     "EMITTERS": ["tests.emitters.RecordingEmitter", "ormbridge.broadcast.RedisStreamEmitter"],
     "REDIS_CLUSTER": CLUSTER,
 }
+
+# A worker started by the tests may get settings of its own (JSON).
+ORMBRIDGE.update(json.loads(os.environ.get("ORMBRIDGE_TEST_SETTINGS", "{}")))
 
 # A worker started by the tests is pointed at the test database by name.
 if os.environ.get("ORMBRIDGE_TEST_DB_NAME"):
