@@ -8,6 +8,7 @@ in :mod:`ormbridge.checks`; this module never raises for a bad value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar, overload
 
 from django.conf import settings as django_settings
@@ -16,10 +17,15 @@ T = TypeVar("T")
 
 
 class _Setting(Generic[T]):
-    """A key of ``settings.ORMBRIDGE`` with its default and documentation."""
+    """A key of ``settings.ORMBRIDGE`` with its default and documentation.
 
-    def __init__(self, default: T, doc: str) -> None:
+    ``derive``, if given, computes the default from the other settings at call time
+    (``default`` is then the value with every other setting at its default).
+    """
+
+    def __init__(self, default: T, doc: str, derive: Callable[[Any], T] | None = None) -> None:
         self.default = default
+        self.derive = derive
         self.__doc__ = doc
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -36,7 +42,15 @@ class _Setting(Generic[T]):
         if isinstance(user, dict) and self.name in user:
             value: T = user[self.name]  # the user's value, unchecked (see ormbridge.checks)
             return value
+        if self.derive is not None:
+            return self.derive(instance)
         return self.default
+
+
+def _default_queue(conf: Settings) -> str:
+    """``ormbridge`` for the default ``KEY_PREFIX``, else ``ormbridge.<KEY_PREFIX>``."""
+    prefix = conf.KEY_PREFIX
+    return "ormbridge" if prefix == "ormbridge" else f"ormbridge.{prefix}"
 
 
 class Settings:
@@ -78,8 +92,12 @@ class Settings:
     )
     QUEUE: _Setting[str] = _Setting(
         "ormbridge",
-        "Celery queue ormbridge's tasks (resync, sweep) are sent to. Run a worker with "
-        "``-Q ormbridge`` (plus your own queues).",
+        "Celery queue ormbridge's tasks (resync, sweep) are sent to. Default: derived from "
+        "``KEY_PREFIX``, ``ormbridge`` for the default prefix and ``ormbridge.<KEY_PREFIX>`` "
+        "otherwise, so projects sharing a broker (with their own prefixes) never take each "
+        "other's tasks; a worker also refuses a task sent under another prefix. Run a worker "
+        "with ``-Q <this queue>`` (plus your own queues).",
+        derive=_default_queue,
     )
     MODELS: _Setting[list[str] | dict[str, dict[str, Any]]] = _Setting(
         [],

@@ -1,7 +1,13 @@
-"""ormbridge's periodic tasks, for django-celery-beat or ``CELERY_BEAT_SCHEDULE``."""
+"""ormbridge's periodic tasks, for django-celery-beat or ``CELERY_BEAT_SCHEDULE``.
+
+Each entry sends its task to ``QUEUE`` with this project's ``KEY_PREFIX`` in its
+keyword arguments, as :func:`ormbridge.tasks.enqueue` does: workers refuse a task
+without it.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ormbridge.conf import settings
@@ -19,6 +25,7 @@ def beat_schedule() -> dict[str, dict[str, Any]]:
         task: {
             "task": task,
             "schedule": float(settings.SWEEP_INTERVAL),
+            "kwargs": {"key_prefix": settings.KEY_PREFIX},
             "options": {"queue": settings.QUEUE},
         }
         for task in PERIODIC_TASKS
@@ -48,7 +55,7 @@ def install() -> list[tuple[str, bool]]:
                 "clocked": None,
                 "queue": settings.QUEUE,
                 "args": "[]",
-                "kwargs": "{}",
+                "kwargs": json.dumps({"key_prefix": settings.KEY_PREFIX}),
                 "enabled": True,
                 "one_off": False,
             },

@@ -90,7 +90,18 @@ def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
         "services": services,
         "models": models,
         "jobs": _jobs(),
+        "refused_tasks": _refused() if services["redis"]["ok"] else {},
     }
+
+
+def _refused() -> dict[str, int]:
+    """Per task, how many messages this project's workers refused (see ormbridge.tasks)."""
+    counts = store.get_redis().hgetall(store.refused_key())
+    return {_str(task): int(count) for task, count in counts.items()}
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _redis() -> dict[str, Any]:

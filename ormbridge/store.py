@@ -15,6 +15,7 @@ Per model (``label`` is ``app_label.modelname``):
 ``{prefix}:{label}:stats``            counters for status and the demo
 ``{prefix}:{label}:namespaces``       each row's last event namespaces
 ``{prefix}:events:<namespace>``       stream of a namespace's events
+``{prefix}:tasks:refused``            tasks refused for another prefix: task name -> count
 """
 
 from __future__ import annotations
@@ -258,6 +259,11 @@ def tag(prefix: str | None = None) -> str:
 
 def key(*parts: object) -> str:
     return ":".join([tag(), *map(str, parts)])
+
+
+def refused_key() -> str:
+    """Hash of the tasks this project's workers refused (sent under another ``KEY_PREFIX``)."""
+    return key("tasks", "refused")
 
 
 def token_key(label: str, pk: object) -> str:

@@ -34,6 +34,7 @@ def test_the_beat_schedule_dict_matches(settings):
         "ormbridge.sweep": {
             "task": "ormbridge.sweep",
             "schedule": 60.0,
+            "kwargs": {"key_prefix": "ormbridge"},  # workers refuse a task without it
             "options": {"queue": "ormbridge"},
         }
     }
