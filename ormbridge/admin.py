@@ -45,12 +45,18 @@ ROW_VALUES = ("snapshot",)
 @admin.register(ChangeBatch)
 class ChangeBatchAdmin(ReadOnlyAdmin):
     list_display = ("id", "model", "action", "rows", "state", "attempts", "created_at",
-                    "finished_at", "last_error")  # fmt: skip
+                    "finished_at", "last_error", "receiver_errors")  # fmt: skip
     list_filter = ("state", "action", "model")
     search_fields = ("model", "last_error")
     actions = ["retry"]
-    exclude = ROW_VALUES  # the change log is not a way to read deleted rows
-    readonly_fields = ("snapshot_kept",)
+    exclude = (*ROW_VALUES, "errors")  # no deleted rows' values; errors as receiver_errors
+    readonly_fields = ("snapshot_kept", "receiver_errors")
+
+    @admin.display(description="receiver errors")
+    def receiver_errors(self, batch: ChangeBatch) -> str:
+        """Each row a receiver raised for in the last attempt: pk, receiver, exception."""
+        errors = batch.errors if isinstance(batch.errors, list) else []
+        return "\n".join(f"pk {e['pk']}: {e['receiver']}: {e['error']}" for e in errors) or "-"
 
     @admin.display(description="snapshot")
     def snapshot_kept(self, batch: ChangeBatch) -> str:
@@ -69,7 +75,7 @@ class ChangeBatchAdmin(ReadOnlyAdmin):
     @admin.action(description="Retry the selected change batches", permissions=["retry"])
     def retry(self, request: HttpRequest, queryset: QuerySet[ChangeBatch]) -> None:
         retried = queryset.filter(state=ChangeBatch.State.FAILED).update(
-            state=ChangeBatch.State.PENDING, attempts=0, lease_until=None
+            state=ChangeBatch.State.PENDING, attempts=0, lease_until=None, retry_at=None
         )
         self.message_user(request, f"{retried} failed change batches handed back to the relays.")
 

@@ -43,7 +43,20 @@ WAIT_POLL = 0.05
 
 
 class BulkOperationFailed(RuntimeError):
-    """A change batch of a bulk operation was given up (state ``failed``)."""
+    """A change batch of a bulk operation was given up (state ``failed``).
+
+    Attributes:
+        batch_ids: the change-log rows given up.
+        errors: their receiver errors, ``{"batch", "pk", "receiver", "error"}`` each
+            (empty when the delivery failed outside the receivers: see the message).
+    """
+
+    def __init__(
+        self, message: str, batch_ids: list[int], errors: list[dict[str, Any]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.batch_ids = batch_ids
+        self.errors = errors or []
 
 
 @dataclass
@@ -69,32 +82,61 @@ class BulkResult:
     def wait(self, timeout: float | None = None) -> None:
         """Block until every change-log row of this operation has been delivered.
 
+        Raises as soon as a row is given up: ``MAX_ATTEMPTS`` attempts, ``RETRY_BACKOFF``
+        seconds apart and doubling, about 75 s after the first failure by default.
+
         Raises:
-            TimeoutError: rows are still undelivered after ``timeout`` seconds.
-            BulkOperationFailed: a row was given up.
+            TimeoutError: rows are still undelivered after ``timeout`` seconds (the
+                message gives the last error of each row still being retried).
+            BulkOperationFailed: a row was given up; ``errors`` says which rows'
+                receivers raised, and what.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         waiting = list(self.batch_ids)
         while waiting:
-            still = []
+            still: list[tuple[int, str]] = []
+            failed: list[tuple[int, str, list[dict[str, Any]] | None]] = []
+            log = ChangeBatch.objects.using(self.using).exclude(state=ChangeBatch.State.DONE)
             for start in range(0, len(waiting), 500):
-                rows = ChangeBatch.objects.using(self.using).filter(
-                    id__in=waiting[start : start + 500]
-                )
-                for batch_id, state in rows.exclude(state=ChangeBatch.State.DONE).values_list(
-                    "id", "state"
+                rows = log.filter(id__in=waiting[start : start + 500]).order_by("id")
+                for batch_id, state, error, errors in rows.values_list(
+                    "id", "state", "last_error", "errors"
                 ):
                     if state == ChangeBatch.State.FAILED:
-                        raise BulkOperationFailed(f"change batch {batch_id} failed")
-                    still.append(batch_id)
-            waiting = still
+                        failed.append((batch_id, error, errors))
+                    still.append((batch_id, error))
+            if failed:
+                raise _failure(self.model, failed)
+            waiting = [batch_id for batch_id, _ in still]
             if waiting and deadline is not None and time.monotonic() > deadline:
+                errors = "".join(f"; batch {i}: {error}" for i, error in still if error)
                 raise TimeoutError(
                     f"{len(waiting)} of {len(self.batch_ids)} change batches of this "
                     f"{self.model._meta.label} operation not delivered after {timeout} s"
+                    f"{errors[:4000]}"
                 )
             if waiting:
                 time.sleep(WAIT_POLL)
+
+
+def _failure(
+    model: type[models.Model], failed: list[tuple[int, str, list[dict[str, Any]] | None]]
+) -> BulkOperationFailed:
+    """The exception for the change batches given up: each row's error in the message."""
+    errors = [
+        {"batch": batch_id, **e} for batch_id, _, row_errors in failed for e in row_errors or []
+    ]
+    lines = [f"batch {e['batch']}, pk {e['pk']}: {e['receiver']}: {e['error']}" for e in errors]
+    lines += [
+        f"batch {batch_id}: {error}" for batch_id, error, row_errors in failed if not row_errors
+    ]
+    shown = "\n  ".join(lines[:20]) + (f"\n  … {len(lines) - 20} more" if len(lines) > 20 else "")
+    return BulkOperationFailed(
+        f"{len(failed)} change batches of this {model._meta.label} operation failed for good "
+        f"(MAX_ATTEMPTS reached):\n  {shown}",
+        [batch_id for batch_id, _, _ in failed],
+        errors,
+    )
 
 
 def safe_bulk_update(

@@ -96,6 +96,8 @@ def _check_numbers() -> list[checks.CheckMessage]:
         "BREAKER_COOLDOWN": (settings.BREAKER_COOLDOWN, 0, "a number of seconds >= 0"),
         "BULK_CHUNK_SECONDS": (settings.BULK_CHUNK_SECONDS, 0.001, "a number of seconds > 0"),
         "MAX_ATTEMPTS": (settings.MAX_ATTEMPTS, 1, "a whole number >= 1"),
+        "RETRY_BACKOFF": (settings.RETRY_BACKOFF, 0, "a number of seconds >= 0"),
+        "RETRY_BACKOFF_MAX": (settings.RETRY_BACKOFF_MAX, 0, "a number of seconds >= 0"),
         "SWEEP_INTERVAL": (settings.SWEEP_INTERVAL, 1, "a whole number of seconds >= 1"),
         "STATUS_MAX_PENDING_AGE": (settings.STATUS_MAX_PENDING_AGE, 1, "a number of seconds >= 1"),
     }

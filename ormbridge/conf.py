@@ -158,7 +158,18 @@ class Settings:
     MAX_ATTEMPTS: _Setting[int] = _Setting(
         5,
         "Times the relay tries to deliver a change-log row before giving up on it "
-        "(state ``failed``, error kept; retry it from the admin).",
+        "(state ``failed``, error kept, ``BulkResult.wait()`` raises; retry it from the "
+        "admin). A retry replays only the rows whose receivers raised.",
+    )
+    RETRY_BACKOFF: _Setting[float] = _Setting(
+        5.0,
+        "Seconds before a failed delivery is tried again, doubled after each attempt (at "
+        "most ``RETRY_BACKOFF_MAX``). With ``MAX_ATTEMPTS`` 5 a row is given up about "
+        "5 + 10 + 20 + 40 = 75 s after its first attempt.",
+    )
+    RETRY_BACKOFF_MAX: _Setting[float] = _Setting(
+        300.0,
+        "The longest wait between two delivery attempts of a change-log row, in seconds.",
     )
     SWEEP_INTERVAL: _Setting[int] = _Setting(
         60,

@@ -71,6 +71,29 @@ class ChangeBatch(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     rows = models.PositiveIntegerField(default=0, help_text="Number of pks (0: every row).")
+    # Nullable: the capture triggers insert rows without these columns.
+    flushed_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When its rows were invalidated and their events emitted; a retry only replays.",
+    )
+    retry_pks = models.JSONField(
+        null=True,
+        blank=True,
+        encoder=DjangoJSONEncoder,
+        help_text="Primary keys whose replay failed, replayed again on the next attempt; "
+        "null means every row of pks.",
+    )
+    errors = models.JSONField(
+        null=True,
+        blank=True,
+        encoder=DjangoJSONEncoder,
+        help_text='Receiver errors of the last attempt: [{"pk": …, "receiver": "dotted.name", '
+        '"error": "Type: message"}, …] (at most 100).',
+    )
+    retry_at = models.DateTimeField(
+        null=True, blank=True, help_text="Not claimed again before then (backoff after a failure)."
+    )
     job = models.ForeignKey(
         "ResyncJob",
         null=True,

@@ -8,11 +8,16 @@ which it renews while it works. A killed relay's rows are taken over when
 their lease runs out. On PostgreSQL the capture triggers' ``NOTIFY`` wakes it
 within milliseconds; elsewhere it looks every ``RELAY_POLL`` seconds.
 
-Delivering a claim: rows asking for replays replay ``post_save`` /
-``post_delete`` per row; rows of the same model and action are merged and
-flushed together (tokens and cache entries deleted, one event per batch and
-namespace); then the rows are marked done. A delivery that fails puts its
-rows back, to be tried again until ``MAX_ATTEMPTS``.
+Delivering a claim: rows of the same model and action are merged and flushed
+together (tokens and cache entries deleted, one event per batch and
+namespace); a row asking for replays is flushed first, then replays
+``post_save`` / ``post_delete`` per row, so a failing receiver can neither
+leave its chunk stale nor hold back its event. A receiver that raises fails
+its row alone (pk, receiver and exception are recorded); the other rows go
+on. A delivery that fails puts its row back with the work left (the flush,
+the rows to replay again), to be tried again after a backoff
+(``RETRY_BACKOFF``, doubling) until ``MAX_ATTEMPTS``; its last attempt marks
+it failed at once.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from typing import Any
 from django.apps import apps
 from django.conf import settings as django_settings
 from django.db import DatabaseError, connections, models, router, transaction
-from django.db.models import F, Q
+from django.db.models import DateTimeField, F, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from ormbridge import flush, registry, replay
@@ -42,6 +48,8 @@ from ormbridge.models import CHANNEL, ChangeBatch, ResyncJob
 logger = logging.getLogger("ormbridge")
 
 PRUNE_CHUNK = 10_000
+ERRORS_KEPT = 100
+"""Receiver errors kept per change-log row (every failed row is retried all the same)."""
 
 
 @dataclass
@@ -68,7 +76,8 @@ def log_databases() -> Iterator[str]:
 
 
 def _due(now: Any) -> Q:
-    return Q(state=ChangeBatch.State.PENDING) | Q(
+    backed_off = Q(retry_at__isnull=True) | Q(retry_at__lte=now)
+    return (Q(state=ChangeBatch.State.PENDING) & backed_off) | Q(
         state=ChangeBatch.State.CLAIMED, lease_until__lt=now
     )
 
@@ -121,11 +130,11 @@ def renew(using: str, owner: str, ids: Iterable[int]) -> int:
 
 
 def deliver(batches: list[ChangeBatch], using: str) -> DrainResult:
-    """Deliver claimed rows: replays, then one merged flush per model and action."""
+    """Deliver claimed rows: one merged flush per model and action; replays after their flush."""
     result = DrainResult()
     merged: dict[tuple[str, str, tuple[str, ...] | None], list[ChangeBatch]] = defaultdict(list)
     for batch in batches:
-        if batch.replay or batch.snapshot or batch.pks is None:
+        if batch.replay or batch.snapshot or batch.pks is None or batch.flushed_at is not None:
             _deliver_alone(batch, using, result)
         else:
             fields = None if batch.fields is None else tuple(sorted(batch.fields))
@@ -138,28 +147,81 @@ def deliver(batches: list[ChangeBatch], using: str) -> DrainResult:
             if registry.is_registered(model):
                 result.flush.add(flush.flush(model, action, pks, _list(fields)))
         except Exception as exc:
-            _failed(group, using, exc, result)
+            _retry_later(group, using, result, _describe(exc), exc)
         else:
             _done(group, using, result)
     return result
 
 
 def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
+    """Flush ``batch`` (unless an earlier attempt did), then replay its rows (or the failed ones).
+
+    Neither step undoes or blocks the other: a failed flush is tried again
+    without replaying the rows again, and a row whose receiver raised is
+    replayed again without flushing the chunk again.
+    """
     try:
         model = apps.get_model(batch.model)
         pks = None if batch.pks is None else _unique(model, batch.pks)
-        if batch.replay and batch.action == ChangeBatch.Action.DELETE:
-            replay.replay_deletes(model, batch.snapshot or {"fields": [], "rows": []}, using)
-        elif batch.replay and pks:
-            created = batch.action == ChangeBatch.Action.CREATE
-            replay.replay_saves(model, pks, batch.fields, created, using)
-        if registry.is_registered(model):
-            rows = list(replay.rebuild(model, batch.snapshot, using)) if batch.snapshot else None
-            result.flush.add(flush.flush(model, batch.action, pks, batch.fields, rows))
     except Exception as exc:
-        _failed([batch], using, exc, result)
-    else:
+        _retry_later([batch], using, result, _describe(exc), exc)
+        return
+    problem: Exception | None = None
+    if batch.flushed_at is None:
+        try:
+            if registry.is_registered(model):
+                rows = (
+                    list(replay.rebuild(model, batch.snapshot, using)) if batch.snapshot else None
+                )
+                result.flush.add(flush.flush(model, batch.action, pks, batch.fields, rows))
+            batch.flushed_at = timezone.now()
+            if batch.replay:  # so that a relay dying in the replays does not flush again
+                _log(using, batch).update(flushed_at=batch.flushed_at)
+        except Exception as exc:
+            problem = exc
+    retry_pks = batch.retry_pks
+    errors: list[replay.ReceiverError] = []
+    if batch.replay:
+        try:
+            replayed = _replay(batch, model, pks, using)
+        except Exception as exc:  # not a receiver: the rows are replayed again
+            problem = problem or exc
+        else:
+            errors, retry_pks = replayed.errors, replayed.failed_pks()
+    if problem is None and not errors:
         _done([batch], using, result)
+        return
+    snapshot = batch.snapshot
+    if snapshot and batch.flushed_at is not None and retry_pks is not None:
+        snapshot = replay.keep_rows(model, snapshot, retry_pks)  # only what a retry needs
+    error = _describe(problem) if problem is not None else _summary(errors)
+    _retry_later(
+        [batch],
+        using,
+        result,
+        error,
+        problem,
+        flushed_at=batch.flushed_at,
+        retry_pks=retry_pks,
+        errors=[e.as_dict() for e in errors[:ERRORS_KEPT]] or None,
+        snapshot=snapshot,
+    )
+
+
+def _replay(
+    batch: ChangeBatch, model: type[models.Model], pks: list[Any] | None, using: str
+) -> replay.Replayed:
+    """Replay the rows of ``batch`` still to replay: all of them, or those that failed last."""
+    if batch.action == ChangeBatch.Action.DELETE:
+        snapshot = batch.snapshot or {"fields": [], "rows": []}
+        if batch.retry_pks is not None:
+            snapshot = replay.keep_rows(model, snapshot, batch.retry_pks)
+        return replay.replay_deletes(model, snapshot, using)
+    todo = pks if batch.retry_pks is None else _unique(model, batch.retry_pks)
+    if not todo:
+        return replay.Replayed()
+    created = batch.action == ChangeBatch.Action.CREATE
+    return replay.replay_saves(model, todo, batch.fields, created, using)
 
 
 def _unique(model: type[models.Model], pks: Any) -> list[Any]:
@@ -171,35 +233,89 @@ def _list(fields: tuple[str, ...] | None) -> list[str] | None:
     return None if fields is None else list(fields)
 
 
+def _log(using: str, *batches: ChangeBatch) -> models.QuerySet[ChangeBatch]:
+    return ChangeBatch.objects.using(using).filter(id__in=[batch.pk for batch in batches])
+
+
 def _done(batches: list[ChangeBatch], using: str, result: DrainResult) -> None:
-    ids = [batch.pk for batch in batches]
-    # A snapshot is only needed until its rows' post_delete replays ran.
-    ChangeBatch.objects.using(using).filter(id__in=ids).update(
+    now = timezone.now()
+    # A snapshot is only needed until its rows' post_delete replays ran: deleted
+    # rows' values are not kept once delivered.
+    _log(using, *batches).update(
         state=ChangeBatch.State.DONE,
-        finished_at=timezone.now(),
+        finished_at=now,
+        flushed_at=Coalesce("flushed_at", Value(now, output_field=DateTimeField())),
         lease_until=None,
+        retry_at=None,
+        retry_pks=None,
+        errors=None,
         last_error="",
         snapshot=None,
     )
-    result.batches += len(ids)
+    result.batches += len(batches)
     result.rows += sum(batch.rows for batch in batches)
     for job_id in {batch.job_id for batch in batches if batch.job_id is not None}:
         ResyncJob.finish_if_complete(job_id)
 
 
-def _failed(batches: list[ChangeBatch], using: str, error: Exception, result: DrainResult) -> None:
-    logger.warning(
-        "ormbridge: delivering change-log rows %s failed; tried again later: %s",
-        [batch.pk for batch in batches],
-        error,
-        exc_info=not isinstance(error, flush.EmitFailed),
-    )
-    ChangeBatch.objects.using(using).filter(id__in=[batch.pk for batch in batches]).update(
-        state=ChangeBatch.State.PENDING,
-        lease_until=None,
-        last_error=f"{type(error).__name__}: {error}"[:2000],
-    )
+def backoff(attempts: int) -> float:
+    """Seconds to wait before the next attempt after ``attempts`` failed ones."""
+    doubling = min(max(attempts, 1) - 1, 30)
+    return min(float(settings.RETRY_BACKOFF) * 2.0**doubling, float(settings.RETRY_BACKOFF_MAX))
+
+
+def _retry_later(
+    batches: list[ChangeBatch],
+    using: str,
+    result: DrainResult,
+    error: str,
+    exc: Exception | None,
+    **progress: Any,
+) -> None:
+    """Put ``batches`` back with what is left to do, due after their backoff.
+
+    A row whose last attempt this was is marked failed at once, so
+    ``BulkResult.wait()`` raises now rather than after another claim.
+    """
+    now = timezone.now()
+    by_attempts: dict[int, list[ChangeBatch]] = defaultdict(list)
+    for batch in batches:
+        by_attempts[batch.attempts].append(batch)
+    for attempts, group in by_attempts.items():
+        spent = attempts >= settings.MAX_ATTEMPTS
+        delay = backoff(attempts)
+        logger.log(
+            logging.ERROR if spent else logging.WARNING,
+            "ormbridge: delivering change-log rows %s failed (attempt %d of %d); %s: %s",
+            [batch.pk for batch in group],
+            attempts,
+            settings.MAX_ATTEMPTS,
+            "given up" if spent else f"tried again in {delay:g} s",
+            error,
+            exc_info=exc is not None and not isinstance(exc, flush.EmitFailed),
+        )
+        _log(using, *group).update(
+            state=ChangeBatch.State.FAILED if spent else ChangeBatch.State.PENDING,
+            finished_at=now if spent else None,
+            retry_at=None if spent else now + timedelta(seconds=delay),
+            lease_until=None,
+            last_error=error[:2000],
+            **progress,
+        )
     result.failed += len(batches)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _summary(errors: list[replay.ReceiverError]) -> str:
+    """One line for ``last_error``: how many rows failed, and the first error in full."""
+    rows = len({str(error.pk) for error in errors})
+    first = errors[0]
+    return (
+        f"{rows} row(s) failed in receivers; first: pk {first.pk}: {first.receiver}: {first.error}"
+    )
 
 
 def drain(
@@ -227,6 +343,29 @@ def drain(
             finally:
                 holding[alias] = set()
     return result
+
+
+def receiver_errors(limit: int = 10, scanned: int = 1000) -> dict[str, list[dict[str, Any]]]:
+    """Per model label, the receiver errors of undelivered rows (retrying or failed).
+
+    Newest rows first, at most ``limit`` errors per model, from the newest
+    ``scanned`` undelivered rows with errors of each database holding a log.
+    Each error: ``{"batch", "state", "attempts", "pk", "receiver", "error"}``.
+    """
+    found: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    undelivered = [ChangeBatch.State.PENDING, ChangeBatch.State.CLAIMED, ChangeBatch.State.FAILED]
+    for using in log_databases():
+        rows = (
+            ChangeBatch.objects.using(using)
+            .filter(state__in=undelivered, errors__isnull=False)
+            .order_by("-id")
+            .values_list("id", "model", "state", "attempts", "errors")[:scanned]
+        )
+        for batch_id, label, state, attempts, errors in rows:
+            shown = found[label]
+            for error in (errors or [])[: max(0, limit - len(shown))]:
+                shown.append({"batch": batch_id, "state": state, "attempts": attempts, **error})
+    return dict(found)
 
 
 def new_owner() -> str:

@@ -47,6 +47,7 @@ def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
         .annotate(oldest=Min("created_at"))
     }
     triggers = _triggers()
+    receiver_errors = relay.receiver_errors()
     stats = _stats(labels) if services["redis"]["ok"] else {}
     models: list[dict[str, Any]] = []
     for label in sorted(by_state):
@@ -64,6 +65,7 @@ def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
                 },
                 "change_log": counts,
                 "oldest_undelivered_age": age,
+                "receiver_errors": receiver_errors.get(label, []),
             }
         )
     failed = sum(m["change_log"]["failed"] for m in models)

@@ -29,6 +29,13 @@ def record_save(sender, instance, created, update_fields, **kwargs):
         time.sleep(delay)
 
 
+def fail_save(sender, instance, **kwargs):
+    """A replay of the pks listed in ``ORMBRIDGE_TEST_FAIL_SAVE`` (comma-separated) raises."""
+    failing = os.environ.get("ORMBRIDGE_TEST_FAIL_SAVE", "")
+    if failing and kwargs.get("ormbridge_replay") and str(instance.pk) in failing.split(","):
+        raise ValueError(f"fail_save refuses {sender._meta.label_lower} {instance.pk}")
+
+
 def record_delete(sender, instance, **kwargs):
     if not kwargs.get("ormbridge_replay"):
         return
@@ -50,4 +57,5 @@ class TestAppConfig(AppConfig):
         for name in ("Product", "Order", "Customer", "Category"):
             model = apps.get_model("shop", name)
             post_save.connect(record_save, sender=model, dispatch_uid=f"test-save-{name}")
+            post_save.connect(fail_save, sender=model, dispatch_uid=f"test-fail-save-{name}")
             post_delete.connect(record_delete, sender=model, dispatch_uid=f"test-delete-{name}")
