@@ -515,6 +515,8 @@ def _delete_collected(
             rows = related._base_manager.using(using).filter(pk__in=[obj.pk for obj in objs])
         if registry.is_registered(related):
             pks = list(rows.values_list("pk", flat=True))
+            if not pks:  # nothing refers to the chunk's rows: nothing to log
+                continue
             log_id = _log(related, "update", pks, [target.name], replay, using, wants_replay=False)
             batch_ids.append(log_id)
         rows.update(**{target.name: value})

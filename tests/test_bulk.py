@@ -8,7 +8,7 @@ from django.db import transaction
 from django.db.models import Count, F, ProtectedError
 
 import ormbridge
-from ormbridge import signals, store
+from ormbridge import relay, signals, store
 from ormbridge.cache import cached_instance
 from ormbridge.conf import settings as ormbridge_settings
 from shop.models import Category, Customer, Order, Product
@@ -482,3 +482,16 @@ def test_each_helper_is_delivered_by_the_relay(worker, helper):
         assert replays.deletes() == {p.pk: 1 for p in written}
     else:
         assert replays.saves() == {p.pk: 1 for p in written}
+
+
+def test_a_delete_of_rows_nothing_references_logs_no_empty_batch(no_relay):
+    """Order.customer is SET_NULL: with no order pointing at the customers nothing is nulled,
+    and nothing is logged for Order (an empty row was: issue 10, operations 11)."""
+    customers = Customer.objects.bulk_create(Customer(email=f"{n}@example.com") for n in range(3))
+    relay.drain()
+    mark = log_mark()
+    result = ormbridge.safe_bulk_delete(Customer.objects.all())
+    logged = [(row.model, row.action, sorted(row.pks)) for row in logged_since(mark)]
+    assert logged == [("shop.customer", "delete", [c.pk for c in customers])]
+    relay.drain()
+    result.wait(timeout=5)
