@@ -126,7 +126,10 @@ def _check_numbers() -> list[checks.CheckMessage]:
 
 def _check_names() -> list[checks.CheckMessage]:
     errors: list[checks.CheckMessage] = []
-    for name in ("KEY_PREFIX", "QUEUE"):
+    user = getattr(django_settings, "ORMBRIDGE", {})
+    # QUEUE's default derives from KEY_PREFIX: only a QUEUE set by hand is its own problem.
+    names = ("KEY_PREFIX", "QUEUE") if "QUEUE" in user else ("KEY_PREFIX",)
+    for name in names:
         value = getattr(settings, name)
         if not isinstance(value, str) or not value or any(c.isspace() for c in value):
             errors.append(
