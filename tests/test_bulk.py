@@ -4,13 +4,15 @@ import math
 from decimal import Decimal
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count, F, ProtectedError
+from django.db.models.signals import post_delete
 
 import ormbridge
 from ormbridge import relay, signals, store
 from ormbridge.cache import cached_instance
 from ormbridge.conf import settings as ormbridge_settings
+from ormbridge.models import ChangeBatch
 from shop.models import Category, Customer, Order, Product
 from tests import emitters, replays
 from tests.conftest import wait_until
@@ -495,3 +497,36 @@ def test_a_delete_of_rows_nothing_references_logs_no_empty_batch(no_relay):
     assert logged == [("shop.customer", "delete", [c.pk for c in customers])]
     relay.drain()
     result.wait(timeout=5)
+
+
+def test_a_delivered_delete_keeps_no_deleted_values(worker):
+    """Security 5 (issue 10): deleted rows' values leave the change log once delivered."""
+    make_products(5)
+    result = ormbridge.safe_bulk_delete(Product.objects.all())
+    result.wait(timeout=60)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT count(*) FROM {ChangeBatch._meta.db_table} "
+            f"WHERE id IN ({', '.join(map(str, result.batch_ids))}) AND snapshot IS NOT NULL"
+        )
+        assert cursor.fetchone() == (0,)
+
+
+def test_a_delete_retried_for_a_failing_receiver_keeps_only_that_rows_values(no_relay):
+    products = make_products(5)
+    victim = products[2]
+
+    def refuse(sender, instance, **kwargs):
+        if instance.pk == victim.pk:
+            raise ValueError("refused")
+
+    post_delete.connect(refuse, sender=Product)
+    try:
+        result = ormbridge.safe_bulk_delete(Product.objects.all())
+        relay.drain()
+    finally:
+        post_delete.disconnect(refuse, sender=Product)
+    [batch] = ChangeBatch.objects.filter(id__in=result.batch_ids)
+    pk_at = batch.snapshot["fields"].index("id")
+    assert [row[pk_at] for row in batch.snapshot["rows"]] == [victim.pk]
+    assert (batch.state, batch.retry_pks) == ("pending", [victim.pk])
