@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint django-suite
+.PHONY: demo test test-cluster lint django-suite
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,16 @@ demo: $(BIN)/.installed
 	cd example && ../$(BIN)/python manage.py demo
 
 # The suite runs on PostgreSQL (DATABASE_URL, default postgres://postgres@127.0.0.1:5432/test),
-# then again on SQLite.
+# then again on SQLite, then on PostgreSQL with ormbridge's Redis a Redis Cluster (test-cluster).
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 	DATABASE_URL=sqlite:// $(BIN)/python -m pytest
+	$(MAKE) test-cluster
+
+# The suite with ormbridge's Redis a Redis Cluster of three masters that the run starts on free
+# ports of 127.0.0.1 (needs redis-server >= 7 and redis-cli); the cache and broker stay plain.
+test-cluster: $(BIN)/.installed
+	ORMBRIDGE_TEST_REDIS_CLUSTER=1 $(BIN)/python -m pytest
 
 # Peer check: Django's own transactions/delete/delete_regress/many_to_many/signals tests,
 # without and with ormbridge, on SQLite and PostgreSQL (docs/django-suite.md).
