@@ -202,11 +202,30 @@ class Settings:
     EVENTS_PERMISSION: _Setting[str | None] = _Setting(
         None,
         "Dotted path of ``f(request, namespace) -> bool`` deciding who may subscribe to a "
-        "namespace. None: an authenticated user with the model's ``view`` permission.",
+        "namespace (called again on every re-check of an open stream). None: an "
+        "authenticated user with the model's ``view`` permission, and no tenant namespace "
+        "(``app_label.model::name``) for anyone.",
     )
     EVENTS_HEARTBEAT: _Setting[float] = _Setting(
         15.0,
         "Seconds between heartbeat comments on an idle events stream.",
+    )
+    EVENTS_REAUTH: _Setting[float] = _Setting(
+        60.0,
+        "Seconds between re-checks of an open events stream's access (its session, its "
+        "user, ``EVENTS_PERMISSION``): a stream whose user is logged out or may no longer "
+        "see one of its namespaces ends with a ``closed`` event.",
+    )
+    EVENTS_MAX_AGE: _Setting[float] = _Setting(
+        3600.0,
+        "Seconds an events stream lives at most (less up to a tenth, at random): it then "
+        "ends with a ``closed`` event and the browser reconnects with ``Last-Event-ID``, "
+        "missing nothing.",
+    )
+    EVENTS_MAX_NAMESPACES: _Setting[int] = _Setting(
+        20,
+        "Namespaces one request to the events endpoint may subscribe to; more is a 400. "
+        "Bounds the Redis reads of a stream and the size of its cursors.",
     )
 
     def names(self) -> list[str]:
