@@ -7,6 +7,7 @@ The shape of :func:`collect`'s result is documented in ``docs/status.md`` and
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -22,17 +23,22 @@ RECENT_JOBS = 5
 # Status names of the cache counters, and the fields of the stats hash they read.
 CACHE_COUNTERS = {"hits": "hits", "misses": "misses", "stores": "stores", "invalidations": "rows"}
 UNDELIVERED = ("pending", "claimed", "failed")
+SHOWN_WORKERS = 5  # workers named in a problem; the JSON lists them all
 
 
-def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
-    """The status document. Never raises because a service is down: it reports it."""
+def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
+    """The status document. Never raises because a service is down: it reports it.
+
+    Workers are asked which queues they consume, waiting ``worker_timeout`` seconds for
+    their answers; a broker that does not answer is not asked.
+    """
     from ormbridge.models import ChangeBatch
 
     now = timezone.now()
     services = {"redis": _redis(), "broker": _broker()}
-    services["workers"] = _workers(ping_timeout) if services["broker"]["ok"] else {
-        "ok": False, "error": "broker unreachable", "names": []
-    }  # fmt: skip
+    services["workers"] = (
+        _workers(worker_timeout) if services["broker"]["ok"] else _no_workers("broker unreachable")
+    )
     labels = [model._meta.label_lower for model in registry.registered_models()]
     # Only undelivered rows are counted: the (state, id) index finds them, however
     # many done rows wait for pruning.
@@ -85,15 +91,43 @@ def collect(ping_timeout: float = 1.0) -> dict[str, Any]:
             f"oldest undelivered change-log row is {oldest_age:.0f} s old "
             f"(limit {settings.STATUS_MAX_PENDING_AGE} s)"
         )
+    in_flight = _oldest_claim(now)
+    if in_flight is not None and in_flight[0] > settings.STATUS_MAX_PENDING_AGE:
+        problems.append(
+            f"a delivery has been in flight for {in_flight[0]:.0f} s "
+            f"(limit {settings.STATUS_MAX_PENDING_AGE} s), claimed by {in_flight[1]}: "
+            "its relay is stuck or slow (see that worker's log)"
+        )
+    problems.extend(_worker_problems(services, worker_timeout))
     return {
         "time": now.isoformat(),
         "healthy": not problems,
         "problems": problems,
         "services": services,
+        "delivery": {
+            "backlog": sum(m["change_log"]["pending"] + m["change_log"]["claimed"] for m in models),
+            "oldest_pending_age": oldest_age,
+            "oldest_in_flight_age": None if in_flight is None else in_flight[0],
+        },
         "models": models,
         "jobs": _jobs(),
         "refused_tasks": _refused() if services["redis"]["ok"] else {},
     }
+
+
+def _oldest_claim(now: datetime) -> tuple[float, str] | None:
+    """Seconds since the oldest in-flight (claimed) change-log row was claimed, and by whom."""
+    from ormbridge.models import ChangeBatch
+
+    claim = (
+        ChangeBatch.objects.filter(state=ChangeBatch.State.CLAIMED, claimed_at__isnull=False)
+        .order_by("claimed_at")
+        .values_list("claimed_at", "claimed_by")
+        .first()
+    )
+    if claim is None or claim[0] is None:
+        return None
+    return max(0.0, (now - claim[0]).total_seconds()), claim[1]
 
 
 def _refused() -> dict[str, int]:
@@ -124,12 +158,92 @@ def _broker() -> dict[str, Any]:
 
 
 def _workers(timeout: float) -> dict[str, Any]:
+    """The workers answering within ``timeout`` seconds, the queues each consumes, and
+    which of them consume ``QUEUE``: without one, the sweep and resync retries never run."""
+    queue = settings.QUEUE
     try:
-        replies = current_app.control.ping(timeout=timeout) or []
+        replies = current_app.control.inspect(timeout=timeout).active_queues() or {}
     except (BrokerError, OSError) as exc:
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "names": []}
-    names = sorted(name for reply in replies for name in reply)
-    return {"ok": bool(names), "error": None if names else "no worker answered", "names": names}
+        return _no_workers(f"{type(exc).__name__}: {exc}")
+    queues = {name: sorted(q["name"] for q in consumed or []) for name, consumed in replies.items()}
+    consumers = sorted(name for name, names in queues.items() if queue in names)
+    if not queues:
+        error = f"no worker answered within {timeout:g} s"
+    elif not consumers:
+        error = f"no worker consumes the queue '{queue}'"
+    else:
+        error = None
+    return {
+        "ok": bool(consumers),
+        "error": error,
+        "names": sorted(queues),
+        "queue": queue,
+        "queues": queues,
+        "consumers": consumers,
+    }
+
+
+def _no_workers(error: str) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "error": error,
+        "names": [],
+        "queue": settings.QUEUE,
+        "queues": {},
+        "consumers": [],
+    }
+
+
+def _worker_problems(services: dict[str, Any], timeout: float) -> list[str]:
+    """What is wrong with the workers, and the command that fixes it.
+
+    A worker's relay delivers changes whatever queues the worker consumes (it is
+    started by Celery's worker signals), so a worker without the queue delivers, but
+    the tasks sent to the queue (the scheduled sweep, the admin's resync retries) wait
+    there forever and the change log is never pruned.
+    """
+    workers = services["workers"]
+    if workers["ok"]:
+        return []
+    queue = workers["queue"]
+    app = current_app.main or "proj"
+    if not services["broker"]["ok"]:
+        return [
+            f"broker unreachable ({services['broker']['error']}): no worker can be asked "
+            f"about, or take tasks from, the queue '{queue}'; check CELERY_BROKER_URL and "
+            "that the broker runs"
+        ]
+    if not workers["names"]:
+        command = f"celery -A {app} worker -Q {_joined([queue, _default_queue()])}"
+        delivery = (
+            "no worker's relay delivers changes"
+            if settings.RELAY
+            else "with RELAY off, nothing delivers changes"
+        )
+        return [
+            f"no Celery worker answered within {timeout:g} s: nothing consumes the queue "
+            f"'{queue}' and {delivery}; start one with `{command}`"
+        ]
+    queues = workers["queues"]
+    shown = list(queues.items())[:SHOWN_WORKERS]
+    found = "; ".join(f"{name}: {', '.join(names) or 'nothing'}" for name, names in shown)
+    if len(queues) > SHOWN_WORKERS:
+        found += f"; {len(queues) - SHOWN_WORKERS} more"
+    consumed = sorted({name for names in queues.values() for name in names})
+    command = f"celery -A {app} worker -Q {_joined([*consumed, queue])}"
+    return [
+        f"no worker consumes the queue '{queue}' ({found}): the sweep and the admin's resync "
+        f"retries wait in it forever and the change log is never pruned; start the workers "
+        f"with `{command}`"
+    ]
+
+
+def _default_queue() -> str:
+    return str(current_app.conf.task_default_queue)
+
+
+def _joined(queues: list[str]) -> str:
+    return ",".join(dict.fromkeys(queues))
 
 
 def _triggers() -> dict[str, str]:

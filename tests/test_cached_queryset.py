@@ -223,7 +223,7 @@ def test_cached_queryset_of_a_miss_is_evaluated_too(no_relay, django_assert_num_
 
 def cache_figures(label: str) -> dict[str, int]:
     done = commands.run("ormbridge_status", "--json")
-    assert done.returncode == 0, done.stderr
+    assert done.stdout, done.stderr  # without a worker it exits 1, with every figure
     [model] = [m for m in json.loads(done.stdout)["models"] if m["model"] == label]
     return model["cache"]
 

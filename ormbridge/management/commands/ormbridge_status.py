@@ -11,9 +11,11 @@ from ormbridge import status
 class Command(BaseCommand):
     help = (
         "Show ormbridge's pipeline: pending invalidations, the change log, resync jobs, and "
-        "whether Redis, the broker and a worker answer. Exits non-zero when change-log rows "
-        "failed or the oldest undelivered one is older than STATUS_MAX_PENDING_AGE, so it "
-        "can serve as a health check. Example: manage.py ormbridge_status --json"
+        "whether Redis, the broker and a worker consuming ORMBRIDGE['QUEUE'] answer. Exits "
+        "non-zero, naming the problem and its fix, when no worker consumes the queue, "
+        "change-log rows failed, or the oldest undelivered one or the oldest delivery in "
+        "flight is older than STATUS_MAX_PENDING_AGE, so it can serve as a health check. "
+        "Example: manage.py ormbridge_status --json"
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -37,8 +39,17 @@ class Command(BaseCommand):
         out, style = self.stdout, self.style
         for name, service in report["services"].items():
             state = style.SUCCESS("ok") if service["ok"] else style.ERROR("DOWN")
-            detail = ", ".join(service.get("names") or []) or service["error"] or ""
+            detail = service["error"] or ", ".join(service.get("names") or [])
             out.write(f"{name:<8} {state} {detail}".rstrip())
+        workers = report["services"]["workers"]
+        for worker, queues in workers["queues"].items():
+            out.write(f"         {worker} consumes {', '.join(queues) or 'nothing'}")
+        delivery = report["delivery"]
+        out.write(
+            f"backlog  {delivery['backlog']:,} rows; oldest pending "
+            f"{_seconds(delivery['oldest_pending_age'])}; oldest in flight "
+            f"{_seconds(delivery['oldest_in_flight_age'])}"
+        )
         out.write("")
         out.write(f"{'model':<24} {'triggers':<10} {'log p/c/f':<16} {'oldest':>9}  last flush")
         for model in report["models"]:
@@ -69,6 +80,10 @@ class Command(BaseCommand):
             )
         out.write("")
         out.write(style.SUCCESS("healthy") if report["healthy"] else style.ERROR("unhealthy"))
+
+
+def _seconds(age: float | None) -> str:
+    return "-" if age is None else f"{age:,.0f} s"
 
 
 def _dumps(report: dict[str, Any]) -> str:
