@@ -1,7 +1,7 @@
 """What the pipeline is doing: the data behind ``manage.py ormbridge_status``.
 
-The shape of :func:`collect`'s result is documented in ``docs/status.md`` and
-``docs/status.schema.json``.
+The shape of :func:`collect`'s result is documented in ``docs/status.schema.json``,
+its meaning in ``docs/operations.md``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ class Command(BaseCommand):
             "--json",
             action="store_true",
             dest="as_json",
-            help="Print one JSON document (see docs/status.md).",
+            help="Print one JSON document (see docs/status.schema.json).",
         )
 
     def handle(self, *args: Any, as_json: bool, **options: Any) -> None:
