@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ormbridge.buffer import invalidate
     from ormbridge.bulk import (
+        BulkInterrupted,
         BulkOperationFailed,
         BulkResult,
         safe_bulk_create,
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from ormbridge.registry import register
 
 _SOURCES = {
+    "BulkInterrupted": "ormbridge.bulk",
     "BulkOperationFailed": "ormbridge.bulk",
     "BulkResult": "ormbridge.bulk",
     "CachedManager": "ormbridge.querysets",
@@ -43,6 +45,7 @@ _SOURCES = {
 }
 
 __all__ = [
+    "BulkInterrupted",
     "BulkOperationFailed",
     "BulkResult",
     "CachedManager",

@@ -21,7 +21,16 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from django.core.exceptions import EmptyResultSet, FieldDoesNotExist
-from django.db import NotSupportedError, connections, models, router, transaction
+from django.db import Error as DatabaseFailure
+from django.db import (
+    InterfaceError,
+    NotSupportedError,
+    OperationalError,
+    connections,
+    models,
+    router,
+    transaction,
+)
 from django.db.models import sql
 from django.db.models.deletion import Collector
 from django.db.models.signals import post_delete
@@ -57,6 +66,42 @@ class BulkOperationFailed(RuntimeError):
         super().__init__(message)
         self.batch_ids = batch_ids
         self.errors = errors or []
+
+
+class BulkInterrupted(OperationalError):
+    """A ``safe_bulk_*`` call cut off by the database (its connection lost, a deadlock, a
+    lock or statement timeout: an ``OperationalError`` or ``InterfaceError``), with what
+    had committed.
+
+    The committed chunks are delivered like any others; the database's error is
+    the ``__cause__``. An ``OperationalError``, so handlers written for the
+    database's error still catch it. Other errors (``ProtectedError``, a
+    ``pre_bulk_*`` receiver raising, ``IntegrityError``…) are raised as they are,
+    with a note saying what committed.
+
+    Attributes:
+        result: the :class:`BulkResult` of the committed chunks (``wait()`` on it).
+        resume_after: ``safe_bulk_update`` / ``safe_bulk_delete``: the pk of the last
+            row of the last committed chunk (chunks go by ascending pk); finish with
+            the same call on ``queryset.filter(pk__gt=resume_after)``, so no row is
+            written twice. None when no chunk committed. ``safe_bulk_create`` /
+            ``safe_bulk_update_objects``: always None; the first ``result.rows``
+            objects were written, so finish with ``objs[result.rows:]``.
+        in_doubt: the change-log ids of a chunk whose COMMIT was cut off and that
+            could not be checked afterwards: it may or may not have committed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        result: BulkResult,
+        resume_after: Any = None,
+        in_doubt: list[int] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.result = result
+        self.resume_after = resume_after
+        self.in_doubt = in_doubt or []
 
 
 @dataclass
@@ -158,6 +203,7 @@ def safe_bulk_update(
 
     Raises:
         ValueError, TypeError, LookupError: bad input, before anything is written.
+        BulkInterrupted: the database cut the call off; it says what committed.
     """
     name = "safe_bulk_update"
     model = queryset.model
@@ -206,6 +252,7 @@ def safe_bulk_delete(
 
     Raises:
         ValueError, TypeError, LookupError: bad input, before anything is written.
+        BulkInterrupted: the database cut the call off; it says what committed.
         django.db.models.ProtectedError, RestrictedError: as ``delete()`` would.
     """
     name = "safe_bulk_delete"
@@ -248,6 +295,7 @@ def safe_bulk_create(
 
     Raises:
         ValueError, TypeError, LookupError: bad input, before anything is written.
+        BulkInterrupted: the database cut the call off; it says what committed.
     """
     name = "safe_bulk_create"
     using = router.db_for_write(model)
@@ -284,6 +332,7 @@ def safe_bulk_update_objects(
 
     Raises:
         ValueError, TypeError, LookupError: bad input, before anything is written.
+        BulkInterrupted: the database cut the call off; it says what committed.
     """
     name = "safe_bulk_update_objects"
     objs = list(objs)
@@ -342,12 +391,17 @@ def _run_chunks(
     committed: Callable[[list[Any]], None],
     lock: bool,
 ) -> None:
-    """Walk ``base`` by pk in chunks; ``write`` each inside its own transaction."""
+    """Walk ``base`` by pk in chunks; ``write`` each inside its own transaction.
+
+    Raises:
+        BulkInterrupted: a database error after chunks committed (see :func:`_interrupted`).
+    """
     using = result.using
     sizer = _ChunkSizer(chunk_size)
     last = None
+    run = _Run(result, commits=not atomic and not connections[using].in_atomic_block)
     outer = transaction.atomic(using=using) if atomic else contextlib.nullcontext()
-    with outer:
+    with run, outer:
         while True:
             size = sizer.size
             started = time.perf_counter()
@@ -361,6 +415,8 @@ def _run_chunks(
                     break
                 written, batch_ids = write(pks)
                 _after_commit(result, written, batch_ids, replay, committed)
+                run.committing(written, batch_ids, pks[-1])
+            run.committed()
             sizer.record(len(pks), time.perf_counter() - started)
             last = pks[-1]
             if len(pks) < size:
@@ -375,17 +431,111 @@ def _run_batches(
     write: Callable[[list[Any]], tuple[list[Any], list[int]]],
     committed: Callable[[list[Any]], None],
 ) -> None:
-    """Write ``objs`` in batches, each in its own transaction."""
+    """Write ``objs`` in batches, each in its own transaction.
+
+    Raises:
+        BulkInterrupted: a database error after batches committed.
+    """
     sizer = _ChunkSizer(batch_size)
     position = 0
-    while position < len(objs):
-        batch = objs[position : position + sizer.size]
-        started = time.perf_counter()
-        with transaction.atomic(using=result.using):
-            written, batch_ids = write(batch)
-            _after_commit(result, written, batch_ids, replay, committed)
-        sizer.record(len(batch), time.perf_counter() - started)
-        position += len(batch)
+    run = _Run(result, commits=not connections[result.using].in_atomic_block)
+    with run:
+        while position < len(objs):
+            batch = objs[position : position + sizer.size]
+            started = time.perf_counter()
+            with transaction.atomic(using=result.using):
+                written, batch_ids = write(batch)
+                _after_commit(result, written, batch_ids, replay, committed)
+                run.committing(written, batch_ids, None)
+            run.committed()
+            sizer.record(len(batch), time.perf_counter() - started)
+            position += len(batch)
+
+
+class _Run:
+    """What of a bulk call committed, told to the caller when a chunk fails.
+
+    ``result`` counts only chunks whose transaction ended; the database cutting
+    the call off becomes :class:`BulkInterrupted` carrying it. Any other
+    exception is left as it is, with a note saying what committed. Inside the
+    caller's transaction (or with ``atomic=True``) nothing commits before the
+    caller's commit, so errors are left alone.
+    """
+
+    def __init__(self, result: BulkResult, commits: bool) -> None:
+        self.result = result
+        self.commits = commits
+        self.resume_after: Any = None
+        self.pending: tuple[list[Any], list[int], Any] | None = None
+
+    def committing(self, written: list[Any], batch_ids: list[int], last_pk: Any) -> None:
+        """The chunk's writes are done; its transaction is about to end."""
+        self.pending = (written, batch_ids, last_pk)
+
+    def committed(self) -> None:
+        if self.pending is not None:
+            self._count(*self.pending)
+        self.pending = None
+
+    def _count(self, written: list[Any], batch_ids: list[int], last_pk: Any) -> None:
+        self.result.rows += len(written)
+        self.result.chunks += 1
+        self.result.batch_ids.extend(batch_ids)
+        self.resume_after = last_pk
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
+        if error is None or not self.commits:  # else the caller's transaction decides
+            return
+        connection = connections[self.result.using]
+        with contextlib.suppress(DatabaseFailure):
+            if connection.connection is not None and not connection.is_usable():
+                connection.close()  # a lost connection: the next query opens a new one
+        in_doubt = self._settle_pending()
+        label = self.result.model._meta.label
+        done = (
+            f"{self.result.chunks} chunk(s) of this {label} bulk call committed "
+            f"({self.result.rows:,} rows, change batches {self.result.batch_ids}) and are "
+            "delivered as usual"
+        )
+        if self.resume_after is not None:
+            done += (
+                f"; the last committed row is pk {self.resume_after!r}: finish with the same "
+                f"call on the queryset filtered with pk__gt={self.resume_after!r}"
+            )
+        elif self.result.chunks:
+            done += f"; finish with the objects after the first {self.result.rows}"
+        if in_doubt:
+            done += f"; whether change batches {in_doubt} committed could not be checked"
+        if isinstance(error, OperationalError | InterfaceError):
+            raise BulkInterrupted(
+                f"interrupted by {type(error).__name__}: {error}. {done}.",
+                self.result,
+                self.resume_after,
+                in_doubt,
+            ) from error
+        if self.result.chunks:
+            error.add_note(f"ormbridge: {done}.")
+
+    def _settle_pending(self) -> list[int]:
+        """The chunk whose transaction was ending when the error came (its COMMIT, or
+        a callback after it): counted if its change-log rows are there. Returns the ids
+        that could not be checked."""
+        if self.pending is None:
+            return []
+        written, batch_ids, last_pk = self.pending
+        self.pending = None
+        if not batch_ids:
+            return []
+        try:
+            found = ChangeBatch.objects.using(self.result.using).filter(id__in=batch_ids).count()
+        except DatabaseFailure:
+            return batch_ids
+        if found:
+            self._count(written, batch_ids, last_pk)
+        return []
 
 
 def _after_commit(
@@ -395,11 +545,8 @@ def _after_commit(
     replay: str,
     committed: Callable[[list[Any]], None],
 ) -> None:
-    """Account for a written chunk and arrange its delivery once it commits."""
+    """Arrange a written chunk's delivery once it commits."""
     using = result.using
-    result.rows += len(written)
-    result.chunks += 1
-    result.batch_ids.extend(batch_ids)
 
     def deliver() -> None:
         if replay == "sync":
