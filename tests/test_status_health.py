@@ -127,3 +127,20 @@ def test_a_delivery_in_flight_too_long_is_a_problem_naming_its_relay(worker):
     [problem] = [p for p in report["problems"] if "in flight" in p]
     assert "relay-on-host-7" in problem
     assert report["delivery"]["oldest_in_flight_age"] >= settings.STATUS_MAX_PENDING_AGE
+
+
+def test_the_worker_timeout_option_is_how_long_workers_are_waited_for(no_relay):
+    done = commands.run("ormbridge_status", "--worker-timeout", "2.5")
+    assert done.returncode == 1
+    assert "no Celery worker answered within 2.5 s" in done.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "61", "soon"])
+def test_a_worker_timeout_out_of_range_is_refused_in_one_line(no_relay, value):
+    done = commands.run("ormbridge_status", "--json", "--worker-timeout", value)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.strip() == (
+        "CommandError: --worker-timeout takes seconds, more than 0 and at most 60 "
+        f"(e.g. --worker-timeout 5), not {value!r}."
+    )

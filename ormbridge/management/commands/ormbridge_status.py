@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ormbridge import status
+
+MAX_WORKER_TIMEOUT = 60.0
 
 
 class Command(BaseCommand):
@@ -25,9 +28,17 @@ class Command(BaseCommand):
             dest="as_json",
             help="Print one JSON document (see docs/status.schema.json).",
         )
+        parser.add_argument(
+            "--worker-timeout",
+            metavar="SECONDS",
+            default="1",
+            help="How long to wait for the workers to say which queues they consume "
+            f"(default 1, at most {MAX_WORKER_TIMEOUT:g}): longer for a solo-pool worker "
+            "busy with a long task, which answers only between tasks.",
+        )
 
-    def handle(self, *args: Any, as_json: bool, **options: Any) -> None:
-        report = status.collect()
+    def handle(self, *args: Any, as_json: bool, worker_timeout: str, **options: Any) -> None:
+        report = status.collect(worker_timeout=_seconds_option(worker_timeout))
         if as_json:
             self.stdout.write(_dumps(report))
         else:
@@ -80,6 +91,20 @@ class Command(BaseCommand):
             )
         out.write("")
         out.write(style.SUCCESS("healthy") if report["healthy"] else style.ERROR("unhealthy"))
+
+
+def _seconds_option(value: str) -> float:
+    """``--worker-timeout``: seconds, more than 0 and at most ``MAX_WORKER_TIMEOUT``."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_WORKER_TIMEOUT:  # nan fails too
+        raise CommandError(
+            f"--worker-timeout takes seconds, more than 0 and at most {MAX_WORKER_TIMEOUT:g} "
+            f"(e.g. --worker-timeout 5), not {value!r}."
+        )
+    return seconds
 
 
 def _seconds(age: float | None) -> str:
