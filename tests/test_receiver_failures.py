@@ -6,14 +6,16 @@ relay of the test's process, or in a worker's environment).
 """
 
 import json
+from pathlib import Path
 from typing import Any, NamedTuple
 
+import jsonschema
 import pytest
 from django.contrib.auth.models import User
 from django.urls import reverse
 
 import ormbridge
-from ormbridge import relay
+from ormbridge import relay, status
 from ormbridge.bulk import BulkOperationFailed
 from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch
@@ -25,6 +27,7 @@ from tests.factories import cached_entry, make_products, wait_delivered
 pytestmark = pytest.mark.django_db(transaction=True)
 
 RECEIVER = "tests.testapp.apps.fail_save"
+SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "status.schema.json").read_text())
 
 
 def refusal(pk: int) -> str:
@@ -127,6 +130,23 @@ def test_wait_times_out_with_the_errors_so_far(chunk):
     relay.drain()
     with pytest.raises(TimeoutError, match=refusal(chunk.victim.pk)):
         chunk.result.wait(timeout=0.2)
+
+
+def test_status_lists_the_receiver_errors_of_undelivered_rows_per_model(chunk):
+    relay.drain()
+    report = status.collect(0.1)
+    product = next(m for m in report["models"] if m["model"] == "shop.product")
+    jsonschema.validate(product, SCHEMA["properties"]["models"]["items"])
+    assert product["receiver_errors"] == [
+        {
+            "batch": chunk.batch_id,
+            "state": "pending",
+            "attempts": 1,
+            "pk": chunk.victim.pk,
+            "receiver": RECEIVER,
+            "error": refusal(chunk.victim.pk),
+        }
+    ]
 
 
 @pytest.fixture
