@@ -29,9 +29,13 @@ from tests.conftest import RedisCluster, RedisServer
 from tests.factories import make_products
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def redis_cluster(redis_servers: dict[str, RedisServer | RedisCluster]) -> Iterator[RedisCluster]:
-    """The run's ormbridge Redis if it is a cluster, else a cluster of this module's."""
+    """The run's ormbridge Redis if it is a cluster, else a cluster of these tests'.
+
+    Of the session: pytest-django runs the transactional tests after the others,
+    so this module's tests need not be contiguous.
+    """
     ormbridge = redis_servers["ormbridge"]
     if isinstance(ormbridge, RedisCluster):
         yield ormbridge
