@@ -6,6 +6,12 @@
 namespace, so a client that reconnects with ``Last-Event-ID`` receives what it
 missed (within ``EVENTS_MAXLEN``), in order, once. An async view: under ASGI a
 client costs a coroutine, not a thread.
+
+Everything a request brings is validated and bounded before anything else
+happens (a 400 naming the problem); refusals are JSON that never echoes input
+unescaped. An open stream re-checks its user's access every ``EVENTS_REAUTH``
+seconds and ends after ``EVENTS_MAX_AGE`` seconds, each time with a ``closed``
+event carrying the cursor to resume from.
 """
 
 from __future__ import annotations
@@ -13,18 +19,31 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import random
+import re
+import time
 from collections.abc import AsyncIterator
+from importlib import import_module
 from typing import Any, cast
 
+import redis.asyncio
+import redis.asyncio.cluster
 from asgiref.sync import sync_to_async
-from django.db import connections
-from django.http import (
-    HttpRequest,
-    HttpResponseBadRequest,
-    HttpResponseForbidden,
-    StreamingHttpResponse,
+from django.conf import settings as django_settings
+from django.contrib.auth import (
+    BACKEND_SESSION_KEY,
+    HASH_SESSION_KEY,
+    SESSION_KEY,
+    get_user_model,
+    load_backend,
 )
+from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import TooManyFieldsSent
+from django.db import connections
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
+from django.utils.crypto import constant_time_compare
 from django.utils.module_loading import import_string
 
 from ormbridge import registry, store
@@ -32,29 +51,55 @@ from ormbridge.broadcast import SEPARATOR, stream_key
 from ormbridge.conf import settings
 
 READ_COUNT = 500
+RETRY_MS = 2000  # the browser's wait before it reconnects to a stream that ended
+MAX_NAMESPACE_LENGTH = 200
+
+# app_label.model, optionally ::name; printable ASCII without spaces, quotes or
+# backslashes, so a namespace needs no escaping in a cursor and bounds its size.
+_NAMESPACE = re.compile(r"[A-Za-z0-9_]+\.[A-Za-z0-9_]+(?:::[!#-\[\]-~]+)?")
+_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+_MAX_STREAM_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit numbers
+# An encoded cursor entry at most: "namespace":"ms-seq",
+_MAX_CURSOR_ENTRY = len('"":"-",') + MAX_NAMESPACE_LENGTH + 2 * 20
+_JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026"}
 
 # An XREAD reply of a RESP2 client with decode_responses: [(key, [(entry id, fields)])].
 _XReadReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 
 
+class BadRequest(ValueError):
+    """Input the endpoint refuses with a 400; the message never contains the input."""
+
+
 def may_subscribe(request: HttpRequest, namespace: str) -> bool:
-    """The default permission: the user may ``view`` the namespace's registered model."""
-    label = namespace.split(SEPARATOR, 1)[0]
+    """The default permission: the user may ``view`` the namespace's registered model.
+
+    A tenant namespace (``app_label.model::name``) is refused: which user may see
+    which tenant is the project's to say, with an ``EVENTS_PERMISSION`` hook.
+    """
+    if SEPARATOR in namespace:
+        return False
     try:
-        model = registry.get_model(label)
+        model = registry.get_model(namespace)
     except (LookupError, ValueError):
         return False
     meta = model._meta
     return request.user.has_perm(f"{meta.app_label}.view_{meta.model_name}")
 
 
-def _authorize(request: HttpRequest, namespaces: list[str]) -> tuple[bool, list[str], list[str]]:
+def _authorize(
+    request: HttpRequest, namespaces: list[str], *, reload: bool = False
+) -> tuple[bool, list[str], list[str]]:
     """Whether the user is logged in, and which namespaces they may and may not see.
 
-    Closes this thread's database connections afterwards: a stream lives long,
-    and must not hold a connection for its whole life.
+    With ``reload``, the session and the user are read again from their stores
+    first (an open stream's re-check). Closes this thread's database connections
+    afterwards: a stream lives long, and must not hold a connection for its whole life.
     """
     try:
+        if reload:
+            _reload_user(request)
         if not request.user.is_authenticated:
             return False, [], namespaces
         hook = settings.EVENTS_PERMISSION
@@ -68,25 +113,93 @@ def _authorize(request: HttpRequest, namespaces: list[str]) -> tuple[bool, list[
         connections.close_all()
 
 
+def _reload_user(request: HttpRequest) -> None:
+    """Set ``request.user`` to the user its session names now, checked as Django's
+    ``get_user`` checks it (backend, active, password hash), without writing to the
+    session: a deleted or expired session, a deactivated user or a changed password
+    leave an anonymous user. Without sessions, the same user read again."""
+    session = getattr(request, "session", None)
+    if session is None:
+        user = request.user
+        fresh = None
+        if user.is_authenticated:
+            fresh = get_user_model()._default_manager.filter(pk=user.pk).first()
+        active = fresh is not None and getattr(fresh, "is_active", True)
+        request.user = fresh if fresh is not None and active else AnonymousUser()
+        return
+    engine = import_module(django_settings.SESSION_ENGINE)
+    data = engine.SessionStore(session.session_key)
+    request.user = AnonymousUser()
+    try:
+        user_id = get_user_model()._meta.pk.to_python(data[SESSION_KEY])
+        backend_path = data[BACKEND_SESSION_KEY]
+    except KeyError:
+        return
+    if backend_path not in django_settings.AUTHENTICATION_BACKENDS:
+        return
+    found = load_backend(backend_path).get_user(user_id)
+    if found is None:
+        return
+    if hasattr(found, "get_session_auth_hash"):
+        stored = data.get(HASH_SESSION_KEY)
+        hashes = [found.get_session_auth_hash(), *found.get_session_auth_fallback_hash()]
+        if not stored or not any(constant_time_compare(stored, h) for h in hashes):
+            return
+    request.user = found
+
+
+def refuse(status: int, message: str, **details: Any) -> HttpResponse:
+    """A JSON refusal; ``<``, ``>`` and ``&`` escaped, so no browser renders it as markup."""
+    body = json.dumps({"error": message, **details}).translate(_JSON_ESCAPES)
+    response = HttpResponse(body, status=status, content_type="application/json")
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def requested_namespaces(request: HttpRequest) -> list[str]:
+    """The request's distinct ``ns`` values, checked; :class:`BadRequest` otherwise."""
+    limit = int(settings.EVENTS_MAX_NAMESPACES)
+    try:
+        namespaces = list(dict.fromkeys(request.GET.getlist("ns")))
+    except TooManyFieldsSent:
+        raise BadRequest(f"ask for at most {limit} namespaces per request (ns)") from None
+    if not namespaces:
+        raise BadRequest("ask for at least one namespace: ?ns=app_label.model")
+    if len(namespaces) > limit:
+        raise BadRequest(
+            f"ask for at most {limit} namespaces per request (ns), not {len(namespaces)}"
+        )
+    for number, namespace in enumerate(namespaces, 1):
+        if len(namespace) > MAX_NAMESPACE_LENGTH or not _NAMESPACE.fullmatch(namespace):
+            raise BadRequest(
+                f"namespace {number} of {len(namespaces)} is not app_label.model or "
+                f"app_label.model::name of at most {MAX_NAMESPACE_LENGTH} printable ASCII "
+                "characters without spaces, quotes or backslashes"
+            )
+    return namespaces
+
+
 async def events(request: HttpRequest) -> HttpResponseBase:
     """Stream change events of the requested namespaces the user may see."""
-    namespaces = list(dict.fromkeys(request.GET.getlist("ns")))
-    if not namespaces:
-        return HttpResponseBadRequest("ask for at least one namespace: ?ns=app_label.model")
+    try:
+        namespaces = requested_namespaces(request)
+        cursor = decode_cursor(
+            request.headers.get("Last-Event-ID") or request.GET.get("last_event_id", "")
+        )
+    except BadRequest as error:
+        return refuse(400, str(error))
     # Not thread-sensitive: that would give this request a thread of its own for as
     # long as the stream lives. _authorize closes the connections it opened.
     logged_in, allowed, denied = await sync_to_async(_authorize, thread_sensitive=False)(
         request, namespaces
     )
     if not logged_in:
-        return HttpResponseForbidden("log in to subscribe to change events")
+        return refuse(403, "log in to subscribe to change events")
     if not allowed:
-        return HttpResponseForbidden(f"not allowed to subscribe to: {', '.join(denied)}")
-    cursor = decode_cursor(
-        request.headers.get("Last-Event-ID") or request.GET.get("last_event_id", "")
-    )
+        return refuse(403, "not allowed to subscribe to these namespaces", namespaces=denied)
     response = StreamingHttpResponse(
-        stream(allowed, denied, cursor), content_type="text/event-stream"
+        stream(request, allowed, denied, cursor), content_type="text/event-stream"
     )
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
@@ -94,35 +207,56 @@ async def events(request: HttpRequest) -> HttpResponseBase:
 
 
 async def stream(
-    namespaces: list[str], denied: list[str], cursor: dict[str, str]
+    request: HttpRequest, namespaces: list[str], denied: list[str], cursor: dict[str, str]
 ) -> AsyncIterator[str]:
-    """The event-stream body: events after ``cursor`` (or from now), then heartbeats."""
+    """The event-stream body: events after ``cursor`` (or from now), then heartbeats.
+
+    Ends with a ``closed`` event when the user may no longer see every namespace
+    (checked every ``EVENTS_REAUTH`` seconds) or the stream is ``EVENTS_MAX_AGE``
+    seconds old (less up to a tenth, so that clients that connected together do
+    not all reconnect together).
+    """
     heartbeat = float(settings.EVENTS_HEARTBEAT)
+    reauth = float(settings.EVENTS_REAUTH)
+    started = time.monotonic()
+    end = started + float(settings.EVENTS_MAX_AGE) * random.uniform(0.9, 1.0)
     client = store.async_redis(heartbeat + 10)
     try:
         keys = {stream_key(namespace): namespace for namespace in namespaces}
-        positions: dict[str, str] = {}
-        for key, namespace in keys.items():
-            if namespace in cursor:
-                positions[namespace] = cursor[namespace]
-            else:  # a namespace new to this client starts at the current end
-                last = await client.xrevrange(key, count=1)
-                positions[namespace] = _text(last[0][0]) if last else "0-0"
-        yield "retry: 2000\n\n"
+        positions = await _start_positions(client, keys, cursor)
+        yield f"retry: {RETRY_MS}\nid: {encode_cursor(positions)}\n\n"
         if denied:
             yield f"event: denied\ndata: {json.dumps(denied)}\n\n"
-        block = int(heartbeat * 1000)
+        next_check = started + reauth
+        written = time.monotonic()
         while True:
+            now = time.monotonic()
+            if now >= end:
+                yield _closed(positions, {"reason": "max-age"})
+                return
+            if now >= next_check:
+                logged_in, _, lost = await sync_to_async(_authorize, thread_sensitive=False)(
+                    request, namespaces, reload=True
+                )
+                if not logged_in or lost:
+                    reason = "denied" if logged_in else "logged-out"
+                    yield _closed(positions, {"reason": reason, "namespaces": lost})
+                    return
+                now = time.monotonic()
+                next_check = now + reauth
+            wait = min(next_check, end, written + heartbeat) - now
             reply = cast(
                 _XReadReply,
                 await client.xread(
                     {key: positions[namespace] for key, namespace in keys.items()},
                     count=READ_COUNT,
-                    block=block,
+                    block=max(1, math.ceil(wait * 1000)),
                 ),
             )
             if not reply:
-                yield ": heartbeat\n\n"
+                if time.monotonic() >= written + heartbeat:
+                    yield ": heartbeat\n\n"
+                    written = time.monotonic()
                 continue
             entries = [
                 (_order(entry_id), entry_id, keys[key], fields)
@@ -132,8 +266,32 @@ async def stream(
             for _, entry_id, namespace, fields in sorted(entries):
                 positions[namespace] = entry_id
                 yield f"id: {encode_cursor(positions)}\ndata: {fields['event']}\n\n"
+            written = time.monotonic()
     finally:
         await client.aclose()
+
+
+async def _start_positions(
+    client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster,
+    keys: dict[str, str],
+    cursor: dict[str, str],
+) -> dict[str, str]:
+    """Each namespace's position: the cursor's, or the current end of its stream (read
+    for all new namespaces in one round trip)."""
+    positions = {namespace: cursor[namespace] for namespace in keys.values() if namespace in cursor}
+    new = [key for key, namespace in keys.items() if namespace not in cursor]
+    if new:
+        pipe = client.pipeline(transaction=False)
+        for key in new:
+            pipe.xrevrange(key, count=1)
+        for key, last in zip(new, await pipe.execute(), strict=True):
+            positions[keys[key]] = _text(last[0][0]) if last else "0-0"
+    return positions
+
+
+def _closed(positions: dict[str, str], why: dict[str, Any]) -> str:
+    """The last message of a stream the server ends, with the cursor to resume from."""
+    return f"id: {encode_cursor(positions)}\nevent: closed\ndata: {json.dumps(why)}\n\n"
 
 
 def encode_cursor(positions: dict[str, str]) -> str:
@@ -141,22 +299,43 @@ def encode_cursor(positions: dict[str, str]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def max_cursor_length() -> int:
+    """The longest cursor the endpoint issues: ``EVENTS_MAX_NAMESPACES`` entries at most."""
+    raw = 2 + int(settings.EVENTS_MAX_NAMESPACES) * _MAX_CURSOR_ENTRY
+    return 4 * math.ceil(raw / 3)
+
+
 def decode_cursor(value: str) -> dict[str, str]:
-    """Stream positions from a ``Last-Event-ID``; an unreadable one means "from now"."""
+    """Stream positions from a ``Last-Event-ID``; "" means from now.
+
+    Raises :class:`BadRequest` for anything this endpoint would not have issued.
+    """
     if not value:
         return {}
+    limit = max_cursor_length()
+    if len(value) > limit:
+        raise BadRequest(f"Last-Event-ID is longer than the {limit} characters of a cursor")
+    unreadable = BadRequest("Last-Event-ID is not a cursor of this endpoint")
+    if not _BASE64URL.fullmatch(value):
+        raise unreadable
     try:
-        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-        positions: Any = json.loads(raw)
-    except (binascii.Error, ValueError):
-        return {}
+        positions: Any = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+    except (binascii.Error, ValueError, RecursionError):
+        raise unreadable from None
     if not isinstance(positions, dict):
-        return {}
-    return {
-        str(ns): str(pos)
-        for ns, pos in positions.items()
-        if isinstance(pos, str) and _is_stream_id(pos)
-    }
+        raise unreadable
+    for namespace, position in positions.items():
+        if not (
+            isinstance(position, str)
+            and _is_stream_id(position)
+            and len(namespace) <= MAX_NAMESPACE_LENGTH
+            and _NAMESPACE.fullmatch(namespace)
+        ):
+            raise BadRequest(
+                "Last-Event-ID holds a position that is not a stream id (ms-seq, two "
+                "numbers below 2**64) or a namespace that is not valid"
+            )
+    return cast(dict[str, str], positions)
 
 
 def _text(value: bytes | str | None) -> str:
@@ -167,8 +346,8 @@ def _text(value: bytes | str | None) -> str:
 
 
 def _is_stream_id(value: str) -> bool:
-    ms, _, seq = value.partition("-")
-    return ms.isdigit() and seq.isdigit()
+    match = _STREAM_ID.fullmatch(value)
+    return match is not None and all(int(part) <= _MAX_STREAM_ID_PART for part in match.groups())
 
 
 def _order(entry_id: str) -> tuple[int, int]:

@@ -4,6 +4,7 @@
  *   var subscription = ormbridge.subscribe(["shop.product"], {
  *     onEvent: function (event) { ... event.type, event.model, event.pks, event.fields ... },
  *     onDenied: function (namespaces) { ... },   // namespaces this user may not see
+ *     onClosed: function (reason) { ... },       // "logged-out" or "denied": it stopped
  *   });
  *   subscription.close();
  *
@@ -14,6 +15,11 @@
  * when it gives up (a server restart answering with an error), this client reconnects
  * after `retryMs`, resuming from the last event it saw, so nothing is missed or repeated
  * within the server's retention.
+ *
+ * The server ends a stream with a `closed` event: at the stream's maximum age (the browser
+ * reconnects and resumes), when the user may no longer see some of its namespaces
+ * (onDenied; the others go on after the reconnection), or when the user is logged out or
+ * may see none of them any more: then this client stops and calls onClosed.
  */
 (function (root) {
   "use strict";
@@ -24,11 +30,28 @@
     var onEvent = options.onEvent || function () {};
     var onDenied = options.onDenied || function () {};
     var onOpen = options.onOpen || function () {};
+    var onClosed = options.onClosed || function () {};
     var retryMs = options.retryMs || 2000;
     var lastEventId = options.lastEventId || null;
     var source = null;
     var timer = null;
     var closed = false;
+    var denied = {};
+
+    function deny(names) {
+      names.forEach(function (namespace) {
+        denied[namespace] = true;
+      });
+      onDenied(names);
+    }
+
+    function stop() {
+      closed = true;
+      clearTimeout(timer);
+      if (source) {
+        source.close();
+      }
+    }
 
     function address() {
       var params = namespaces.map(function (namespace) {
@@ -52,7 +75,23 @@
         onEvent(JSON.parse(message.data));
       };
       source.addEventListener("denied", function (message) {
-        onDenied(JSON.parse(message.data));
+        deny(JSON.parse(message.data));
+      });
+      source.addEventListener("closed", function (message) {
+        var why = JSON.parse(message.data);
+        if (message.lastEventId) {
+          lastEventId = message.lastEventId;
+        }
+        if (why.reason === "denied") {
+          deny(why.namespaces);
+        }
+        var left = namespaces.filter(function (namespace) {
+          return !denied[namespace];
+        });
+        if (why.reason === "logged-out" || left.length === 0) {
+          stop();
+          onClosed(why.reason);
+        }
       });
       source.onerror = function () {
         if (!closed && source.readyState === EventSource.CLOSED) {
@@ -64,13 +103,7 @@
 
     open();
     return {
-      close: function () {
-        closed = true;
-        clearTimeout(timer);
-        if (source) {
-          source.close();
-        }
-      },
+      close: stop,
       lastEventId: function () {
         return lastEventId;
       },
