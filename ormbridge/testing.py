@@ -403,7 +403,7 @@ def assert_events(
 ) -> list[broadcast.Event]:
     """Assert that events were emitted for ``namespace``; returns them.
 
-    Only events of the given ``type`` (``create``, ``update``, ``delete``,
+    Only events of the given ``type`` (``create``, ``update``, ``delete``, ``removed``,
     ``invalidate``) and concerning row ``pk`` (or every row) count, when
     given; ``count``: exactly that many (0: none), else at least one.
     """
