@@ -11,15 +11,23 @@ delivered are delivered (again: at least once), finished chunks are left alone.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from django.core.exceptions import FieldDoesNotExist, FieldError, ValidationError
-from django.db import router, transaction
-from django.db.models import Model, Q, QuerySet, Sum
+from django.core.exceptions import (
+    EmptyResultSet,
+    FieldDoesNotExist,
+    FieldError,
+    FullResultSet,
+    ValidationError,
+)
+from django.db import DatabaseError, DataError, connections, router, transaction
+from django.db.models import IntegerField, Model, Q, QuerySet, Sum, TextField, Value
 from django.utils import timezone
 
 from ormbridge import capture, registry, relay
@@ -35,6 +43,7 @@ TEXT_LOOKUPS = {
     "regex", "iregex", "iexact",
 }  # fmt: skip
 LIST_LOOKUPS = {"in", "range"}
+PATTERN_LOOKUPS = {"regex", "iregex"}
 DEFAULT_CHUNK = 5000
 
 
@@ -70,7 +79,8 @@ def select(
 
     Raises:
         ResyncError: unknown or unregistered model, malformed lookup, unknown
-            field or lookup, or a value the field cannot take.
+            field or lookup, a value the field or its column cannot take, or a
+            regular expression the database does not compile.
     """
     if all_models == bool(labels):
         raise ResyncError("name models as app_label.Model, or pass --all (not both).")
@@ -83,12 +93,27 @@ def select(
         excludes=tuple(_split(text, "--exclude") for text in excludes),
     )
     for model in selection.models:
-        queryset = selection.queryset(model)
-        try:
-            queryset.query.get_compiler(queryset.db).as_sql()
-        except FieldError as exc:
-            raise ResyncError(f"{model._meta.label}: {exc}") from None
+        for option, pairs in (("--filter", selection.filters), ("--exclude", selection.excludes)):
+            for key, raw in pairs:
+                _check_lookup(model, option, key, raw)
     return selection
+
+
+def _check_lookup(model: type[Model], option: str, key: str, raw: str) -> None:
+    """Turn one lookup into SQL, and have the database compile a pattern, before any write."""
+    label = model._meta.label
+    try:
+        queryset = model._base_manager.using(router.db_for_write(model)).filter(
+            lookup(model, key, raw)
+        )
+        queryset.query.get_compiler(queryset.db).as_sql()
+    except (EmptyResultSet, FullResultSet):
+        pass  # a lookup that no row (or every row) can match: valid
+    except (FieldError, OverflowError) as exc:
+        raise ResyncError(f"{label}: {option} {key}={raw!r}: {_first_line(exc)}") from None
+    name = _parse(model, key)[1]
+    if name in PATTERN_LOOKUPS:
+        _check_pattern(model, option, key, name, raw)
 
 
 def lookup(model: type[Model], key: str, raw: str) -> Q:
@@ -97,6 +122,12 @@ def lookup(model: type[Model], key: str, raw: str) -> Q:
     Raises:
         ResyncError: unknown field or lookup, or a value the field rejects.
     """
+    field, name = _parse(model, key)
+    return Q(**{key: _convert(model, key, field, name, raw)})
+
+
+def _parse(model: type[Model], key: str) -> tuple[Any, str]:
+    """The field ``key`` ends on and its lookup's name; ``ResyncError`` if either is unknown."""
     parts = key.split("__")
     field = None
     meta: Options[Any] | None = model._meta
@@ -118,7 +149,7 @@ def lookup(model: type[Model], key: str, raw: str) -> Q:
         raise ResyncError(
             f"{model._meta.label}: unknown lookup {'__'.join(rest)!r} for field {field.name!r}."
         )
-    return Q(**{key: _convert(model, key, field, name, raw)})
+    return field, name
 
 
 def _convert(model: type[Model], key: str, field: Any, name: str, raw: str) -> Any:
@@ -134,16 +165,100 @@ def _convert(model: type[Model], key: str, field: Any, name: str, raw: str) -> A
             values = [target.to_python(item) for item in raw.split(",")]
             if name == "range" and len(values) != 2:
                 raise ValidationError("a range takes two values: LOW,HIGH")
-            return values
-        return target.to_python(raw)
+        else:
+            values = [target.to_python(raw)]
     except (ValidationError, ValueError, TypeError) as exc:
         message = "; ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
         raise ResyncError(f"{model._meta.label}: {key}={raw!r} is not valid: {message}") from None
+    if isinstance(target, IntegerField):
+        _check_range(model, key, raw, target, values)
+    return values if name in LIST_LOOKUPS else values[0]
+
+
+def _check_range(
+    model: type[Model], key: str, raw: str, field: IntegerField[Any, Any], values: list[Any]
+) -> None:
+    """Refuse integers the column cannot hold (drivers raise on them, or Django matches none)."""
+    ops = connections[router.db_for_write(model)].ops
+    kind = field.get_internal_type()
+    try:
+        low, high = ops.integer_field_range(kind)
+    except KeyError:  # an integer field of a type of its own: the database decides
+        return
+    for value in values:
+        if value is not None and not low <= value <= high:
+            raise ResyncError(
+                f"{model._meta.label}: {key}={raw!r} is out of range for {kind} "
+                f"({low:,} to {high:,})."
+            )
+
+
+def _check_pattern(model: type[Model], option: str, key: str, name: str, raw: str) -> None:
+    """Have the database compile a regular expression, against a constant rather than the rows.
+
+    Databases compile a pattern when a row first reaches it: a bad one fails
+    the job whenever that happens, or never if no row does. Comparing it with
+    a constant makes the database compile it now, whatever the table holds.
+    """
+    using = router.db_for_write(model)
+    probe = model._base_manager.using(using).annotate(
+        _ormbridge_probe=Value("", output_field=TextField())
+    )
+    try:
+        with transaction.atomic(using=using):  # a savepoint: a caller's transaction goes on
+            probe.filter(**{f"_ormbridge_probe__{name}": raw}).exists()
+    except DatabaseError as exc:
+        reason = _pattern_error(connections[using].vendor, raw, exc)
+        if reason is None:
+            raise ResyncError(
+                f"{model._meta.label}: the database refused {option} {key}={raw!r}: "
+                f"{_first_line(exc)}"
+            ) from None
+        raise ResyncError(
+            f"{model._meta.label}: {option} {key}={raw!r} is not a valid regular expression "
+            f"for {connections[using].display_name}: {reason}."
+        ) from None
+
+
+def _pattern_error(vendor: str, raw: str, exc: DatabaseError) -> str | None:
+    """Why the database refused pattern ``raw``, or None if the error is about something else."""
+    if vendor == "sqlite":  # Django's REGEXP function on SQLite is Python's re
+        try:
+            re.compile(raw)
+        except re.error as error:
+            return str(error)
+        return None
+    return _first_line(exc) if isinstance(exc, DataError) else None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextmanager
+def _refused(model: type[Model]) -> Iterator[None]:
+    """A query of the selection that the database or its driver refuses is a ``ResyncError``."""
+    using = router.db_for_write(model)
+    try:
+        with transaction.atomic(using=using):  # a savepoint: a caller's transaction goes on
+            yield
+    except (DatabaseError, OverflowError) as exc:
+        raise ResyncError(
+            f"{model._meta.label}: counting the selected rows failed: {_first_line(exc)}"
+        ) from None
 
 
 def count(selection: Selection) -> dict[str, int]:
-    """Rows per model label that a resync of ``selection`` would touch."""
-    return {m._meta.label_lower: selection.queryset(m).count() for m in selection.models}
+    """Rows per model label that a resync of ``selection`` would touch.
+
+    Raises:
+        ResyncError: the database (or its driver) refused a lookup's value.
+    """
+    totals = {}
+    for model in selection.models:
+        with _refused(model):
+            totals[model._meta.label_lower] = selection.queryset(model).count()
+    return totals
 
 
 def start(

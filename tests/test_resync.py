@@ -217,6 +217,37 @@ def test_bad_input_exits_non_zero_with_one_line_and_changes_nothing(no_relay, ar
     assert replays.saves() == {}
 
 
+# Filters that pass the field checks but that the database (or its driver) refuses, some only
+# when a row reaches them: each is refused up front, whatever the table holds.
+REFUSED_BY_THE_DATABASE = [
+    (["--filter", "name__regex=("], "--filter name__regex='(' is not a valid regular expression"),
+    (["--exclude", "name__iregex=[a"], "--exclude name__iregex='[a' is not a valid regular"),
+    # no tag exists: no row ever reaches the pattern
+    (["--filter", "tags__name__regex=("], "--filter tags__name__regex='(' is not a valid regular"),
+    (["--filter", "tags__regex=("], "Unsupported lookup 'regex'"),
+    (["--filter", "stock=99999999999999999999"], "stock='99999999999999999999' is out of range"),
+    (["--filter", "category=99999999999999999999"], "category='99999999999999999999' is out of"),
+    (["--dry-run", "--filter", "sku__regex=)"], "--filter sku__regex=')' is not a valid regular"),
+]
+
+
+@pytest.mark.parametrize("arguments,message", REFUSED_BY_THE_DATABASE)
+def test_a_filter_the_database_refuses_is_one_line_and_writes_nothing(no_relay, arguments, message):
+    """Issue 10, operations 14: a traceback (DataError, EmptyResultSet, FieldError, ...)."""
+    make_products(5)
+    mark = log_mark()
+    done = commands.run("ormbridge_resync", "shop.Product", *arguments)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("CommandError: shop.Product: ")
+    assert message in lines[0]
+    assert not ResyncJob.objects.exists()
+    assert not logged_since(mark).exists()
+    assert replays.saves() == {}
+
+
 def test_help_documents_every_option_with_an_example():
     done = commands.run("ormbridge_resync", "--help")
     for option in ["--all", "--filter", "--exclude", "--chunk-size", "--mode", "--sync", "--wait",
