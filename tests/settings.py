@@ -11,7 +11,6 @@ run like the others (tests/conftest.py); the cache and the broker stay plain ser
 """
 
 import json
-import json
 import os
 import socket
 import tempfile
@@ -70,9 +69,6 @@ ORMBRIDGE = {
     "EMITTERS": ["tests.emitters.RecordingEmitter", "ormbridge.broadcast.RedisStreamEmitter"],
     "REDIS_CLUSTER": CLUSTER,
 }
-
-# A worker started by the tests may get settings of its own (JSON).
-ORMBRIDGE.update(json.loads(os.environ.get("ORMBRIDGE_TEST_SETTINGS", "{}")))
 
 # A worker started by the tests may get settings of its own (JSON).
 ORMBRIDGE.update(json.loads(os.environ.get("ORMBRIDGE_TEST_SETTINGS", "{}")))
