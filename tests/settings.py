@@ -67,7 +67,7 @@ CACHES["default"]["KEY_PREFIX"] = "test"
 ORMBRIDGE = {
     **ORMBRIDGE,
     "EMITTERS": ["tests.emitters.RecordingEmitter", "ormbridge.broadcast.RedisStreamEmitter"],
-    "REDIS_CLUSTER": CLUSTER,
+    "REDIS_CLUSTER": CLUSTER,  # type: ignore[dict-item]  # the example's values are all str/dict
 }
 
 # A worker started by the tests may get settings of its own (JSON).
