@@ -152,7 +152,7 @@ def _broker() -> dict[str, Any]:
     try:
         with current_app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=2)
-    except (BrokerError, OSError) as exc:
+    except (BrokerError, OSError, redis.RedisError) as exc:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"ok": True, "error": None}
 
@@ -163,7 +163,7 @@ def _workers(timeout: float) -> dict[str, Any]:
     queue = settings.QUEUE
     try:
         replies = current_app.control.inspect(timeout=timeout).active_queues() or {}
-    except (BrokerError, OSError) as exc:
+    except (BrokerError, OSError, redis.RedisError) as exc:  # a Redis broker's own errors
         return _no_workers(f"{type(exc).__name__}: {exc}")
     queues = {name: sorted(q["name"] for q in consumed or []) for name, consumed in replies.items()}
     consumers = sorted(name for name, names in queues.items() if queue in names)

@@ -41,7 +41,7 @@ from shop.models import Category, Customer, Order, Product, Tag
 from tests import emitters
 from tests.conftest import wait_until
 from tests.factories import cached_entry
-from tests.testapp.apps import record_delete, record_save
+from tests.testapp.apps import fail_save, hold_save, record_delete, record_save
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -426,14 +426,20 @@ def test_m2m_add_remove_clear_are_updates_of_both_ends(no_relay):
 
 @pytest.fixture
 def order_without_test_receivers() -> Iterator[None]:
-    """shop.Order with no signal receivers: the test app records replays on it."""
-    post_save.disconnect(sender=Order, dispatch_uid="test-save-Order")
-    post_delete.disconnect(sender=Order, dispatch_uid="test-delete-Order")
+    """shop.Order with no signal receivers: the test app connects its own to it."""
+    receivers = [
+        (post_save, record_save, "test-save-Order"),
+        (post_save, fail_save, "test-fail-save-Order"),
+        (post_save, hold_save, "test-hold-save-Order"),
+        (post_delete, record_delete, "test-delete-Order"),
+    ]
+    for signal, _, uid in receivers:
+        signal.disconnect(sender=Order, dispatch_uid=uid)
     try:
         yield
     finally:
-        post_save.connect(record_save, sender=Order, dispatch_uid="test-save-Order")
-        post_delete.connect(record_delete, sender=Order, dispatch_uid="test-delete-Order")
+        for signal, receiver, uid in receivers:
+            signal.connect(receiver, sender=Order, dispatch_uid=uid)
 
 
 def test_registering_keeps_djangos_fast_delete(no_relay, order_without_test_receivers):
