@@ -36,7 +36,15 @@ from typing import Any
 
 from django.apps import apps
 from django.conf import settings as django_settings
-from django.db import DatabaseError, connections, models, router, transaction
+from django.db import (
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    models,
+    router,
+    transaction,
+)
 from django.db.models import DateTimeField, F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -237,11 +245,39 @@ def _log(using: str, *batches: ChangeBatch) -> models.QuerySet[ChangeBatch]:
     return ChangeBatch.objects.using(using).filter(id__in=[batch.pk for batch in batches])
 
 
+def _record(using: str, batches: list[ChangeBatch], **values: Any) -> None:
+    """Write the outcome of delivering ``batches``; on a fresh connection if theirs died.
+
+    The connection may die under a delivery (a killed backend, a failover, a
+    receiver's query cut off): the outcome is written all the same, so a
+    failure is recorded and retried after its backoff, and a finished delivery
+    is not redone, rather than the rows waiting for their lease to run out.
+    """
+    try:
+        _log(using, *batches).update(**values)
+    except (OperationalError, InterfaceError) as exc:
+        connection = connections[using]
+        if connection.in_atomic_block or (
+            connection.connection is not None and connection.is_usable()
+        ):
+            raise  # not a lost connection, or one that cannot be replaced here
+        logger.warning(
+            "ormbridge: the relay's database connection was lost (%s); "
+            "writing the outcome of rows %s on a new one",
+            exc,
+            [batch.pk for batch in batches],
+        )
+        connection.close()
+        _log(using, *batches).update(**values)
+
+
 def _done(batches: list[ChangeBatch], using: str, result: DrainResult) -> None:
     now = timezone.now()
     # A snapshot is only needed until its rows' post_delete replays ran: deleted
     # rows' values are not kept once delivered.
-    _log(using, *batches).update(
+    _record(
+        using,
+        batches,
         state=ChangeBatch.State.DONE,
         finished_at=now,
         flushed_at=Coalesce("flushed_at", Value(now, output_field=DateTimeField())),
@@ -294,7 +330,9 @@ def _retry_later(
             error,
             exc_info=exc is not None and not isinstance(exc, flush.EmitFailed),
         )
-        _log(using, *group).update(
+        _record(
+            using,
+            group,
             state=ChangeBatch.State.FAILED if spent else ChangeBatch.State.PENDING,
             finished_at=now if spent else None,
             retry_at=None if spent else now + timedelta(seconds=delay),

@@ -5,6 +5,7 @@ import os
 import time
 
 from django.apps import AppConfig
+from django.db import connections
 from django.db.models.signals import post_delete, post_save
 
 from ormbridge import store
@@ -36,6 +37,35 @@ def fail_save(sender, instance, **kwargs):
         raise ValueError(f"fail_save refuses {sender._meta.label_lower} {instance.pk}")
 
 
+def hold_key(kind: str) -> str:
+    """``hold_save``'s keys: ``backend`` (its connection's backend pid), ``release``, ``once``."""
+    return store.key("test", "hold", kind)
+
+
+def hold_save(sender, instance, using, **kwargs):
+    """The first replay of the pk in ``ORMBRIDGE_TEST_HOLD_SAVE`` waits until the test sets
+    ``hold_key("release")`` (60 s at most), then reads its row from the database (unless
+    ``ORMBRIDGE_TEST_HOLD_SAVE_READS`` is ``0``).
+
+    While it waits, ``hold_key("backend")`` holds the PostgreSQL backend pid of its
+    connection, for the test to terminate. Later replays of the pk go through.
+    """
+    held = os.environ.get("ORMBRIDGE_TEST_HOLD_SAVE", "")
+    if not held or not kwargs.get("ormbridge_replay") or str(instance.pk) != held:
+        return
+    client = store.get_redis()
+    if not client.set(hold_key("once"), 1, nx=True):
+        return
+    with connections[using].cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        client.set(hold_key("backend"), cursor.fetchone()[0])
+    deadline = time.monotonic() + 60
+    while not client.exists(hold_key("release")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if os.environ.get("ORMBRIDGE_TEST_HOLD_SAVE_READS", "1") != "0":
+        sender._base_manager.using(using).filter(pk=instance.pk).exists()
+
+
 def record_delete(sender, instance, **kwargs):
     if not kwargs.get("ormbridge_replay"):
         return
@@ -58,4 +88,5 @@ class TestAppConfig(AppConfig):
             model = apps.get_model("shop", name)
             post_save.connect(record_save, sender=model, dispatch_uid=f"test-save-{name}")
             post_save.connect(fail_save, sender=model, dispatch_uid=f"test-fail-save-{name}")
+            post_save.connect(hold_save, sender=model, dispatch_uid=f"test-hold-save-{name}")
             post_delete.connect(record_delete, sender=model, dispatch_uid=f"test-delete-{name}")
