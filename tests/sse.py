@@ -73,12 +73,14 @@ def parse(block: str) -> dict:
 
 
 class Server:
-    """The example project under uvicorn on the test database and services, with extra
-    ``ORMBRIDGE`` settings (``ORMBRIDGE_TEST_SETTINGS``, read by tests/settings.py)."""
+    """The example project under uvicorn (ASGI), or ``manage.py runserver`` (WSGI) with
+    ``wsgi``, on the test database and services, with extra ``ORMBRIDGE`` settings
+    (``ORMBRIDGE_TEST_SETTINGS``, read by tests/settings.py)."""
 
-    def __init__(self, db_name: str, ormbridge: dict) -> None:
+    def __init__(self, db_name: str, ormbridge: dict, *, wsgi: bool = False) -> None:
         self.db_name = db_name
         self.ormbridge = ormbridge
+        self.wsgi = wsgi
         self.process: subprocess.Popen | None = None
         self.port = 0
 
@@ -88,10 +90,31 @@ class Server:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
+        if self.wsgi:  # Django's development server, threaded, as a developer runs it
+            command = [
+                sys.executable,
+                "example/manage.py",
+                "runserver",
+                f"127.0.0.1:{self.port}",
+                "--noreload",
+            ]
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "example.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--timeout-graceful-shutdown",
+                "2",
+            ]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "example.asgi:application", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning",
-             "--timeout-graceful-shutdown", "2"],
+            command,
             cwd=ROOT,
             env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
                  "ORMBRIDGE_TEST_DB_NAME": self.db_name,
@@ -99,12 +122,14 @@ class Server:
                  "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "example")])},
         )  # fmt: skip
 
+        name = "runserver" if self.wsgi else "uvicorn"
+
         def listening() -> bool:
-            assert self.process is not None and self.process.poll() is None, "uvicorn exited"
+            assert self.process is not None and self.process.poll() is None, f"{name} exited"
             with socket.socket() as client:
                 return client.connect_ex(("127.0.0.1", self.port)) == 0
 
-        wait_until(listening, 60, "uvicorn to listen")
+        wait_until(listening, 60, f"{name} to listen")
 
     def stop(self) -> None:
         if self.process is not None:
@@ -144,6 +169,9 @@ class Stream:
     def __init__(self, host: str, port: int, path: str, headers: dict[str, str]) -> None:
         self.connection = http.client.HTTPConnection(host, port, timeout=30)
         self.connection.request("GET", path, headers=headers)
+        # The connection lets go of its socket when the response will close it (a
+        # WSGI server's stream ends with the connection): the response reads on.
+        self._socket = self.connection.sock
         self.response = self.connection.getresponse()
         self.status = self.response.status
         self.content_type = self.response.getheader("Content-Type", "")
@@ -168,8 +196,7 @@ class Stream:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 pytest.fail(f"timed out after {timeout} s waiting for {what}")
-            assert self.connection.sock is not None
-            self.connection.sock.settimeout(remaining)
+            self._socket.settimeout(remaining)
             try:
                 chunk = self.response.read1(65536)
             except TimeoutError:
@@ -204,6 +231,7 @@ class Stream:
         return messages
 
     def close(self) -> None:
+        self.response.close()
         self.connection.close()
 
 
