@@ -5,7 +5,8 @@
 ``id:`` is a cursor holding the stream position of every subscribed
 namespace, so a client that reconnects with ``Last-Event-ID`` receives what it
 missed (within ``EVENTS_MAXLEN``), in order, once. An async view: under ASGI a
-client costs a coroutine, not a thread.
+client costs a coroutine, not a thread. Under WSGI (``runserver``, for development)
+the same stream is served by a blocking iterator that holds a server thread.
 
 Everything a request brings is validated and bounded before anything else
 happens (a 400 naming the problem); refusals are JSON that never echoes input
@@ -23,12 +24,13 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator, Iterator
+from dataclasses import dataclass
 from importlib import import_module
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
-import redis.asyncio
-import redis.asyncio.cluster
+import redis
+import redis.cluster
 from asgiref.sync import sync_to_async
 from django.conf import settings as django_settings
 from django.contrib.auth import (
@@ -40,11 +42,13 @@ from django.contrib.auth import (
 )
 from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import TooManyFieldsSent
+from django.core.handlers.asgi import ASGIRequest
 from django.db import connections
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.utils.crypto import constant_time_compare
 from django.utils.module_loading import import_string
+from redis.typing import KeyT, StreamIdT
 
 from ormbridge import registry, store
 from ormbridge.broadcast import SEPARATOR, stream_key
@@ -63,9 +67,6 @@ _MAX_STREAM_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit numb
 # An encoded cursor entry at most: "namespace":"ms-seq",
 _MAX_CURSOR_ENTRY = len('"":"-",') + MAX_NAMESPACE_LENGTH + 2 * 20
 _JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026"}
-
-# An XREAD reply of a RESP2 client with decode_responses: [(key, [(entry id, fields)])].
-_XReadReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 
 
 class BadRequest(ValueError):
@@ -198,95 +199,193 @@ async def events(request: HttpRequest) -> HttpResponseBase:
         return refuse(403, "log in to subscribe to change events")
     if not allowed:
         return refuse(403, "not allowed to subscribe to these namespaces", namespaces=denied)
-    response = StreamingHttpResponse(
-        stream(request, allowed, denied, cursor), content_type="text/event-stream"
+    # A WSGI server would buffer an async iterator whole and never stream it; a
+    # blocking one works anywhere, so only an ASGI request gets the async one.
+    body = (
+        stream(request, allowed, denied, cursor)
+        if isinstance(request, ASGIRequest)
+        else blocking_stream(request, allowed, denied, cursor)
     )
+    response = StreamingHttpResponse(body, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
     return response
 
 
-async def stream(
-    request: HttpRequest, namespaces: list[str], denied: list[str], cursor: dict[str, str]
-) -> AsyncIterator[str]:
-    """The event-stream body: events after ``cursor`` (or from now), then heartbeats.
+@dataclass(frozen=True)
+class _Ends:
+    """Step: read the last entry of each of ``keys``' streams in one round trip.
 
-    Ends with a ``closed`` event when the user may no longer see every namespace
-    (checked every ``EVENTS_REAUTH`` seconds) or the stream is ``EVENTS_MAX_AGE``
-    seconds old (less up to a tenth, so that clients that connected together do
-    not all reconnect together).
+    Answer: the XREVRANGE (count 1) replies, in order."""
+
+    keys: list[str]
+
+
+@dataclass(frozen=True)
+class _Read:
+    """Step: XREAD after ``positions`` (stream key -> entry id), blocking ``block_ms`` at
+    most. Answer: the reply, ``[(key, [(entry id, fields)])]``, empty on a timeout."""
+
+    positions: dict[KeyT, StreamIdT]
+    block_ms: int
+
+
+@dataclass(frozen=True)
+class _Recheck:
+    """Step: the access check again, ``_authorize(..., reload=True)``. Answer: its result."""
+
+
+# What the conversation asks of its driver: text to send (answer None), or I/O.
+_Step: TypeAlias = str | _Ends | _Read | _Recheck
+
+
+def _conversation(
+    namespaces: list[str], denied: list[str], cursor: dict[str, str]
+) -> Generator[_Step, Any, None]:
+    """The event-stream protocol without its I/O: events after ``cursor`` (or from now),
+    then heartbeats.
+
+    Yields the text to send and the Redis reads and re-checks to make, and is sent
+    their answers, so the async and the blocking stream share every rule. Ends with a
+    ``closed`` event when the user may no longer see every namespace (checked every
+    ``EVENTS_REAUTH`` seconds) or the stream is ``EVENTS_MAX_AGE`` seconds old (less up
+    to a tenth, so that clients that connected together do not all reconnect together).
     """
     heartbeat = float(settings.EVENTS_HEARTBEAT)
     reauth = float(settings.EVENTS_REAUTH)
     started = time.monotonic()
     end = started + float(settings.EVENTS_MAX_AGE) * random.uniform(0.9, 1.0)
-    client = store.async_redis(heartbeat + 10)
-    try:
-        keys = {stream_key(namespace): namespace for namespace in namespaces}
-        positions = await _start_positions(client, keys, cursor)
-        yield f"retry: {RETRY_MS}\nid: {encode_cursor(positions)}\n\n"
-        if denied:
-            yield f"event: denied\ndata: {json.dumps(denied)}\n\n"
-        next_check = started + reauth
-        written = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if now >= end:
-                yield _closed(positions, {"reason": "max-age"})
+    keys = {stream_key(namespace): namespace for namespace in namespaces}
+    positions = {namespace: cursor[namespace] for namespace in namespaces if namespace in cursor}
+    new = [key for key, namespace in keys.items() if namespace not in cursor]
+    if new:
+        ends = yield _Ends(new)
+        for key, last in zip(new, ends, strict=True):
+            positions[keys[key]] = _text(last[0][0]) if last else "0-0"
+    yield f"retry: {RETRY_MS}\nid: {encode_cursor(positions)}\n\n"
+    if denied:
+        yield f"event: denied\ndata: {json.dumps(denied)}\n\n"
+    next_check = started + reauth
+    written = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            yield _closed(positions, {"reason": "max-age"})
+            return
+        if now >= next_check:
+            logged_in, _, lost = yield _Recheck()
+            if not logged_in or lost:
+                reason = "denied" if logged_in else "logged-out"
+                yield _closed(positions, {"reason": reason, "namespaces": lost})
                 return
-            if now >= next_check:
-                logged_in, _, lost = await sync_to_async(_authorize, thread_sensitive=False)(
+            now = time.monotonic()
+            next_check = now + reauth
+        wait = min(next_check, end, written + heartbeat) - now
+        reply = yield _Read(
+            {key: positions[namespace] for key, namespace in keys.items()},
+            max(1, math.ceil(wait * 1000)),
+        )
+        if not reply:
+            if time.monotonic() >= written + heartbeat:
+                yield ": heartbeat\n\n"
+                written = time.monotonic()
+            continue
+        entries = [
+            (_order(entry_id), entry_id, keys[key], fields)
+            for key, items in reply
+            for entry_id, fields in items
+        ]
+        for _, entry_id, namespace, fields in sorted(entries):
+            positions[namespace] = entry_id
+            yield f"id: {encode_cursor(positions)}\ndata: {fields['event']}\n\n"
+        written = time.monotonic()
+
+
+def _advance(steps: Generator[_Step, Any, None], answer: Any) -> _Step | None:
+    """The conversation's next step after ``answer``; None once it has ended."""
+    try:
+        return steps.send(answer)
+    except StopIteration:
+        return None
+
+
+def _read_timeout() -> float:
+    """A stream client's socket timeout: longer than the longest XREAD block."""
+    return float(settings.EVENTS_HEARTBEAT) + 10
+
+
+async def stream(
+    request: HttpRequest, namespaces: list[str], denied: list[str], cursor: dict[str, str]
+) -> AsyncIterator[str]:
+    """The event-stream body under ASGI: :func:`_conversation` with an asyncio client."""
+    client = store.async_redis(_read_timeout())
+    steps = _conversation(namespaces, denied, cursor)
+    try:
+        step = _advance(steps, None)
+        while step is not None:
+            answer: Any = None
+            if isinstance(step, str):
+                yield step
+            elif isinstance(step, _Ends):
+                pipe = client.pipeline(transaction=False)
+                for key in step.keys:
+                    pipe.xrevrange(key, count=1)
+                answer = await pipe.execute()
+            elif isinstance(step, _Read):
+                answer = await client.xread(step.positions, count=READ_COUNT, block=step.block_ms)
+            else:
+                answer = await sync_to_async(_authorize, thread_sensitive=False)(
                     request, namespaces, reload=True
                 )
-                if not logged_in or lost:
-                    reason = "denied" if logged_in else "logged-out"
-                    yield _closed(positions, {"reason": reason, "namespaces": lost})
-                    return
-                now = time.monotonic()
-                next_check = now + reauth
-            wait = min(next_check, end, written + heartbeat) - now
-            reply = cast(
-                _XReadReply,
-                await client.xread(
-                    {key: positions[namespace] for key, namespace in keys.items()},
-                    count=READ_COUNT,
-                    block=max(1, math.ceil(wait * 1000)),
-                ),
-            )
-            if not reply:
-                if time.monotonic() >= written + heartbeat:
-                    yield ": heartbeat\n\n"
-                    written = time.monotonic()
-                continue
-            entries = [
-                (_order(entry_id), entry_id, keys[key], fields)
-                for key, items in reply
-                for entry_id, fields in items
-            ]
-            for _, entry_id, namespace, fields in sorted(entries):
-                positions[namespace] = entry_id
-                yield f"id: {encode_cursor(positions)}\ndata: {fields['event']}\n\n"
-            written = time.monotonic()
+            step = _advance(steps, answer)
     finally:
+        steps.close()
         await client.aclose()
 
 
-async def _start_positions(
-    client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster,
-    keys: dict[str, str],
-    cursor: dict[str, str],
-) -> dict[str, str]:
-    """Each namespace's position: the cursor's, or the current end of its stream (read
-    for all new namespaces in one round trip)."""
-    positions = {namespace: cursor[namespace] for namespace in keys.values() if namespace in cursor}
-    new = [key for key, namespace in keys.items() if namespace not in cursor]
-    if new:
-        pipe = client.pipeline(transaction=False)
-        for key in new:
-            pipe.xrevrange(key, count=1)
-        for key, last in zip(new, await pipe.execute(), strict=True):
-            positions[keys[key]] = _text(last[0][0]) if last else "0-0"
-    return positions
+def blocking_stream(
+    request: HttpRequest, namespaces: list[str], denied: list[str], cursor: dict[str, str]
+) -> Iterator[str]:
+    """The event-stream body under WSGI: :func:`_conversation` with a blocking client.
+
+    Holds a server thread for the stream's life (up to ``EVENTS_MAX_AGE``), which
+    suits ``runserver``; a client that left is noticed when a write to it fails (the
+    heartbeats write), and the server closes this iterator.
+    """
+    client = _blocking_redis(_read_timeout())
+    steps = _conversation(namespaces, denied, cursor)
+    try:
+        step = _advance(steps, None)
+        while step is not None:
+            answer: Any = None
+            if isinstance(step, str):
+                yield step
+            elif isinstance(step, _Ends):
+                pipe = client.pipeline(transaction=False)
+                for key in step.keys:
+                    pipe.xrevrange(key, count=1)
+                answer = pipe.execute()
+            elif isinstance(step, _Read):
+                answer = client.xread(step.positions, count=READ_COUNT, block=step.block_ms)
+            else:
+                answer = _authorize(request, namespaces, reload=True)
+            step = _advance(steps, answer)
+    finally:
+        steps.close()
+        if isinstance(client, redis.cluster.RedisCluster):
+            # Its close() leaves the nodes connected; unannotated in redis-py.
+            client.disconnect_connection_pools()  # type: ignore[no-untyped-call]
+        client.close()
+
+
+def _blocking_redis(timeout: float) -> redis.Redis | redis.cluster.RedisCluster:
+    """A new blocking client (answers as ``str``) of ormbridge's Redis, for one stream:
+    its XREADs block, so it shares no connection pool with the rest of the process."""
+    if settings.REDIS_CLUSTER:
+        return redis.cluster.RedisCluster.from_url(
+            settings.REDIS_URL, decode_responses=True, socket_timeout=timeout
+        )
+    return redis.Redis.from_url(settings.REDIS_URL, decode_responses=True, socket_timeout=timeout)
 
 
 def _closed(positions: dict[str, str], why: dict[str, Any]) -> str:
