@@ -23,10 +23,14 @@ def status_json(*extra: str):
     return done, json.loads(done.stdout)
 
 
+# A test that needs the worker's answer gives it time on a busy machine (default: 1 s).
+ANSWERED = ("--worker-timeout", "5")
+
+
 def test_json_status_validates_against_the_documented_shape(worker):
     make_products(3)[0].save()
     wait_delivered()
-    done, report = status_json()
+    done, report = status_json(*ANSWERED)
     jsonschema.validate(report, SCHEMA)
     assert done.returncode == 0, done.stderr
     assert (report["healthy"], report["problems"]) == (True, [])
@@ -58,7 +62,7 @@ def test_undelivered_rows_are_counted_by_state(no_relay):
 
 def test_with_redis_stopped_status_still_answers_and_says_so(worker, redis_servers):
     redis_servers["ormbridge"].stop()
-    done, report = status_json()
+    done, report = status_json(*ANSWERED)
     jsonschema.validate(report, SCHEMA)
     assert report["services"]["redis"]["ok"] is False
     assert "Error" in report["services"]["redis"]["error"]
@@ -84,7 +88,7 @@ def test_a_registered_table_without_triggers_makes_it_exit_non_zero(product_trig
 def test_failed_rows_make_it_exit_non_zero(worker):
     ChangeBatch.objects.create(model="shop.product", action="update", pks=[1], state="failed",
                                last_error="boom")  # fmt: skip
-    done, report = status_json()
+    done, report = status_json(*ANSWERED)
     assert done.returncode == 1
     assert done.stderr.strip() == "CommandError: unhealthy: 1 change-log rows failed"
     assert report["healthy"] is False
