@@ -461,12 +461,11 @@ def _counter(labels: list[str], name: str) -> int:
 
 def _stream_ends() -> dict[str, str]:
     """The id of the last event of every events stream now."""
-    client = store.get_redis()
+    client = store.get_redis()  # answers str
     ends = {}
     for key in client.scan_iter(match=broadcast.stream_key("*"), count=1000):
-        last = client.xrevrange(key, count=1)
-        if last:
-            ends[key] = last[0][0]
+        for entry_id, _ in client.xrevrange(key, count=1) or []:
+            ends[str(key)] = str(entry_id)
     return ends
 
 
@@ -475,9 +474,9 @@ def _events_since(ends: dict[str, str]) -> list[dict[str, Any]]:
     client = store.get_redis()
     events = []
     for key in client.scan_iter(match=broadcast.stream_key("*"), count=1000):
-        after = ends.get(key)
-        for entry_id, fields in client.xrange(key, min=after or "-"):
-            if entry_id != after:
+        after = ends.get(str(key))
+        for entry_id, fields in client.xrange(key, min=after or "-") or []:
+            if entry_id != after and fields:
                 events.append(json.loads(fields["event"]))
     return events
 
