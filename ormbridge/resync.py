@@ -324,13 +324,15 @@ def selection_of(job: ResyncJob) -> Selection:
     )
 
 
-def run(
-    job: ResyncJob, *, sync: bool | None = None, on_rows: Callable[[int], None] | None = None
-) -> None:
+OnProgress = Callable[[int, int], None]
+"""Told ``(rows done, rows in all)`` of a job, as read from its state (see :func:`progress`)."""
+
+
+def run(job: ResyncJob, *, sync: bool | None = None, on_progress: OnProgress | None = None) -> None:
     """Plan the rest of ``job`` and deliver it (here if ``sync``, else on workers).
 
-    Safe to call again on an interrupted job. ``on_rows`` is told of rows
-    delivered (sync) or handed out (async) as they are.
+    Safe to call again on an interrupted job. ``on_progress`` is told the
+    job's progress after each chunk delivered (sync) or handed out (async).
     """
     from ormbridge.models import ChangeBatch, ResyncJob
 
@@ -341,9 +343,9 @@ def run(
     owner = relay.new_owner()
     undone = ChangeBatch.objects.filter(job=job).exclude(state=ChangeBatch.State.DONE)
     if sync:
-        for batch_id, rows in undone.order_by("id").values_list("id", "rows"):
+        for batch_id in undone.order_by("id").values_list("id", flat=True):
             _deliver_here(batch_id, owner)
-            _tell(on_rows, rows)
+            _tell(on_progress, job)
     else:
         undone.filter(state=ChangeBatch.State.FAILED).update(
             state=ChangeBatch.State.PENDING, attempts=0
@@ -384,7 +386,7 @@ def run(
             if batch is not None:
                 if sync:
                     _deliver_here(batch.pk, owner)
-                _tell(on_rows, len(pks))
+                _tell(on_progress, job)
     job.planned = True
     job.save(update_fields=["planned"])
     ResyncJob.finish_if_complete(job.pk)
@@ -409,10 +411,20 @@ def _deliver_here(batch_id: int, owner: str) -> None:
 
 
 def rows_done(job: ResyncJob) -> int:
+    """Rows of the job's delivered chunks, whichever run or relay delivered them."""
     from ormbridge.models import ChangeBatch
 
     done = ChangeBatch.objects.filter(job=job, state=ChangeBatch.State.DONE)
     return done.aggregate(rows=Sum("rows"))["rows"] or 0
+
+
+def progress(job: ResyncJob) -> tuple[int, int]:
+    """``(rows done, rows in all)`` of ``job``, from its state: the same for every run.
+
+    In all: the rows counted at the start, or the rows planned if more were
+    (rows added since), so the rows done never exceed it.
+    """
+    return rows_done(job), max(job.rows_total, job.rows_planned)
 
 
 def interrupt(job: ResyncJob, reason: str) -> None:
@@ -423,27 +435,22 @@ def interrupt(job: ResyncJob, reason: str) -> None:
     )
 
 
-def wait(
-    job: ResyncJob, *, poll: float = 0.5, on_rows: Callable[[int], None] | None = None
-) -> None:
-    """Follow an async job until its workers finished it."""
+def wait(job: ResyncJob, *, poll: float = 0.5, on_progress: OnProgress | None = None) -> None:
+    """Follow an async job until its workers finished it, telling ``on_progress`` each poll."""
     from ormbridge.models import ResyncJob
 
-    seen = 0
     while True:
         job.refresh_from_db()
-        done = rows_done(job)
-        _tell(on_rows, done - seen)
-        seen = done
+        _tell(on_progress, job)
         if job.state == ResyncJob.State.DONE or ResyncJob.finish_if_complete(job.pk):
-            _tell(on_rows, rows_done(job) - seen)
+            _tell(on_progress, job)
             return
         time.sleep(poll)
 
 
-def _tell(on_rows: Callable[[int], None] | None, rows: int) -> None:
-    if on_rows is not None and rows:
-        on_rows(rows)
+def _tell(on_progress: OnProgress | None, job: ResyncJob) -> None:
+    if on_progress is not None:
+        on_progress(*progress(job))
 
 
 def _model(label: str) -> type[Model]:

@@ -179,9 +179,9 @@ def test_ctrl_c_marks_the_job_interrupted_and_resume_finishes_it(no_relay):
     _, stderr = command.communicate(timeout=60)
     assert command.returncode == 1
     job = ResyncJob.objects.get()
-    assert stderr.strip().splitlines()[-1] == (
-        f"CommandError: resync job {job.pk} interrupted; continue it with --resume {job.pk}."
-    )
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"CommandError: resync job {job.pk} stopped (interrupted; "), last
+    assert last.endswith(f" rows done); continue it with --resume {job.pk}."), last
     assert job.state == "interrupted"
     resync_command("--resume", str(job.pk), "--sync")
     assert len(replays.saves()) == 3_000

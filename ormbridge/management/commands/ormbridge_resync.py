@@ -76,7 +76,10 @@ class Command(BaseCommand):
             help="Do the work in this process (no worker needed), e.g. --sync.",
         )
         parser.add_argument(
-            "--wait", action="store_true", help="Follow the job on the workers until it is done."
+            "--wait",
+            action="store_true",
+            help="Follow the job on the workers until it is done (Ctrl-C, once every chunk is "
+            "handed out, stops watching, not the job).",
         )
         parser.add_argument(
             "--dry-run",
@@ -139,21 +142,17 @@ class Command(BaseCommand):
         self._run(job, sync=sync, wait=wait, progress=not no_progress)
 
     def _run(self, job: Any, *, sync: bool, wait: bool, progress: bool) -> None:
-        done_before = resync.rows_done(job)
         try:
             if sync:
-                with self._progress(job, progress, done_before, "replayed") as on_rows:
-                    resync.run(job, sync=True, on_rows=on_rows)
+                with _Progress(self, job, "replayed", progress) as on_progress:
+                    resync.run(job, sync=True, on_progress=on_progress)
             else:
                 resync.run(job, sync=False)
                 if wait:
-                    with self._progress(job, progress, done_before, "done") as on_rows:
-                        resync.wait(job, on_rows=on_rows)
+                    with _Progress(self, job, "done", progress) as on_progress:
+                        resync.wait(job, on_progress=on_progress)
         except KeyboardInterrupt:
-            resync.interrupt(job, "interrupted")
-            raise CommandError(
-                f"resync job {job.pk} interrupted; continue it with --resume {job.pk}."
-            ) from None
+            raise _interrupted(job, sync) from None
         job.refresh_from_db()
         if sync or wait:
             self.stdout.write(
@@ -172,8 +171,31 @@ class Command(BaseCommand):
         total = sum(counts.values())
         self.stdout.write(f"total: {total:,} rows (dry run: nothing changed)")
 
-    def _progress(self, job: Any, enabled: bool, initial: int, verb: str) -> _Progress:
-        return _Progress(self, job.rows_total, initial, verb, enabled)
+
+def _interrupted(job: Any, sync: bool) -> CommandError:
+    """What Ctrl-C did: stop the job, unless the workers hold all of it (then stop watching).
+
+    While this process writes chunks (or delivers them, ``--sync``), the job
+    stops there and is marked interrupted. Once every chunk is handed to the
+    workers, they finish the job whatever this process does: Ctrl-C only
+    stops watching, and the job is left running.
+    """
+    job.refresh_from_db()
+    if not sync and job.planned:
+        return CommandError(
+            f"stopped watching resync job {job.pk}; the job goes on on the workers. "
+            f"Follow it with manage.py ormbridge_status or --resume {job.pk} --wait."
+        )
+    resync.interrupt(job, "interrupted")
+    done, total = resync.progress(job)
+    where = (
+        f"{done:,} / {total:,} rows done"
+        if sync
+        else "the workers still deliver the chunks handed out so far"
+    )
+    return CommandError(
+        f"resync job {job.pk} stopped (interrupted; {where}); continue it with --resume {job.pk}."
+    )
 
 
 class _HelpFormatter(DjangoHelpFormatter, RawDescriptionHelpFormatter):
@@ -181,15 +203,19 @@ class _HelpFormatter(DjangoHelpFormatter, RawDescriptionHelpFormatter):
 
 
 class _Progress:
-    """A tqdm bar on a terminal, a line every few seconds elsewhere, or nothing."""
+    """A tqdm bar on a terminal, a line every few seconds elsewhere, or nothing.
+
+    On stderr (stdout keeps the job's result lines for scripts), in the normal
+    style rather than the error style Django gives stderr. The figures are the
+    job's own (:func:`resync.progress`), so a resumed job counts its earlier
+    runs' rows once.
+    """
 
     LINE_EVERY = 5.0
 
-    def __init__(
-        self, command: BaseCommand, total: int, initial: int, verb: str, enabled: bool
-    ) -> None:
-        self.command, self.total, self.done, self.verb = command, total, initial, verb
-        self.enabled = enabled
+    def __init__(self, command: BaseCommand, job: Any, verb: str, enabled: bool) -> None:
+        self.command, self.verb, self.enabled = command, verb, enabled
+        self.done, self.total = resync.progress(job) if enabled else (0, 0)
         self.bar: tqdm[NoReturn] | None = None
         self.last_line = time.monotonic()
 
@@ -203,10 +229,11 @@ class _Progress:
             )  # fmt: skip
         return self.update
 
-    def update(self, rows: int) -> None:
-        self.done += rows
+    def update(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
         if self.bar is not None:
-            self.bar.update(rows)
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
         elif time.monotonic() - self.last_line >= self.LINE_EVERY:
             self.last_line = time.monotonic()
             self._line()
@@ -219,7 +246,8 @@ class _Progress:
 
     def _line(self) -> None:
         share = self.done / self.total if self.total else 1
-        self.command.stderr.write(f"{self.done:,} / {self.total:,} rows {self.verb} ({share:.0%})")
+        line = f"{self.done:,} / {self.total:,} rows {self.verb} ({share:.0%})"
+        self.command.stderr.write(line, style_func=_unstyled)
 
 
 class _Stream:
@@ -229,10 +257,14 @@ class _Stream:
         self.command = command
 
     def write(self, text: str) -> None:
-        self.command.stderr.write(text, ending="")
+        self.command.stderr.write(text, style_func=_unstyled, ending="")
 
     def flush(self) -> None:
         self.command.stderr.flush()
+
+
+def _unstyled(text: str) -> str:
+    return text
 
 
 def _whole(text: str, option: str) -> int:
