@@ -82,14 +82,15 @@ class ChangeBatchAdmin(ReadOnlyAdmin):
 
 @admin.register(ResyncJob)
 class ResyncJobAdmin(ReadOnlyAdmin):
-    list_display = ("id", "labels", "mode", "state", "rows_total", "rows_done", "started_at",
-                    "finished_at", "error")  # fmt: skip
+    list_display = ("id", "labels", "mode", "state", "progress", "started_at", "finished_at",
+                    "error")  # fmt: skip
     list_filter = ("state", "mode")
     actions = ["retry"]
 
     @admin.display(description="rows done")
-    def rows_done(self, job: ResyncJob) -> int:
-        return resync.rows_done(job)
+    def progress(self, job: ResyncJob) -> str:
+        done, total = resync.progress(job)
+        return f"{done:,} / {total:,}"
 
     @admin.action(description="Resume the selected jobs on the workers", permissions=["retry"])
     def retry(self, request: HttpRequest, queryset: QuerySet[ResyncJob]) -> None:

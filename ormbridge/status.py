@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import current_app
@@ -18,6 +18,9 @@ from kombu.exceptions import OperationalError as BrokerError
 
 from ormbridge import capture, registry, relay, resync, store
 from ormbridge.conf import settings
+
+if TYPE_CHECKING:
+    from ormbridge.models import ResyncJob
 
 RECENT_JOBS = 5
 # Status names of the cache counters, and the fields of the stats hash they read.
@@ -280,20 +283,22 @@ def _jobs() -> list[dict[str, Any]]:
     recent = list(
         ResyncJob.objects.exclude(state=ResyncJob.State.RUNNING).order_by("-id")[:RECENT_JOBS]
     )
-    return [
-        {
-            "id": job.pk,
-            "models": job.labels,
-            "mode": job.mode,
-            "state": job.state,
-            "rows_total": job.rows_total,
-            "rows_done": resync.rows_done(job),
-            "started_at": job.started_at.isoformat() if job.started_at else None,
-            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-            "error": job.error,
-        }
-        for job in [*running, *recent]
-    ]
+    return [_job(job) for job in [*running, *recent]]
+
+
+def _job(job: ResyncJob) -> dict[str, Any]:
+    done, total = resync.progress(job)
+    return {
+        "id": job.pk,
+        "models": job.labels,
+        "mode": job.mode,
+        "state": job.state,
+        "rows_total": total,
+        "rows_done": done,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "error": job.error,
+    }
 
 
 def ago(timestamp: float | None) -> str:
