@@ -177,7 +177,7 @@ def test_ctrl_c_marks_the_job_interrupted_and_resume_finishes_it(no_relay):
     wait_until(lambda: len(replays.saves()) >= 600, 60, "the first chunks")
     command.send_signal(signal.SIGINT)
     _, stderr = command.communicate(timeout=60)
-    assert command.returncode == 1
+    assert command.returncode == 1, stderr
     job = ResyncJob.objects.get()
     last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"CommandError: resync job {job.pk} stopped (interrupted; "), last

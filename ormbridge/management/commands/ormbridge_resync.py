@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from argparse import RawDescriptionHelpFormatter
 from typing import Any, NoReturn
@@ -143,14 +145,15 @@ class Command(BaseCommand):
 
     def _run(self, job: Any, *, sync: bool, wait: bool, progress: bool) -> None:
         try:
-            if sync:
-                with _Progress(self, job, "replayed", progress) as on_progress:
-                    resync.run(job, sync=True, on_progress=on_progress)
-            else:
-                resync.run(job, sync=False)
-                if wait:
-                    with _Progress(self, job, "done", progress) as on_progress:
-                        resync.wait(job, on_progress=on_progress)
+            with _CtrlC() as ctrl_c:
+                if sync:
+                    with _Progress(self, job, "replayed", progress) as show:
+                        resync.run(job, sync=True, on_progress=ctrl_c.checked(show))
+                else:
+                    resync.run(job, sync=False, on_progress=ctrl_c.checked(None))
+                    if wait:
+                        with _Progress(self, job, "done", progress) as show:
+                            resync.wait(job, on_progress=ctrl_c.checked(show))
         except KeyboardInterrupt:
             raise _interrupted(job, sync) from None
         job.refresh_from_db()
@@ -200,6 +203,41 @@ def _interrupted(job: Any, sync: bool) -> CommandError:
 
 class _HelpFormatter(DjangoHelpFormatter, RawDescriptionHelpFormatter):
     """Django's option order, and the examples epilog kept as written."""
+
+
+class _CtrlC:
+    """Ctrl-C noted, then raised as ``KeyboardInterrupt`` at the next chunk or poll.
+
+    Raised between chunks, never inside a database or Redis call, where it could
+    be lost (in a ``__del__``) or leave a connection half used.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _press(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+
+    def checked(self, show: resync.OnProgress | None) -> resync.OnProgress:
+        """``show``, then ``KeyboardInterrupt`` if Ctrl-C was pressed meanwhile."""
+
+        def on_progress(done: int, total: int) -> None:
+            if show is not None:
+                show(done, total)
+            if self.pressed:
+                raise KeyboardInterrupt
+
+        return on_progress
 
 
 class _Progress:
