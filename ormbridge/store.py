@@ -152,6 +152,16 @@ def async_redis(timeout: float) -> redis.asyncio.Redis | redis.asyncio.cluster.R
     )
 
 
+def blocking_redis(timeout: float) -> redis.Redis | RedisCluster:
+    """A new blocking client (answers as ``str``) of ormbridge's Redis, for one event stream
+    under WSGI: its XREADs block, so it shares no connection pool with the rest."""
+    if settings.REDIS_CLUSTER:
+        return RedisCluster.from_url(
+            settings.REDIS_URL, decode_responses=True, socket_timeout=timeout
+        )
+    return redis.Redis.from_url(settings.REDIS_URL, decode_responses=True, socket_timeout=timeout)
+
+
 def _run_id(connection: AbstractConnection) -> tuple[str, str]:
     """The run id and mode (standalone, cluster, …) of the server behind ``connection``."""
     connection.send_command("INFO", "server")  # type: ignore[no-untyped-call]  # unannotated

@@ -352,7 +352,7 @@ def blocking_stream(
     suits ``runserver``; a client that left is noticed when a write to it fails (the
     heartbeats write), and the server closes this iterator.
     """
-    client = _blocking_redis(_read_timeout())
+    client = store.blocking_redis(_read_timeout())
     steps = _conversation(namespaces, denied, cursor)
     try:
         step = _advance(steps, None)
@@ -376,16 +376,6 @@ def blocking_stream(
             # Its close() leaves the nodes connected; unannotated in redis-py.
             client.disconnect_connection_pools()  # type: ignore[no-untyped-call]
         client.close()
-
-
-def _blocking_redis(timeout: float) -> redis.Redis | redis.cluster.RedisCluster:
-    """A new blocking client (answers as ``str``) of ormbridge's Redis, for one stream:
-    its XREADs block, so it shares no connection pool with the rest of the process."""
-    if settings.REDIS_CLUSTER:
-        return redis.cluster.RedisCluster.from_url(
-            settings.REDIS_URL, decode_responses=True, socket_timeout=timeout
-        )
-    return redis.Redis.from_url(settings.REDIS_URL, decode_responses=True, socket_timeout=timeout)
 
 
 def _closed(positions: dict[str, str], why: dict[str, Any]) -> str:
