@@ -199,26 +199,24 @@ async def events(request: HttpRequest) -> HttpResponseBase:
         return refuse(403, "log in to subscribe to change events")
     if not allowed:
         return refuse(403, "not allowed to subscribe to these namespaces", namespaces=denied)
+    # Where the stream starts is fixed before the response is: a browser counts itself
+    # subscribed once the response starts (EventSource's open), so whatever commits
+    # after that must come after the starting point.
+    try:
+        positions = await sync_to_async(start_positions, thread_sensitive=False)(allowed, cursor)
+    except redis.RedisError:
+        return refuse(503, "change events are unavailable: ormbridge's Redis cannot be reached")
     # A WSGI server would buffer an async iterator whole and never stream it; a
     # blocking one works anywhere, so only an ASGI request gets the async one.
     body = (
-        stream(request, allowed, denied, cursor)
+        stream(request, allowed, denied, positions)
         if isinstance(request, ASGIRequest)
-        else blocking_stream(request, allowed, denied, cursor)
+        else blocking_stream(request, allowed, denied, positions)
     )
     response = StreamingHttpResponse(body, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
     return response
-
-
-@dataclass(frozen=True)
-class _Ends:
-    """Step: read the last entry of each of ``keys``' streams in one round trip.
-
-    Answer: the XREVRANGE (count 1) replies, in order."""
-
-    keys: list[str]
 
 
 @dataclass(frozen=True)
@@ -236,14 +234,28 @@ class _Recheck:
 
 
 # What the conversation asks of its driver: text to send (answer None), or I/O.
-_Step: TypeAlias = str | _Ends | _Read | _Recheck
+_Step: TypeAlias = str | _Read | _Recheck
+
+
+def start_positions(namespaces: list[str], cursor: dict[str, str]) -> dict[str, str]:
+    """Where each namespace's stream starts: after ``cursor``'s entry, else after the
+    stream's last entry (one round trip for them all)."""
+    positions = {namespace: cursor[namespace] for namespace in namespaces if namespace in cursor}
+    new = [namespace for namespace in namespaces if namespace not in cursor]
+    if new:
+        pipe = store.get_redis().pipeline(transaction=False)
+        for namespace in new:
+            pipe.xrevrange(stream_key(namespace), count=1)
+        for namespace, last in zip(new, pipe.execute(), strict=True):
+            positions[namespace] = _text(last[0][0]) if last else "0-0"
+    return positions
 
 
 def _conversation(
-    namespaces: list[str], denied: list[str], cursor: dict[str, str]
+    namespaces: list[str], denied: list[str], positions: dict[str, str]
 ) -> Generator[_Step, Any, None]:
-    """The event-stream protocol without its I/O: events after ``cursor`` (or from now),
-    then heartbeats.
+    """The event-stream protocol without its I/O: events after ``positions`` (from
+    :func:`start_positions`), then heartbeats.
 
     Yields the text to send and the Redis reads and re-checks to make, and is sent
     their answers, so the async and the blocking stream share every rule. Ends with a
@@ -256,12 +268,7 @@ def _conversation(
     started = time.monotonic()
     end = started + float(settings.EVENTS_MAX_AGE) * random.uniform(0.9, 1.0)
     keys = {stream_key(namespace): namespace for namespace in namespaces}
-    positions = {namespace: cursor[namespace] for namespace in namespaces if namespace in cursor}
-    new = [key for key, namespace in keys.items() if namespace not in cursor]
-    if new:
-        ends = yield _Ends(new)
-        for key, last in zip(new, ends, strict=True):
-            positions[keys[key]] = _text(last[0][0]) if last else "0-0"
+    positions = dict(positions)
     yield f"retry: {RETRY_MS}\nid: {encode_cursor(positions)}\n\n"
     if denied:
         yield f"event: denied\ndata: {json.dumps(denied)}\n\n"
@@ -315,22 +322,17 @@ def _read_timeout() -> float:
 
 
 async def stream(
-    request: HttpRequest, namespaces: list[str], denied: list[str], cursor: dict[str, str]
+    request: HttpRequest, namespaces: list[str], denied: list[str], positions: dict[str, str]
 ) -> AsyncIterator[str]:
     """The event-stream body under ASGI: :func:`_conversation` with an asyncio client."""
     client = store.async_redis(_read_timeout())
-    steps = _conversation(namespaces, denied, cursor)
+    steps = _conversation(namespaces, denied, positions)
     try:
         step = _advance(steps, None)
         while step is not None:
             answer: Any = None
             if isinstance(step, str):
                 yield step
-            elif isinstance(step, _Ends):
-                pipe = client.pipeline(transaction=False)
-                for key in step.keys:
-                    pipe.xrevrange(key, count=1)
-                answer = await pipe.execute()
             elif isinstance(step, _Read):
                 answer = await client.xread(step.positions, count=READ_COUNT, block=step.block_ms)
             else:
@@ -344,7 +346,7 @@ async def stream(
 
 
 def blocking_stream(
-    request: HttpRequest, namespaces: list[str], denied: list[str], cursor: dict[str, str]
+    request: HttpRequest, namespaces: list[str], denied: list[str], positions: dict[str, str]
 ) -> Iterator[str]:
     """The event-stream body under WSGI: :func:`_conversation` with a blocking client.
 
@@ -353,18 +355,13 @@ def blocking_stream(
     heartbeats write), and the server closes this iterator.
     """
     client = store.blocking_redis(_read_timeout())
-    steps = _conversation(namespaces, denied, cursor)
+    steps = _conversation(namespaces, denied, positions)
     try:
         step = _advance(steps, None)
         while step is not None:
             answer: Any = None
             if isinstance(step, str):
                 yield step
-            elif isinstance(step, _Ends):
-                pipe = client.pipeline(transaction=False)
-                for key in step.keys:
-                    pipe.xrevrange(key, count=1)
-                answer = pipe.execute()
             elif isinstance(step, _Read):
                 answer = client.xread(step.positions, count=READ_COUNT, block=step.block_ms)
             else:

@@ -1,6 +1,7 @@
 """Reading the events endpoint the way a browser does: through Django's async test client,
 or over real HTTP from the example project under uvicorn."""
 
+import asyncio
 import http.client
 import json
 import os
@@ -24,10 +25,14 @@ def read(
     user=None,
     last_event_id: str | None = None,
     before_reading=None,
+    on_response=None,
+    timeout: float = 30,
 ) -> tuple[int, list[dict]]:
     """Status and the first ``count`` messages (``{"id", "event", "data"}``) of a subscription.
 
-    ``before_reading`` runs once the response has started, before the first read.
+    ``on_response`` runs as soon as the response is returned (a browser's EventSource
+    fires ``open`` then), ``before_reading`` once its first chunk has arrived. Fails the
+    test when a chunk takes longer than ``timeout`` seconds.
     """
 
     async def go():
@@ -38,12 +43,17 @@ def read(
         response = await client.get("/ormbridge/events/", {"ns": namespaces}, headers=headers)
         if response.status_code != 200:
             return response.status_code, []
+        if on_response is not None:
+            await on_response()
         messages: list[dict] = []
         buffer = ""
         iterator = response.streaming_content.__aiter__()
         started = False
         while len(messages) < count:
-            chunk = await iterator.__anext__()
+            try:
+                chunk = await asyncio.wait_for(iterator.__anext__(), timeout)
+            except TimeoutError:
+                pytest.fail(f"timed out after {timeout} s waiting for {count} messages")
             if not started and before_reading is not None:
                 started = True
                 await before_reading()
@@ -177,7 +187,7 @@ class Stream:
         self.content_type = self.response.getheader("Content-Type", "")
         self.body = b"" if self.status == 200 else self.response.read()
         self._buffer = ""
-        if self.status == 200:  # the server reads the streams' ends before its first message
+        if self.status == 200:  # its first message holds the cursor it starts from
             next(self._blocks(30, "the stream's first message"))
 
     def json(self) -> dict:

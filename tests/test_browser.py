@@ -77,11 +77,6 @@ def logged_in_cookie() -> dict:
     return {"name": name, "value": client.cookies[name].value, "path": "/"}
 
 
-@pytest.mark.skipif(
-    django_settings.ORMBRIDGE.get("REDIS_CLUSTER", False),
-    reason="open defect (issue 10): on a Redis Cluster the page subscribes but the bulk "
-    "update's event never shows within 30 s; the event tests pass there",
-)
 def test_the_page_shows_a_bulk_update_without_a_reload(asgi_server, browser):
     products = make_products(20)
     target = products[7]

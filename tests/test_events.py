@@ -4,6 +4,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Permission, User
 from django.db import transaction
+from django.test import Client
 
 import ormbridge
 from ormbridge import relay, store
@@ -70,6 +71,30 @@ def test_a_save_reaches_a_subscriber(viewer, no_relay):
     assert message["data"]["pks"] == [product.pk]
     assert message["data"]["fields"] is None  # captured by a trigger: columns not compared
     assert message["id"]
+
+
+def test_a_change_committed_once_the_response_started_is_delivered(viewer, no_relay):
+    """Where a stream starts is fixed before its response is: a browser counts itself
+    subscribed once the response starts (EventSource's ``open``), so nothing committed
+    after that may be taken for history from before the stream."""
+    [product] = settled(make_products(1))
+
+    async def change():
+        await sync_to_async(product.save)(update_fields=["price"])
+        await sync_to_async(relay.drain)()
+
+    status, messages = sse.read(["shop.product"], 1, user=viewer, on_response=change, timeout=5)
+    assert status == 200
+    assert [message["data"]["pks"] for message in messages] == [[product.pk]]
+
+
+def test_a_subscription_is_refused_with_503_while_redis_is_down(viewer, redis_servers):
+    client = Client()
+    client.force_login(viewer)
+    redis_servers["ormbridge"].stop()
+    response = client.get("/ormbridge/events/", {"ns": "shop.product"})
+    assert response.status_code == 503
+    assert "ormbridge's Redis cannot be reached" in response.json()["error"]
 
 
 def test_the_permission_hook_denies_per_namespace(viewer, no_relay, settings):

@@ -31,7 +31,8 @@ def test_a_claim_takes_every_due_row_that_needs_no_replay(no_relay):
     assert [batch.pk for batch in relay.claim("default", "one")] == due
 
 
-def test_a_prefork_worker_replays_chunks_in_each_of_its_processes(start_worker):
+def test_a_prefork_worker_replays_chunks_in_each_of_its_processes(no_relay, start_worker):
+    """The session's worker is stopped: its relay would claim chunks too."""
     make_products(2_000)
     start_worker(pool="prefork", concurrency=2, env={"ORMBRIDGE_TEST_REPLAY_DELAY": "0.002"})
     result = ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=200, stock=4)
