@@ -24,7 +24,7 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, TypeAlias, cast
@@ -89,6 +89,16 @@ def may_subscribe(request: HttpRequest, namespace: str) -> bool:
     return request.user.has_perm(f"{meta.app_label}.view_{meta.model_name}")
 
 
+def permission() -> Callable[[HttpRequest, str], bool]:
+    """Who may see a namespace: the ``EVENTS_PERMISSION`` hook, else :func:`may_subscribe`.
+
+    The one rule for every way events leave ormbridge: this endpoint, and the
+    Channels and django-eventstream integrations (``ormbridge.contrib``).
+    """
+    hook = settings.EVENTS_PERMISSION
+    return cast(Callable[[HttpRequest, str], bool], import_string(hook)) if hook else may_subscribe
+
+
 def _authorize(
     request: HttpRequest, namespaces: list[str], *, reload: bool = False
 ) -> tuple[bool, list[str], list[str]]:
@@ -103,8 +113,7 @@ def _authorize(
             _reload_user(request)
         if not request.user.is_authenticated:
             return False, [], namespaces
-        hook = settings.EVENTS_PERMISSION
-        allowed_by = import_string(hook) if hook else may_subscribe
+        allowed_by = permission()
         allowed: list[str] = []
         denied: list[str] = []
         for namespace in namespaces:
