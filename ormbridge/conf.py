@@ -222,6 +222,13 @@ class Settings:
         "ends with a ``closed`` event and the browser reconnects with ``Last-Event-ID``, "
         "missing nothing.",
     )
+    EVENTS_BUFFER: _Setting[int] = _Setting(
+        2000,
+        "Events an open stream may have waiting in its server process (ASGI) when more "
+        "arrive; more than that, and it is dropped as too slow: it ends with a ``closed`` event (reason ``behind``), or is "
+        "disconnected if it stopped reading, and the browser resumes with "
+        "``Last-Event-ID``. The other streams never wait for it.",
+    )
     EVENTS_MAX_NAMESPACES: _Setting[int] = _Setting(
         20,
         "Namespaces one request to the events endpoint may subscribe to; more is a 400. "

@@ -29,8 +29,6 @@ from collections.abc import Iterator
 from typing import Any, TypeAlias
 
 import redis
-import redis.asyncio
-import redis.asyncio.cluster
 from redis.cluster import ClusterPipeline, RedisCluster
 from redis.connection import AbstractConnection
 from redis.exceptions import RedisClusterException
@@ -139,17 +137,6 @@ def commit_redis() -> Client:
     """The client of the commit path: timeouts of ``COMMIT_TIMEOUT`` seconds."""
     timeout = float(settings.COMMIT_TIMEOUT)
     return _client(settings.REDIS_URL, bool(settings.REDIS_CLUSTER), timeout, timeout)
-
-
-def async_redis(timeout: float) -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
-    """A new asyncio client (answers as ``str``) of ormbridge's Redis, for the event streams."""
-    if settings.REDIS_CLUSTER:
-        return redis.asyncio.cluster.RedisCluster.from_url(
-            settings.REDIS_URL, decode_responses=True, socket_timeout=timeout
-        )
-    return redis.asyncio.Redis.from_url(
-        settings.REDIS_URL, decode_responses=True, socket_timeout=timeout
-    )
 
 
 def blocking_redis(timeout: float) -> redis.Redis | RedisCluster:

@@ -50,7 +50,7 @@ from django.utils.crypto import constant_time_compare
 from django.utils.module_loading import import_string
 from redis.typing import KeyT, StreamIdT
 
-from ormbridge import registry, store
+from ormbridge import fanout, registry, store
 from ormbridge.broadcast import SEPARATOR, stream_key
 from ormbridge.conf import settings
 
@@ -211,15 +211,21 @@ async def events(request: HttpRequest) -> HttpResponseBase:
     # Where the stream starts is fixed before the response is: a browser counts itself
     # subscribed once the response starts (EventSource's open), so whatever commits
     # after that must come after the starting point.
+    asgi = isinstance(request, ASGIRequest)
     try:
-        positions = await sync_to_async(start_positions, thread_sensitive=False)(allowed, cursor)
+        if asgi:
+            positions = await fanout.hub().start_positions(allowed, cursor)
+        else:
+            positions = await sync_to_async(start_positions, thread_sensitive=False)(
+                allowed, cursor
+            )
     except redis.RedisError:
         return refuse(503, "change events are unavailable: ormbridge's Redis cannot be reached")
     # A WSGI server would buffer an async iterator whole and never stream it; a
     # blocking one works anywhere, so only an ASGI request gets the async one.
     body = (
         stream(request, allowed, denied, positions)
-        if isinstance(request, ASGIRequest)
+        if asgi
         else blocking_stream(request, allowed, denied, positions)
     )
     response = StreamingHttpResponse(body, content_type="text/event-stream")
@@ -233,7 +239,7 @@ class _Read:
     """Step: XREAD after ``positions`` (stream key -> entry id), blocking ``block_ms`` at
     most. Answer: the reply, ``[(key, [(entry id, fields)])]``, empty on a timeout."""
 
-    positions: dict[KeyT, StreamIdT]
+    positions: dict[str, str]
     block_ms: int
 
 
@@ -301,6 +307,9 @@ def _conversation(
             {key: positions[namespace] for key, namespace in keys.items()},
             max(1, math.ceil(wait * 1000)),
         )
+        if reply is fanout.BEHIND:
+            yield _closed(positions, {"reason": "behind"})
+            return
         if not reply:
             if time.monotonic() >= written + heartbeat:
                 yield ": heartbeat\n\n"
@@ -333,8 +342,11 @@ def _read_timeout() -> float:
 async def stream(
     request: HttpRequest, namespaces: list[str], denied: list[str], positions: dict[str, str]
 ) -> AsyncIterator[str]:
-    """The event-stream body under ASGI: :func:`_conversation` with an asyncio client."""
-    client = store.async_redis(_read_timeout())
+    """The event-stream body under ASGI: :func:`_conversation` reading through the
+    process's hub (:mod:`ormbridge.fanout`)."""
+    subscriber = await fanout.hub().subscribe(
+        {stream_key(namespace): position for namespace, position in positions.items()}
+    )
     steps = _conversation(namespaces, denied, positions)
     try:
         step = _advance(steps, None)
@@ -343,7 +355,7 @@ async def stream(
             if isinstance(step, str):
                 yield step
             elif isinstance(step, _Read):
-                answer = await client.xread(step.positions, count=READ_COUNT, block=step.block_ms)
+                answer = await subscriber.read(step.positions, step.block_ms)
             else:
                 answer = await sync_to_async(_authorize, thread_sensitive=False)(
                     request, namespaces, reload=True
@@ -351,7 +363,7 @@ async def stream(
             step = _advance(steps, answer)
     finally:
         steps.close()
-        await client.aclose()
+        subscriber.close()
 
 
 def blocking_stream(
@@ -372,7 +384,8 @@ def blocking_stream(
             if isinstance(step, str):
                 yield step
             elif isinstance(step, _Read):
-                answer = client.xread(step.positions, count=READ_COUNT, block=step.block_ms)
+                streams = cast(dict[KeyT, StreamIdT], step.positions)
+                answer = client.xread(streams, count=READ_COUNT, block=step.block_ms)
             else:
                 answer = _authorize(request, namespaces, reload=True)
             step = _advance(steps, answer)

@@ -2,6 +2,7 @@
 or over real HTTP from the example project under uvicorn."""
 
 import asyncio
+import collections
 import http.client
 import json
 import os
@@ -187,6 +188,7 @@ class Stream:
         self.content_type = self.response.getheader("Content-Type", "")
         self.body = b"" if self.status == 200 else self.response.read()
         self._buffer = ""
+        self._ready: collections.deque[str] = collections.deque()  # whole, not yet parsed
         if self.status == 200:  # its first message holds the cursor it starts from
             next(self._blocks(30, "the stream's first message"))
 
@@ -200,9 +202,10 @@ class Stream:
         """
         deadline = time.monotonic() + timeout
         while True:
-            while "\n\n" in self._buffer:
-                block, self._buffer = self._buffer.split("\n\n", 1)
-                yield parse(block)
+            *blocks, self._buffer = self._buffer.split("\n\n")  # not one by one: megabytes
+            self._ready.extend(blocks)
+            while self._ready:
+                yield parse(self._ready.popleft())
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 pytest.fail(f"timed out after {timeout} s waiting for {what}")
