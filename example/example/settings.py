@@ -5,6 +5,7 @@ beside this project) and ``REDIS_URL`` (default: Redis on 127.0.0.1:6379; the
 demo command starts an embedded Redis and sets it when it is unset).
 """
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -36,6 +37,16 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
 ]
+
+# django-eventstream (docs/eventstream.md), when installed: /eventstream/?channel=<namespace>,
+# with ormbridge's permission rule. With GRIP_URL (Pushpin's publish endpoint) set, Pushpin
+# holds the streams and the relay publishes to it.
+if importlib.util.find_spec("django_eventstream"):
+    INSTALLED_APPS.append("django_eventstream")
+    EVENTSTREAM_CHANNELMANAGER_CLASS = "ormbridge.contrib.eventstream.NamespaceChannelManager"
+if os.environ.get("GRIP_URL"):
+    GRIP_URL = os.environ["GRIP_URL"]
+    MIDDLEWARE.insert(0, "django_grip.GripMiddleware")
 
 ROOT_URLCONF = "example.urls"
 TEMPLATES = [
