@@ -104,6 +104,7 @@ def _check_numbers() -> list[checks.CheckMessage]:
         "EVENTS_MAX_AGE": (settings.EVENTS_MAX_AGE, 1, "a number of seconds >= 1"),
         "EVENTS_MAX_NAMESPACES": (settings.EVENTS_MAX_NAMESPACES, 1, "a whole number >= 1"),
         "EVENTS_BUFFER": (settings.EVENTS_BUFFER, 1, "a whole number >= 1"),
+        "EVENTS_GC_PAUSE": (settings.EVENTS_GC_PAUSE, 0, "a number >= 0"),
     }
     for name, (value, minimum, wanted) in rules.items():
         kinds = int if "whole" in wanted else int | float

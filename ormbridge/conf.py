@@ -186,7 +186,9 @@ class Settings:
         "Dotted paths of the classes that receive change events (one per batch and "
         "namespace): ``ormbridge.broadcast.RedisStreamEmitter`` (feeds the events "
         "endpoint), ``ormbridge.broadcast.LoggingEmitter``, "
-        "``ormbridge.contrib.pusher.PusherEmitter``.",
+        "``ormbridge.contrib.pusher.PusherEmitter``, "
+        "``ormbridge.contrib.channels.ChannelsEmitter``, "
+        "``ormbridge.contrib.eventstream.EventStreamEmitter``.",
     )
     PUSHER: _Setting[dict[str, Any] | None] = _Setting(
         None,
@@ -225,9 +227,18 @@ class Settings:
     EVENTS_BUFFER: _Setting[int] = _Setting(
         2000,
         "Events an open stream may have waiting in its server process (ASGI) when more "
-        "arrive; more than that, and it is dropped as too slow: it ends with a ``closed`` event (reason ``behind``), or is "
-        "disconnected if it stopped reading, and the browser resumes with "
-        "``Last-Event-ID``. The other streams never wait for it.",
+        "arrive; more than that, and it is dropped as too slow: it ends with a ``closed`` "
+        "event (reason ``behind``), which a client that stopped reading gets when it reads "
+        "again, and the browser resumes with ``Last-Event-ID``. The other streams never "
+        "wait for it.",
+    )
+    EVENTS_GC_PAUSE: _Setting[float] = _Setting(
+        1.0,
+        "Seconds at most that Python's cyclic garbage collector is held back while an "
+        "event reaches the open streams of a server process (ASGI, 100 streams or more): "
+        "a full collection scans some hundreds of objects per open stream and, landing "
+        "mid-delivery, would hold every stream up. It runs once they have their events. "
+        "0 never holds it back.",
     )
     EVENTS_MAX_NAMESPACES: _Setting[int] = _Setting(
         20,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import os
 import weakref
@@ -47,6 +48,8 @@ POOL: Final = 4
 """Connections of a hub's pool: starts, catch-ups and wake-ups queue for them."""
 RETRY_DELAY: Final = 1.0
 """Seconds between the reader's attempts while Redis cannot be read."""
+GC_PAUSE_MIN: Final = 100
+"""Streams a hand-out must reach for the collector to wait (see :class:`_Collector`)."""
 
 
 class Behind:
@@ -64,6 +67,53 @@ def _order(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
+class _Collector:
+    """Holds Python's cyclic garbage collector back while a hand-out reaches many streams.
+
+    A full collection scans every live object, some hundreds per open stream: with
+    thousands of streams it stops the process for a good part of a second, and the
+    allocations of a delivery tend to set one off in its middle. Held back, it runs
+    once every stream has taken its entries, or after ``EVENTS_GC_PAUSE`` seconds,
+    whichever comes first; a collector turned off by the project stays off.
+    """
+
+    def __init__(self) -> None:
+        self.waiting = 0  # streams of the current pause yet to take their entries
+        self.pause = 0  # the current pause's number; 0: none
+        self.count = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def hold(self, streams: int) -> int:
+        """Hold the collector for ``streams`` more streams; the pause's number, or 0."""
+        limit = float(settings.EVENTS_GC_PAUSE)
+        if streams < GC_PAUSE_MIN or limit <= 0:
+            return 0
+        if not self.pause:
+            if not gc.isenabled():
+                return 0
+            gc.disable()
+            self.count += 1
+            self.pause = self.count
+            self.timer = asyncio.get_running_loop().call_later(limit, self.release)
+        self.waiting += streams
+        return self.pause
+
+    def taken(self, pause: int) -> None:
+        """A stream of pause ``pause`` took its entries (or left)."""
+        if pause and pause == self.pause:
+            self.waiting -= 1
+            if self.waiting <= 0:
+                self.release()
+
+    def release(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pause:
+            self.pause = self.waiting = 0
+            gc.enable()
+
+
 class Subscriber:
     """One open stream's place at the hub: the keys it follows and what waits for it."""
 
@@ -71,10 +121,11 @@ class Subscriber:
         self.hub = hub
         self.keys = frozenset(keys)
         self.pending: collections.deque[Entry] = collections.deque()
-        self.wake = asyncio.Event()
+        self.waiter: asyncio.Future[None] | None = None  # set while it waits for entries
         self.behind = False
         self.live = False  # caught up: what it missed has been read from the streams
         self.cleared = 0  # buffer overflows while catching up (the catch-up reads them)
+        self.pause = 0  # the collector pause waiting for this one to take its entries
         self.limit = int(settings.EVENTS_BUFFER)
 
     def offer(self, entries: list[Entry]) -> None:
@@ -85,12 +136,14 @@ class Subscriber:
             if self.live:
                 self.behind = True
                 self.hub.leave(self)
+                self._taken()
             else:
                 self.pending.clear()
                 self.cleared += 1
         else:
             self.pending.extend(entries)
-        self.wake.set()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     async def read(self, positions: dict[str, str], block_ms: int) -> Reply | Behind:
         """Entries after ``positions`` (stream key -> entry id), waiting ``block_ms`` at
@@ -106,9 +159,15 @@ class Subscriber:
                 self.live = True
             return await self.read(positions, block_ms)
         if not self.pending:
-            self.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), block_ms / 1000)
+            # A bare future and a timer: thousands of streams wake at each event.
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(block_ms / 1000):
+                    await self.waiter
+            except TimeoutError:
+                pass
+            finally:
+                self.waiter = None
             if self.behind:
                 return BEHIND
         after = {key: _order(position) for key, position in positions.items()}
@@ -117,10 +176,16 @@ class Subscriber:
             key, entry_id, fields = self.pending.popleft()
             if _order(entry_id) > after[key]:
                 grouped.setdefault(key, []).append((entry_id, fields))
+        self._taken()
         return list(grouped.items())
+
+    def _taken(self) -> None:
+        pause, self.pause = self.pause, 0
+        self.hub.collector.taken(pause)
 
     def close(self) -> None:
         self.hub.leave(self)
+        self._taken()
 
 
 class Hub:
@@ -134,6 +199,7 @@ class Hub:
         self.reader: asyncio.Task[None] | None = None
         self.reader_id: int | None = None  # CLIENT ID of the reader's connection
         self.pool: redis.asyncio.Redis | None = None
+        self.collector = _Collector()
 
     async def _pool(self) -> redis.asyncio.Redis:
         if self.pool is None:
@@ -234,7 +300,13 @@ class Hub:
                 continue
             self.positions[key] = items[-1][0]
             entries = [(key, entry_id, fields) for entry_id, fields in items]
-            for subscriber in list(self.subscribers.get(key, ())):
+            followers = list(self.subscribers.get(key, ()))
+            pause = self.collector.hold(len(followers))
+            for subscriber in followers:
+                if pause and subscriber.pause == pause:
+                    self.collector.taken(pause)  # counted once per pause
+                elif pause:
+                    subscriber.pause = pause
                 subscriber.offer(entries)
 
 

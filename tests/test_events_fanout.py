@@ -2,6 +2,7 @@
 one Redis reader (ormbridge.fanout), under uvicorn over real HTTP."""
 
 import asyncio
+import gc
 import json
 import socket
 from collections.abc import Callable, Iterator
@@ -159,3 +160,37 @@ def test_a_client_that_reconnects_gets_what_it_missed_once_and_in_order(serve, c
     assert [message["data"]["id"] for message in got] == missed + more
     assert len(follower.messages(3 + len(missed) + 2)) == 3 + len(missed) + 2
     follower.close()
+
+
+def hand_out_to_many(streams: int) -> tuple[bool, bool]:
+    """Whether the collector runs right after an entry is handed to ``streams`` streams of a
+    hub, and once they have all taken it."""
+
+    async def scenario() -> tuple[bool, bool]:
+        hub = fanout.Hub()
+        key = broadcast.stream_key("shop.product")
+        subscribers = [fanout.Subscriber(hub, [key]) for _ in range(streams)]
+        for subscriber in subscribers:
+            subscriber.live = True
+            hub.subscribers.setdefault(key, set()).add(subscriber)
+        hub.positions[key] = "0-0"
+        hub._hand_out([(key, [("1-0", {"event": "{}"})])])
+        during = gc.isenabled()
+        for subscriber in subscribers:
+            assert await subscriber.read({key: "0-0"}, 1000) == [(key, [("1-0", {"event": "{}"})])]
+        return during, gc.isenabled()
+
+    return asyncio.run(scenario())
+
+
+def test_the_collector_waits_while_an_event_reaches_many_streams():
+    assert hand_out_to_many(fanout.GC_PAUSE_MIN) == (False, True)
+
+
+def test_the_collector_does_not_wait_for_a_few_streams():
+    assert hand_out_to_many(fanout.GC_PAUSE_MIN - 1) == (True, True)
+
+
+def test_events_gc_pause_0_never_holds_the_collector(settings):
+    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "EVENTS_GC_PAUSE": 0}
+    assert hand_out_to_many(fanout.GC_PAUSE_MIN) == (True, True)
