@@ -181,7 +181,7 @@ def requested_namespaces(request: HttpRequest) -> list[str]:
             f"ask for at most {limit} namespaces per request (ns), not {len(namespaces)}"
         )
     for number, namespace in enumerate(namespaces, 1):
-        if len(namespace) > MAX_NAMESPACE_LENGTH or not _NAMESPACE.fullmatch(namespace):
+        if not is_namespace(namespace):
             raise BadRequest(
                 f"namespace {number} of {len(namespaces)} is not app_label.model or "
                 f"app_label.model::name of at most {MAX_NAMESPACE_LENGTH} printable ASCII "
@@ -433,17 +433,19 @@ def decode_cursor(value: str) -> dict[str, str]:
     if not isinstance(positions, dict):
         raise unreadable
     for namespace, position in positions.items():
-        if not (
-            isinstance(position, str)
-            and _is_stream_id(position)
-            and len(namespace) <= MAX_NAMESPACE_LENGTH
-            and _NAMESPACE.fullmatch(namespace)
-        ):
+        if not (isinstance(position, str) and _is_stream_id(position) and is_namespace(namespace)):
             raise BadRequest(
                 "Last-Event-ID holds a position that is not a stream id (ms-seq, two "
                 "numbers below 2**64) or a namespace that is not valid"
             )
     return cast(dict[str, str], positions)
+
+
+def is_namespace(value: str) -> bool:
+    """Whether ``value`` is a namespace this endpoint accepts: ``app_label.model`` or
+    ``app_label.model::name``, at most ``MAX_NAMESPACE_LENGTH`` printable ASCII characters
+    without spaces, quotes or backslashes."""
+    return len(value) <= MAX_NAMESPACE_LENGTH and _NAMESPACE.fullmatch(value) is not None
 
 
 def _text(value: bytes | str | None) -> str:

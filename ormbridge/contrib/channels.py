@@ -50,14 +50,13 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
 
-# Channels ships no types; "unused-ignore": pyproject may list it in its mypy overrides.
 try:
     from asgiref.sync import async_to_sync
-    from channels.db import database_sync_to_async  # type: ignore[import-untyped, unused-ignore]
-    from channels.generic.websocket import (  # type: ignore[import-untyped, unused-ignore]
+    from channels.db import database_sync_to_async
+    from channels.generic.websocket import (
         AsyncJsonWebsocketConsumer,
     )
-    from channels.layers import (  # type: ignore[import-untyped, unused-ignore]
+    from channels.layers import (
         DEFAULT_CHANNEL_LAYER,
         get_channel_layer,
     )

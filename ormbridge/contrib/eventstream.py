@@ -26,13 +26,11 @@ from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
 
 from ormbridge.broadcast import Emitter, Event
-from ormbridge.views import _NAMESPACE, MAX_NAMESPACE_LENGTH, permission
+from ormbridge.views import is_namespace, permission
 
 try:
     from django_eventstream import send_event
-    from django_eventstream.channelmanager import (
-        DefaultChannelManager,
-    )
+    from django_eventstream.channelmanager import DefaultChannelManager
 except ImportError:
     raise ImproperlyConfigured(
         "ormbridge.contrib.eventstream needs django-eventstream: "
@@ -66,7 +64,7 @@ class NamespaceChannelManager(DefaultChannelManager):  # type: ignore[misc]
     def can_read_channel(self, user: AbstractBaseUser | None, channel: str) -> bool:
         if user is None or not user.is_authenticated:
             return False
-        if len(channel) > MAX_NAMESPACE_LENGTH or not _NAMESPACE.fullmatch(channel):
+        if not is_namespace(channel):
             return False
         request = HttpRequest()
         request.user = user  # type: ignore[assignment]  # any AUTH_USER_MODEL, not only User
