@@ -111,7 +111,7 @@ def _authorize(
     """
     try:
         if reload:
-            _reload_user(request)
+            reload_user(request)
         if not request.user.is_authenticated:
             return False, [], namespaces
         allowed_by = permission()
@@ -124,7 +124,7 @@ def _authorize(
         connections.close_all()
 
 
-def _reload_user(request: HttpRequest) -> None:
+def reload_user(request: HttpRequest) -> None:
     """Set ``request.user`` to the user its session names now, checked as Django's
     ``get_user`` checks it (backend, active, password hash), without writing to the
     session: a deleted or expired session, a deactivated user or a changed password

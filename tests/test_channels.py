@@ -316,3 +316,45 @@ def test_a_permission_hook_opens_a_tenant_namespace(channel_layer, no_relay, set
     subscribed, event, order = async_to_sync(session)()
     assert subscribed == {"subscribed": [mine], "denied": [theirs]}
     assert (event["namespace"], event["type"], event["pks"]) == (mine, "create", [order.pk])
+
+
+REAUTH = 0.5  # seconds between an open socket's re-checks in the tests below
+
+
+def closed_after(change, settings) -> tuple[dict, int]:
+    """What an open socket of a viewer of shop.product gets once ``change(user)`` has run:
+    the last message and the close code."""
+    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "EVENTS_REAUTH": REAUTH}
+    viewer = user_with("view_product")
+    communicator = socket(["shop.product"], viewer)
+
+    async def session() -> tuple[dict, int]:
+        assert await communicator.connect()
+        assert (await communicator.receive_json())["subscribed"] == ["shop.product"]
+        await sync_to_async(change)(viewer)
+        message = await communicator.receive_json()
+        closed = await communicator.receive_output(TIMEOUT)
+        assert closed["type"] == "websocket.close"
+        return message, closed["code"]
+
+    return async_to_sync(session)()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_open_socket_closes_when_its_user_loses_the_permission(channel_layer, settings):
+    def revoke(user: User) -> None:
+        user.user_permissions.clear()
+
+    message, code = closed_after(revoke, settings)
+    assert code == 4403
+    assert message == {"closed": {"reason": "denied", "namespaces": ["shop.product"]}}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_open_socket_closes_when_its_user_is_logged_out(channel_layer, settings):
+    def deactivate(user: User) -> None:
+        User.objects.filter(pk=user.pk).update(is_active=False)
+
+    message, code = closed_after(deactivate, settings)
+    assert code == 4401
+    assert message == {"closed": {"reason": "logged-out", "namespaces": ["shop.product"]}}

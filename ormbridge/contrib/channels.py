@@ -34,11 +34,15 @@ dict), or sends ``{"error": "…"}`` and closes with 4400 (bad namespaces), 4401
 (not logged in) or 4403 (no namespace allowed; ``"namespaces"`` lists them).
 Messages from the client are ignored. Access is checked when the socket
 connects, by :func:`ormbridge.views.permission` (``EVENTS_PERMISSION`` or the
-default rule), with the request of :func:`scope_request`.
+default rule), with the request of :func:`scope_request`, and again every
+``EVENTS_REAUTH`` seconds: a socket that fails it gets
+``{"closed": {"reason": "denied" | "logged-out", "namespaces": [...]}}`` and is
+closed with 4403 or 4401.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -66,7 +70,8 @@ except ImportError:
     ) from None
 
 from ormbridge.broadcast import SEPARATOR, Emitter, Event
-from ormbridge.views import BadRequest, permission, requested_namespaces
+from ormbridge.conf import settings
+from ormbridge.views import BadRequest, permission, reload_user, requested_namespaces
 
 PREFIX = "ormbridge."
 HASHED_PREFIX = "ormbridge-"
@@ -138,8 +143,13 @@ def scope_request(scope: dict[str, Any]) -> HttpRequest:
     return request
 
 
-def authorize(request: HttpRequest, namespaces: list[str]) -> tuple[bool, list[str], list[str]]:
-    """Whether the user is logged in, and which namespaces they may and may not see."""
+def authorize(
+    request: HttpRequest, namespaces: list[str], *, reload: bool = False
+) -> tuple[bool, list[str], list[str]]:
+    """Whether the user is logged in, and which namespaces they may and may not see; with
+    ``reload``, the session and the user read again first (an open socket's re-check)."""
+    if reload:
+        reload_user(request)
     if not request.user.is_authenticated:
         return False, [], namespaces
     allowed_by = permission()
@@ -186,12 +196,31 @@ class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # Chann
             await self.channel_layer.group_add(group_name(namespace), self.channel_name)
         self.namespaces = allowed
         await self.send_json({"subscribed": allowed, "denied": denied})
+        self.watcher = asyncio.create_task(self._recheck(request))
+
+    async def _recheck(self, request: HttpRequest) -> None:
+        """Access again every ``EVENTS_REAUTH`` seconds, as the events endpoint checks it:
+        a socket whose user is logged out, deactivated, has changed password or may no
+        longer see a namespace gets ``{"closed": {...}}`` and is closed."""
+        while True:
+            await asyncio.sleep(float(settings.EVENTS_REAUTH))
+            logged_in, _, lost = await database_sync_to_async(authorize)(
+                request, self.namespaces, reload=True
+            )
+            if not logged_in or lost:
+                reason = "denied" if logged_in else "logged-out"
+                await self.send_json({"closed": {"reason": reason, "namespaces": lost}})
+                await self.close(CLOSE_FORBIDDEN if logged_in else CLOSE_NOT_LOGGED_IN)
+                return
 
     async def _refuse(self, code: int, message: dict[str, Any]) -> None:
         await self.send_json(message)
         await self.close(code)
 
     async def disconnect(self, code: int) -> None:
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
         for namespace in self.namespaces:
             await self.channel_layer.group_discard(group_name(namespace), self.channel_name)
 
