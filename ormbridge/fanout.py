@@ -46,6 +46,8 @@ READ_COUNT: Final = 500
 """Entries per XREAD, the hub's and a catch-up's."""
 POOL: Final = 4
 """Connections of a hub's pool: starts, catch-ups and wake-ups queue for them."""
+BLOCK: Final = 5.0
+"""Seconds the reader's XREAD blocks at most: how long it may take to notice it must stop."""
 RETRY_DELAY: Final = 1.0
 """Seconds between the reader's attempts while Redis cannot be read."""
 GC_PAUSE_MIN: Final = 100
@@ -252,8 +254,16 @@ class Hub:
                     del self.subscribers[key]
                     self.positions.pop(key, None)
         if not self.subscribers and self.reader is not None:
-            self.reader.cancel()  # an XREAD cancelled mid-way drops its connection
+            # Woken rather than only cancelled: a cancellation can fail to interrupt
+            # redis-py's blocked read, which then runs to the end of its block.
+            self.reader.cancel()
             self.reader = None
+            if self.reader_id is not None:
+                asyncio.get_running_loop().create_task(self._unblock(self.reader_id))
+
+    async def _unblock(self, reader_id: int) -> None:
+        with contextlib.suppress(redis.RedisError):
+            await (await self._pool()).client_unblock(reader_id)
 
     async def _wake(self) -> None:
         """Make the reader take the current keys: its XREAD in flight may be older."""
@@ -263,27 +273,32 @@ class Hub:
             if self.reading_version >= version:
                 return
             if self.reader_id is not None:
-                with contextlib.suppress(redis.RedisError):
-                    await (await self._pool()).client_unblock(self.reader_id)
+                await self._unblock(self.reader_id)
             await asyncio.sleep(0.002)
 
     async def _read(self) -> None:
         """The reader: XREAD over every followed key, then fan the entries out."""
-        heartbeat_ms = max(1000, int(float(settings.EVENTS_HEARTBEAT) * 1000))
+        block_ms = int(min(BLOCK, float(settings.EVENTS_HEARTBEAT)) * 1000) or 1
+        task = asyncio.current_task()
         while self.subscribers:
             client: redis.asyncio.Redis | None = None
             try:
                 client = await _node_client(max_connections=1)
                 self.reader_id = await client.client_id()
                 while self.subscribers:
+                    if task is not None and task.cancelling():
+                        # A cancellation redis-py's read let through as a reply or an error.
+                        raise asyncio.CancelledError
                     self.reading_version = self.version
                     reply = await client.xread(
                         dict(self.positions),  # type: ignore[arg-type]
                         count=READ_COUNT,
-                        block=heartbeat_ms,
+                        block=block_ms,
                     )
                     self._hand_out(cast(Reply, reply or []))
             except redis.RedisError as error:
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from error
                 logger.warning("events: the reader cannot read Redis (%s); retrying", error)
                 if self.pool is not None:  # a failover may have moved the keys
                     pool, self.pool = self.pool, None
