@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import http.client
 import os
 import shutil
 import signal
@@ -124,13 +125,28 @@ class Pushpin:
                 preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + timeout
-        while not (_listening(self.port) and _listening(self.publish_port)):
+        while not (_listening(self.port) and self._publishes()):
             if self.process.poll() is not None:
                 raise RuntimeError(f"pushpin exited with {self.process.returncode}:\n{self.text()}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"pushpin did not listen within {timeout} s:\n{self.text()}")
             time.sleep(0.05)
+
+    def _publishes(self) -> bool:
+        """Whether Pushpin takes a publish (an empty one): listening is not enough, its
+        handler answers errors while it starts, and the relay would back off."""
+        if not _listening(self.publish_port):
+            return False
+        client = http.client.HTTPConnection("127.0.0.1", self.publish_port, timeout=5)
+        try:
+            client.request("POST", "/publish/", body=b'{"items": []}',
+                           headers={"Content-Type": "application/json"})  # fmt: skip
+            return client.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            client.close()
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -43,7 +43,9 @@ def pushpin(tmp_path):
 def behind_pushpin(pushpin, no_relay, start_worker, monkeypatch):
     """The example project behind ``pushpin``, and a worker whose relay publishes to it."""
     monkeypatch.setenv("GRIP_URL", pushpin.grip_url)  # the worker's and the server's settings
-    start_worker(env={"ORMBRIDGE_TEST_SETTINGS": json.dumps({"EMITTERS": [EMITTER]})})
+    # A publish that fails is tried again after RETRY_BACKOFF: 1 s here, not 5 s doubling.
+    settings = {"EMITTERS": [EMITTER], "RETRY_BACKOFF": 1}
+    start_worker(env={"ORMBRIDGE_TEST_SETTINGS": json.dumps(settings)})
     server = sse.Server(connection.settings_dict["NAME"], {})
     server.start()
     try:
