@@ -64,7 +64,8 @@ class Behind:
 BEHIND: Final = Behind()
 
 
-def _order(entry_id: str) -> tuple[int, int]:
+def order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as numbers, to compare ids."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq)
 
@@ -172,11 +173,11 @@ class Subscriber:
                 self.waiter = None
             if self.behind:
                 return BEHIND
-        after = {key: _order(position) for key, position in positions.items()}
+        after = {key: order(position) for key, position in positions.items()}
         grouped: dict[str, list[tuple[str, dict[str, str]]]] = {}
         while self.pending:
             key, entry_id, fields = self.pending.popleft()
-            if _order(entry_id) > after[key]:
+            if order(entry_id) > after[key]:
                 grouped.setdefault(key, []).append((entry_id, fields))
         self._taken()
         return list(grouped.items())

@@ -317,7 +317,7 @@ def _conversation(
                 written = time.monotonic()
             continue
         entries = [
-            (_order(entry_id), entry_id, keys[key], fields)
+            (fanout.order(entry_id), entry_id, keys[key], fields)
             for key, items in reply
             for entry_id, fields in items
         ]
@@ -468,8 +468,3 @@ def _text(value: bytes | str | None) -> str:
 def _is_stream_id(value: str) -> bool:
     match = _STREAM_ID.fullmatch(value)
     return match is not None and all(int(part) <= _MAX_STREAM_ID_PART for part in match.groups())
-
-
-def _order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq)
