@@ -125,7 +125,7 @@ class Pushpin:
                 preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + timeout
-        while not (_listening(self.port) and self._publishes()):
+        while not (self._publishes() and self._proxies()):
             if self.process.poll() is not None:
                 raise RuntimeError(f"pushpin exited with {self.process.returncode}:\n{self.text()}")
             if time.monotonic() > deadline:
@@ -144,6 +144,20 @@ class Pushpin:
                            headers={"Content-Type": "application/json"})  # fmt: skip
             return client.getresponse().status == 200
         except OSError:
+            return False
+        finally:
+            client.close()
+
+    def _proxies(self) -> bool:
+        """Whether a request through Pushpin reaches the origin: while its parts connect,
+        Pushpin answers 502 ("received message out of sequence") or drops the connection."""
+        if not _listening(self.port):
+            return False
+        client = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            client.request("GET", "/pushpin-started/")
+            return client.getresponse().status != 502
+        except (OSError, http.client.HTTPException):
             return False
         finally:
             client.close()
