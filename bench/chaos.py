@@ -118,7 +118,8 @@ CREATE TABLE chaos_journal (
 
 
 def _die_with_parent() -> None:
-    """In a child before exec: SIGKILL when this run dies, so nothing outlives it."""
+    """In a child (before exec, or first thing): SIGKILL when the run's process dies, so
+    nothing outlives it."""
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
@@ -242,6 +243,7 @@ class RolledBack(Exception):
 
 def _child_setup(role: str, index: int, run_dir: str) -> None:
     """Django in a spawned child; its stderr (ormbridge's warnings under faults) to a file."""
+    _die_with_parent()  # a run killed outright leaves no writer writing
     os.environ["PGAPPNAME"] = f"chaos-{role}-{index}"
     log = os.open(Path(run_dir) / f"{role}-{index}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.dup2(log, 2)
@@ -484,7 +486,7 @@ class Writer:
             self.note({"op": op, "committed": written is not None})
             if written is not None:
                 self.fresh_after(*written, time.time())
-            time.sleep(self.rng.uniform(0.02, 0.08))
+            time.sleep(self.rng.uniform(0.1, 0.5))
 
     def reload_own(self) -> list[int]:
         from shop.models import Product
@@ -1009,8 +1011,9 @@ def report(run: Run, elapsed: float, quiet: float | None, result: dict[str, Any]
             else f"NOT delivered within {args.quiesce:g} s"
         ),
         f"checked: {result['rows']} rows and {args.writers} querysets through the cache API "
-        f"(cached instances there: {result['entries']}; served, their rows unchanged since: "
-        f"{result['hits']}; the rest refused, older than their rows), {result['events']} events, "
+        f"(cached instances there: {result['entries']}, served: {result['hits']}, the rest "
+        f"refused: older than their row's or model's last invalidation), "
+        f"{result['events']} events, "
         f"{result['replays']} replays (rows deleted after their last safe_bulk_update, "
         f"so not replayed: {result['deleted_since']})",
         f"stale reads after quiescence: {len(result['stale'])}",
