@@ -181,17 +181,17 @@ class _Write:
     """Registered models whose rows it writes (both ends of an m2m table)."""
     instances: bool
     """Whether it can change rows that cached instances hold (updates and deletes)."""
-    rows: str
-    """Where its rows' pks are: ``last`` parameter, ``all`` parameters, or ``unknown``."""
+    pk_params: int | None
+    """How many of its last parameters are the pks of its rows (None: its rows are unknown)."""
     to_python: Callable[[Any], Any]
 
     def keys(self, params: Any, many: bool) -> list[str]:
         if not self.instances:  # new rows, m2m links: only querysets may hold them
             return [store.generation_key(label) for label in self.labels]
         pks = None
-        if not many and isinstance(params, list | tuple) and params and self.rows != "unknown":
-            values = [params[-1]] if self.rows == "last" else params
-            pks = [self.to_python(pk) for pk in values]
+        count = self.pk_params
+        if not many and count and isinstance(params, list | tuple) and len(params) >= count:
+            pks = [self.to_python(pk) for pk in params[-count:]]
         return keys_for(self.labels[0], pks)
 
 
@@ -206,11 +206,12 @@ def _parse(sql: str) -> _Write | None:
     labels = tuple(target.label for target in table.targets)
     pk = registry.get_model(labels[0])._meta.pk
     instances = not table.through and (verb != "I" or "ON CONFLICT" in sql.upper())
-    exact = (_BY_PK if verb == "U" else _IN_PKS).search(sql) if verb != "I" else None
-    rows = "unknown"
+    # WHERE pk = %s or WHERE pk IN (%s, …) ending the statement: its last parameters
+    exact = None if verb == "I" else _BY_PK.search(sql) or _IN_PKS.search(sql)
+    pk_params = None
     if exact is not None and exact.group(1) == table.targets[0].column:
-        rows = "last" if verb == "U" else "all"
-    return _Write(labels, instances, rows, pk.to_python)
+        pk_params = exact.group(0).count("%s")
+    return _Write(labels, instances, pk_params, pk.to_python)
 
 
 @functools.cache

@@ -179,6 +179,19 @@ def test_a_queryset_update_is_read_fresh_by_another_process(no_relay, reader, lo
     assert reader.instance(other.pk) == "1.00"
 
 
+def test_an_update_of_rows_named_by_pk_leaves_the_other_rows_entries_served(
+    no_relay, django_assert_num_queries
+):
+    [first, second, other] = make_products(3, price="1.00")
+    for product in (first, second, other):
+        fill(product)
+    Product.objects.filter(pk__in=[first.pk, second.pk]).update(price=Decimal("6.00"))
+    with django_assert_num_queries(0):
+        assert cached_instance(Product, other.pk).price == Decimal("1.00")
+    assert cached_instance(Product, first.pk).price == Decimal("6.00")
+    assert cached_instance(Product, second.pk).price == Decimal("6.00")
+
+
 def test_a_deleted_row_is_gone_for_another_process_at_once(no_relay, reader):
     [product] = make_products(1, price="1.00")
     fill(product, reader)
