@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime
 import json
 import multiprocessing
@@ -75,6 +74,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "example")]  # spawned children run this too
+
+from tests.processes import children, die_with_parent, status_kb  # noqa: E402
+
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/ormbridge_chaos"
 ROWS_PER_WRITER = 30
 MIN_ROWS = 10  # a writer deletes only while it owns more
@@ -118,11 +121,9 @@ CREATE TABLE chaos_journal (
 # -- services ---------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In a child (before exec, or first thing): SIGKILL when the run's process dies, so
-    nothing outlives it."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+def _die_with_run() -> None:
+    """In a child (before exec, or first thing): SIGKILL when the run's process dies."""
+    die_with_parent(signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -162,7 +163,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.directory), "--dbfilename", snapshot.name],
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_run,
         )  # fmt: skip
         deadline = time.monotonic() + 30
         try:
@@ -221,7 +222,7 @@ class Worker:
              "-P", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat",
              "-l", "WARNING", "-n", f"chaos-{self.index}-{self.starts}@%h", "--logfile", str(log)],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=_die_with_run,
         )  # fmt: skip
 
     def alive(self) -> bool:
@@ -244,11 +245,10 @@ class RolledBack(Exception):
 
 def _child_setup(role: str, index: int, run_dir: str) -> None:
     """Django in a spawned child; its stderr (ormbridge's warnings under faults) to a file."""
-    _die_with_parent()  # a run killed outright leaves no writer writing
+    _die_with_run()  # a run killed outright leaves no writer writing
     os.environ["PGAPPNAME"] = f"chaos-{role}-{index}"
     log = os.open(Path(run_dir) / f"{role}-{index}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.dup2(log, 2)
-    sys.path[:0] = [str(ROOT), str(ROOT / "example")]
     import django
 
     django.setup()
@@ -585,7 +585,6 @@ class Run:
             CHAOS_RUN_DIR=str(self.run_dir),
             PGAPPNAME="chaos-main",
         )
-        sys.path[:0] = [str(ROOT), str(ROOT / "example")]
         import django
         import psycopg
 
@@ -727,13 +726,13 @@ class Run:
                 if worker.process is not None:
                     pids += [
                         ("worker", pid)
-                        for pid in [worker.process.pid, *_children(worker.process.pid)]
+                        for pid in [worker.process.pid, *children(worker.process.pid)]
                     ]
             for server in (self.redis, self.broker):
                 if server.process is not None:
                     pids.append((f"{server.name} Redis", server.process.pid))
             for role, pid in pids:
-                self.peaks[role] = max(self.peaks[role], _peak_mb(pid))
+                self.peaks[role] = max(self.peaks[role], status_kb(pid, "VmHWM") / 1024)
             time.sleep(1)
 
     def load(self) -> float:
@@ -792,23 +791,6 @@ class Run:
             worker.kill()
         self.redis.kill()
         self.broker.kill()
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            for child in (task / "children").read_text().split():
-                found += [int(child), *_children(int(child))]
-    return found
-
-
-def _peak_mb(pid: int) -> float:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _read_jsonl(run_dir: Path, pattern: str) -> list[dict[str, Any]]:

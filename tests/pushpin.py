@@ -7,8 +7,6 @@ anything else, the system's Pushpin included. No pytest here: the benchmark uses
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import http.client
 import os
 import shutil
@@ -17,6 +15,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+from tests import processes
 
 SIG_KEY = "ormbridge-test-grip-signing-key-of-32-bytes-or-more"
 """Pushpin signs what it forwards with it (``Grip-Sig``); ``grip_url`` makes Django verify it."""
@@ -122,7 +122,7 @@ class Pushpin:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=processes.die_with_parent,
             )
         deadline = time.monotonic() + timeout
         while not (self._publishes() and self._proxies()):
@@ -169,8 +169,8 @@ class Pushpin:
         """Resident memory of Pushpin's runner and every process it started, in MB."""
         if self.process is None:
             return 0.0
-        pids = [self.process.pid, *_children(self.process.pid)]
-        return sum(_rss_kb(pid) for pid in pids) / 1024
+        pids = [self.process.pid, *processes.children(self.process.pid)]
+        return sum(processes.status_kb(pid, "VmRSS") for pid in pids) / 1024
 
     def stop(self) -> None:
         if self.process is not None:
@@ -181,31 +181,3 @@ class Pushpin:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
             self.process = None
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the process that started it dies (Linux
-    ``prctl(PR_SET_PDEATHSIG)``), so a killed test run leaves no Pushpin behind."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        children = task / "children"
-        if children.exists():
-            for child in children.read_text().split():
-                found += [int(child), *_children(int(child))]
-    return found
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return 0
