@@ -19,7 +19,7 @@ from django.db import connection
 
 from ormbridge import cache, capture, store
 from ormbridge.models import ChangeBatch
-from tests import settings
+from tests import settings, sse
 
 pytest_plugins = ["ormbridge.testing"]  # the ormbridge_testing fixture, as a project loads it
 
@@ -400,3 +400,31 @@ def product_triggers_uninstalled() -> Iterator[None]:
         yield
     finally:
         capture.install("default")
+
+
+@pytest.fixture(scope="module")
+def serve_wsgi() -> bool:
+    """Whether ``serve`` runs the example project under ``runserver`` (WSGI) rather than
+    uvicorn; a module overrides it."""
+    return False
+
+
+@pytest.fixture(scope="module")
+def serve(
+    django_db_setup, django_db_blocker, redis_servers, serve_wsgi: bool
+) -> Iterator[Callable[..., sse.Server]]:
+    """Start (once per module and settings) the example project, ``serve(**ORMBRIDGE)``."""
+    with django_db_blocker.unblock():
+        db_name = connection.settings_dict["NAME"]
+    servers: dict[str, sse.Server] = {}
+
+    def start(**ormbridge: object) -> sse.Server:
+        key = repr(sorted(ormbridge.items()))
+        if key not in servers:
+            servers[key] = sse.Server(db_name, ormbridge, wsgi=serve_wsgi)
+            servers[key].start()
+        return servers[key]
+
+    yield start
+    for server in servers.values():
+        server.stop()

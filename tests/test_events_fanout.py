@@ -5,11 +5,9 @@ import asyncio
 import gc
 import json
 import socket
-from collections.abc import Callable, Iterator
 
 import pytest
 from django.contrib.auth.models import Permission, User
-from django.db import connection
 
 from ormbridge import broadcast, fanout, store
 from tests import sse
@@ -20,25 +18,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 BUFFER = 200  # EVENTS_BUFFER of the slow-client server
 BIG = list(range(1500))  # an event this size is about 8 kB
 ROUND, ROUNDS = 100, 15  # 12 MB: more than TCP buffers for a client that reads nothing
-
-
-@pytest.fixture(scope="module")
-def serve(django_db_setup, django_db_blocker, redis_servers) -> Iterator[Callable[..., sse.Server]]:
-    """Start (once per module and settings) the example project under uvicorn."""
-    with django_db_blocker.unblock():
-        db_name = connection.settings_dict["NAME"]
-    servers: dict[str, sse.Server] = {}
-
-    def start(**ormbridge: object) -> sse.Server:
-        key = repr(sorted(ormbridge.items()))
-        if key not in servers:
-            servers[key] = sse.Server(db_name, ormbridge)
-            servers[key].start()
-        return servers[key]
-
-    yield start
-    for server in servers.values():
-        server.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ a user logged in for real (a session row in the test database).
 import base64
 import json
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -15,7 +14,6 @@ import pytest
 from django.conf import settings as django_settings
 from django.contrib.auth.models import Permission, User
 from django.contrib.sessions.models import Session
-from django.db import connection
 
 from ormbridge import broadcast
 from ormbridge.checks import check_settings
@@ -28,25 +26,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 REAUTH = 1  # seconds between the servers' re-checks of an open stream's access
 MAX_NAMESPACES = 20  # the default of EVENTS_MAX_NAMESPACES
-
-
-@pytest.fixture(scope="module")
-def serve(django_db_setup, django_db_blocker, redis_servers) -> Iterator[Callable[..., sse.Server]]:
-    """Start (once per module and settings) the example project under uvicorn."""
-    with django_db_blocker.unblock():
-        db_name = connection.settings_dict["NAME"]
-    servers: dict[str, sse.Server] = {}
-
-    def start(**ormbridge: object) -> sse.Server:
-        key = repr(sorted(ormbridge.items()))
-        if key not in servers:
-            servers[key] = sse.Server(db_name, ormbridge)
-            servers[key].start()
-        return servers[key]
-
-    yield start
-    for server in servers.values():
-        server.stop()
 
 
 @pytest.fixture
