@@ -108,7 +108,8 @@ def cached_view_as(*sources: Source, timeout: int | None = None) -> Callable[[V]
       or ``@vary_on_cookie`` placed *below* this decorator).
 
     Only rendered (a ``TemplateResponse`` is rendered here) 200 responses are
-    cached, and not those that are streaming, set cookies, say
+    cached, and not those that are streaming, set cookies (through
+    ``response.cookies`` or a ``Set-Cookie`` header set by hand), say
     ``Cache-Control: private`` or ``no-store`` or ``Vary: *``, wrote to the
     session, issued a new CSRF cookie, or showed or added messages. A view
     must not read a cookie or header other than through the session or CSRF
@@ -244,6 +245,8 @@ def _respond(
 def _storable(request: HttpRequest, response: HttpResponseBase) -> bool:
     if response.streaming or response.status_code != 200 or response.cookies:
         return False
+    if response.has_header("Set-Cookie"):
+        return False  # set by hand (header names are case-insensitive): for this client only
     control = {
         d.split("=")[0].strip().lower() for d in _COMMAS.split(response.get("Cache-Control", ""))
     }

@@ -176,6 +176,18 @@ def test_a_response_that_sets_a_cookie_is_not_cached(no_relay, client):
     assert view_ran(client.get, "/cookie/")
 
 
+@pytest.mark.parametrize(
+    ("via", "header"),
+    [("headers", "Set-Cookie"), ("headers", "set-cookie"), ("item", "SET-COOKIE")],
+)
+def test_a_response_with_a_set_cookie_header_set_by_hand_is_not_cached(no_relay, via, header):
+    make_products(1)
+    url = f"/set-cookie-header/{header}/?via={via}"
+    first, second = Client().get(url), Client().get(url)
+    assert first["Set-Cookie"].startswith("token=")
+    assert first["Set-Cookie"] != second["Set-Cookie"]
+
+
 def test_a_streaming_response_is_not_cached(no_relay, client):
     [product] = make_products(1)
     assert b"".join(client.get("/streaming/").streaming_content) == product.name.encode()

@@ -11,6 +11,7 @@ urlpatterns = [
     path("form/", views.product_form),
     path("status/<int:status>/", views.with_status),
     path("cookie/", views.with_cookie),
+    path("set-cookie-header/<str:header>/", views.with_set_cookie_header),
     path("streaming/", views.streaming),
     path("message/", views.with_message),
     path("visits/", views.counting_visits),

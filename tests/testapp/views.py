@@ -1,5 +1,7 @@
 """Views cached with ``cached_view_as`` for tests/test_cached_view_as.py."""
 
+import uuid
+
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.middleware.csrf import get_token
@@ -47,6 +49,18 @@ def with_status(request: HttpRequest, status: int) -> HttpResponse:
 def with_cookie(request: HttpRequest) -> HttpResponse:
     response = HttpResponse(names())
     response.set_cookie("seen", "yes")
+    return response
+
+
+@cached_view_as(Product)
+def with_set_cookie_header(request: HttpRequest, header: str) -> HttpResponse:
+    """Sets a Set-Cookie header, named ``header``, by hand: a new token each time."""
+    response = HttpResponse(names())
+    token = f"token={uuid.uuid4().hex}; Path=/"
+    if request.GET.get("via") == "headers":
+        response.headers[header] = token
+    else:
+        response[header] = token
     return response
 
 
