@@ -4,9 +4,12 @@
 ``@cached_view_as(Product)`` caches a view's responses per method, URL
 (scheme, host, path, query string), language and time zone, and, when the
 view depends on them, per client: a view that touches the session (which
-``request.user`` does) is cached per session cookie, one that renders a CSRF
-token per CSRF cookie, one that sets ``Vary`` per the headers it names. Both
-are invalidated by any committed change to a row of the models they depend on
+``request.user`` does) is cached per session and user as Django validated
+them (the session's key once loaded, the user's pk and session auth hash;
+never the raw session cookie, so a logged-out, deleted, expired or forged
+session never gets a stored page), one that renders a CSRF token per CSRF
+cookie, one that sets ``Vary`` per the headers it names. Both are
+invalidated by any committed change to a row of the models they depend on
 (see :func:`ormbridge.cache.read_through`). The ``{% cached_as %}`` template
 tag is in :mod:`ormbridge.templatetags.ormbridge`.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import re
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, cast
@@ -36,7 +40,9 @@ V = TypeVar("V", bound=Callable[..., HttpResponseBase])
 
 Source = type[models.Model] | models.QuerySet[Any]
 
-# What a cached view varies on besides headers: its user (":" is never in a header name).
+# What a cached view varies on besides headers (":" is never in a header name): the session
+# and its user as Django validated them, or a user that did not come from the session.
+SESSION = ":session"
 USER = ":user"
 COOKIE = "cookie:"
 
@@ -100,9 +106,19 @@ def cached_view_as(*sources: Source, timeout: int | None = None) -> Callable[[V]
     language and time zone, and what the view turned out to depend on, learnt
     from its first response per URL (like Django's cache middleware):
 
-    - the session (touched by ``request.user``): the session cookie, so two
-      clients never share an entry (a user that did not come from the session
-      is keyed by its pk too); the response gets ``Vary: Cookie``;
+    - the session (touched by ``request.user``): the session and the user as
+      Django validated them, never the raw session cookie. ``request.user`` is
+      evaluated first (``django.contrib.auth.get_user`` flushes a session whose
+      auth hash no longer matches its user's, after a password change), then
+      the session's key once loaded (none for a cookie that names no live
+      session: logged out, deleted, expired or never issued) and the user's
+      model, pk and session auth hash (or none: anonymous, inactive). Two
+      sessions never share an entry, and a dead session gets the page of a
+      client without one. So a hit for such a page costs the session's and
+      the user's queries (none without a session cookie); the response gets
+      ``Vary: Cookie``;
+    - a user that did not come from the session (an API token's): its model,
+      pk and session auth hash;
     - a CSRF token in the page: the CSRF cookie;
     - the headers the response names in ``Vary`` (set by ``@vary_on_headers``
       or ``@vary_on_cookie`` placed *below* this decorator).
@@ -234,10 +250,14 @@ def _respond(
     render = getattr(response, "render", None)
     if callable(render):
         response = render()  # its content and what rendering touched (request.user) count
+    varies_on = _varies_on(request, response)
+    if SESSION in varies_on:
+        # Validated now if the view did not: a session Django flushes for its user (the view
+        # saw its data) is modified, so not stored under the key of a client without one.
+        _identity(request, session=True)
     if not _storable(request, response):
         raise _NotCacheable(response)
-    varies_on = _varies_on(request, response)
-    if any(item.startswith(COOKIE) for item in varies_on):
+    if SESSION in varies_on or any(item.startswith(COOKIE) for item in varies_on):
         patch_vary_headers(response, ["Cookie"])  # also on hits, for HTTP caches downstream
     return response, varies_on
 
@@ -274,15 +294,16 @@ def _csrf_secret_sent(request: HttpRequest) -> str | None:
 
 
 def _varies_on(request: HttpRequest, response: HttpResponseBase) -> list[str]:
-    """Sorted items the response depends on: header names, ``cookie:<name>``, ``:user``."""
+    """Sorted items the response depends on: header names, ``cookie:<name>``, ``:session``
+    (whose value names the user too, whatever set ``request.user``) or ``:user``."""
     items = set(_vary_headers(response))
     session = getattr(request, "session", None)
     if session is not None and session.accessed:
-        items.add(COOKIE + settings.SESSION_COOKIE_NAME)
+        items.add(SESSION)
+    elif _user_loaded(request):
+        items.add(USER)
     if request.META.get("CSRF_COOKIE_NEEDS_UPDATE") and not settings.CSRF_USE_SESSIONS:
         items.add(COOKIE + settings.CSRF_COOKIE_NAME)
-    if _user_loaded(request) and not _user_of_session(request):
-        items.add(USER)
     return sorted(items)
 
 
@@ -298,24 +319,37 @@ def _user_loaded(request: HttpRequest) -> bool:
     return user is not None
 
 
-def _user_of_session(request: HttpRequest) -> bool:
-    """Whether ``request.user`` is the session's user, so the session cookie identifies it."""
-    session = getattr(request, "session", None)
-    if session is None or not session.accessed:
-        return False
-    from django.contrib.auth import SESSION_KEY
-
-    user = request.user
-    if not user.is_authenticated:
-        return SESSION_KEY not in session
-    return bool(session.get(SESSION_KEY) == user._meta.pk.value_to_string(user))
-
-
 def _value(request: HttpRequest, item: str) -> str | None:
     """The request's value of one thing a response varies on."""
-    if item == USER:
-        user = request.user
-        return f"{user._meta.label_lower}:{user.pk}" if user.is_authenticated else "anonymous"
+    if item in (SESSION, USER):
+        return _identity(request, session=item == SESSION)
     if item.startswith(COOKIE):
         return request.COOKIES.get(item[len(COOKIE) :])
     return request.headers.get(item)
+
+
+def _identity(request: HttpRequest, *, session: bool) -> str:
+    """Who the request is once Django has validated it, as unambiguous text (JSON).
+
+    ``request.user`` is evaluated first: AuthenticationMiddleware's lazy user is
+    ``django.contrib.auth.get_user``'s, which checks the session's auth hash and
+    flushes a session whose hash no longer matches (a changed password), and is
+    anonymous for an inactive user or a session without one. The user is its
+    model, pk and session auth hash, or ``None``. With ``session``, the session's
+    key once it has loaded: ``None`` for a cookie that names no live session
+    (logged out, deleted, expired, never issued), never the cookie's text.
+    """
+    user = getattr(request, "user", None)
+    who: list[str] | None = None
+    if user is not None and user.is_authenticated:
+        auth_hash = getattr(user, "get_session_auth_hash", None)
+        who = [
+            user._meta.label_lower,
+            user._meta.pk.value_to_string(user),
+            auth_hash() if callable(auth_hash) else "",
+        ]
+    if not session:
+        return json.dumps(["user", who])
+    store = request.session
+    store.keys()  # loads it (get_user did, if it ran): a missing session's key becomes None
+    return json.dumps(["session", store.session_key, who])

@@ -1,11 +1,18 @@
 """cached_view_as: views cached per URL (and per client where they depend on it) until a
 row they depend on changes, through Django's test client and the example's middleware."""
 
+import secrets
+from datetime import timedelta
+
 import pytest
+from django.conf import settings as django_settings
+from django.contrib.sessions.backends.db import SessionStore
+from django.contrib.sessions.models import Session
 from django.db import connection
 from django.http import HttpResponse
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 import ormbridge
 from ormbridge import relay, store
@@ -26,17 +33,49 @@ def entries() -> list[str]:
     return store.get_redis().keys(store.key("entry", "*"))
 
 
+def session_cookie(client: Client) -> str:
+    return client.cookies[django_settings.SESSION_COOKIE_NAME].value
+
+
+def presenting(cookie: str) -> Client:
+    """A new client that presents ``cookie`` as its session cookie (kept, stolen or made up)."""
+    client = Client()
+    client.cookies[django_settings.SESSION_COOKIE_NAME] = cookie
+    return client
+
+
+def anonymous_session(visits: int) -> Client:
+    """A client without a user whose session holds ``visits``."""
+    client = Client()
+    session = client.session  # saved, and its key set as the client's cookie
+    session["visits"] = visits
+    session.save()
+    return client
+
+
+def private(client: Client) -> str:
+    return client.get("/private/").content.decode()
+
+
+def ann_page(product: Product) -> str:
+    return f"private page of ann <ann@example.com>: {product.name}"
+
+
+def nobodys_page(product: Product) -> str:
+    return f"private page of nobody: {product.name}"
+
+
 @pytest.fixture
 def ann(django_user_model) -> Client:
     client = Client()
-    client.force_login(django_user_model.objects.create_user("ann"))
+    client.force_login(django_user_model.objects.create_user("ann", "ann@example.com"))
     return client
 
 
 @pytest.fixture
 def bob(django_user_model) -> Client:
     client = Client()
-    client.force_login(django_user_model.objects.create_user("bob"))
+    client.force_login(django_user_model.objects.create_user("bob", "bob@example.com"))
     return client
 
 
@@ -106,9 +145,12 @@ def test_two_logged_in_users_never_see_each_others_page(
     assert ann.get("/greeting/").content == f"ann sees {product.name}".encode()
     assert bob.get("/greeting/").content == f"bob sees {product.name}".encode()
     assert client.get("/greeting/").content == f"anonymous sees {product.name}".encode()
-    with django_assert_num_queries(0):
+    # A hit: the session's and the user's queries (the identity Django validates), no more.
+    with django_assert_num_queries(2):
         assert ann.get("/greeting/").content == f"ann sees {product.name}".encode()
+    with django_assert_num_queries(2):
         assert bob.get("/greeting/").content == f"bob sees {product.name}".encode()
+    with django_assert_num_queries(0):  # no session cookie: nothing to load
         assert client.get("/greeting/").content == f"anonymous sees {product.name}".encode()
 
 
@@ -151,6 +193,107 @@ def test_clients_without_a_session_share_the_anonymous_page(no_relay, client):
     client.get("/greeting/")
     assert Client().get("/greeting/").content == f"anonymous sees {product.name}".encode()
     assert not view_ran(Client().get, "/greeting/")
+
+
+def test_after_logout_the_old_session_cookie_gets_the_anonymous_page(no_relay, ann):
+    [product] = make_products(1)
+    cookie = session_cookie(ann)
+    assert private(ann) == ann_page(product)
+    ann.logout()  # deletes the session
+    assert private(presenting(cookie)) == nobodys_page(product)
+
+
+def test_after_set_password_the_old_session_gets_the_anonymous_page(
+    no_relay, ann, django_user_model
+):
+    [product] = make_products(1)
+    assert private(ann) == ann_page(product)
+    user = django_user_model.objects.get(username="ann")
+    user.set_password("changed")
+    user.save()  # the session's auth hash no longer matches: Django flushes the session
+    assert private(ann) == nobodys_page(product)
+
+
+@pytest.mark.parametrize(
+    "delete",
+    [lambda key: Session.objects.all().delete(), lambda key: SessionStore(key).delete()],
+    ids=["all-sessions", "session-store"],
+)
+def test_a_session_deleted_on_the_server_gets_the_anonymous_page(no_relay, ann, delete):
+    [product] = make_products(1)
+    assert private(ann) == ann_page(product)
+    delete(session_cookie(ann))
+    assert private(ann) == nobodys_page(product)
+
+
+def test_an_expired_session_gets_the_anonymous_page(no_relay, ann):
+    [product] = make_products(1)
+    assert private(ann) == ann_page(product)
+    Session.objects.update(expire_date=timezone.now() - timedelta(seconds=1))
+    assert private(ann) == nobodys_page(product)
+
+
+def test_a_session_cookie_that_was_never_issued_shares_the_anonymous_page(no_relay, client):
+    [product] = make_products(1)
+    assert private(client) == nobodys_page(product)  # stored for clients without a session
+    assert not view_ran(presenting(secrets.token_hex(16)).get, "/private/")
+    assert private(presenting(secrets.token_hex(16))) == nobodys_page(product)
+
+
+def test_update_session_auth_hash_keeps_the_changing_client_on_its_private_page(no_relay, ann):
+    [product] = make_products(1)
+    assert private(ann) == ann_page(product)
+    assert ann.post("/password/", {"password": "changed"}).content == b"changed"
+    assert private(ann) == ann_page(product)
+
+
+def test_a_password_changed_on_another_client_ends_this_clients_private_page(
+    no_relay, ann, django_user_model
+):
+    [product] = make_products(1)
+    other = Client()
+    other.force_login(django_user_model.objects.get(username="ann"))
+    assert private(ann) == ann_page(product)
+    assert other.post("/password/", {"password": "changed"}).content == b"changed"
+    assert private(ann) == nobodys_page(product)
+    assert private(other) == ann_page(product)
+
+
+def test_a_deactivated_user_gets_the_anonymous_page(no_relay, ann, django_user_model):
+    [product] = make_products(1)
+    assert private(ann) == ann_page(product)
+    django_user_model.objects.filter(username="ann").update(is_active=False)
+    assert private(ann) == nobodys_page(product)
+
+
+def test_a_session_that_no_longer_exists_does_not_get_its_old_page(no_relay):
+    [product] = make_products(1)
+    client = anonymous_session(visits=3)
+    assert client.get("/visits-seen/").content == f"{product.name}: 3 visits seen".encode()
+    Session.objects.all().delete()
+    assert client.get("/visits-seen/").content == f"{product.name}: 0 visits seen".encode()
+
+
+def test_each_anonymous_session_gets_the_page_of_its_own_data(no_relay):
+    [product] = make_products(1)
+    first, second = anonymous_session(visits=1), anonymous_session(visits=2)
+    assert first.get("/visits-seen/").content == f"{product.name}: 1 visits seen".encode()
+    assert second.get("/visits-seen/").content == f"{product.name}: 2 visits seen".encode()
+    assert not view_ran(first.get, "/visits-seen/")
+
+
+def test_the_page_of_a_session_flushed_for_a_changed_password_is_not_left_to_others(
+    no_relay, ann, django_user_model
+):
+    [product] = make_products(1)
+    session = ann.session
+    session["visits"] = 3
+    session.save()
+    user = django_user_model.objects.get(username="ann")
+    user.set_password("changed")
+    user.save()
+    ann.get("/visits-seen/")  # the view reads the session only; Django flushes it for the user
+    assert Client().get("/visits-seen/").content == f"{product.name}: 0 visits seen".encode()
 
 
 def test_a_page_with_a_csrf_token_is_cached_per_csrf_cookie_and_not_before_it_is_set(no_relay):

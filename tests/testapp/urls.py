@@ -7,6 +7,8 @@ from tests.testapp import views
 urlpatterns = [
     path("products/", views.product_names),
     path("greeting/", views.greeting),
+    path("private/", views.private_page),
+    path("password/", views.change_password),
     path("greeting-page/", views.greeting_page),
     path("form/", views.product_form),
     path("status/<int:status>/", views.with_status),
@@ -15,5 +17,6 @@ urlpatterns = [
     path("streaming/", views.streaming),
     path("message/", views.with_message),
     path("visits/", views.counting_visits),
+    path("visits-seen/", views.visits_seen),
     path("change-log/", views.change_log),
 ]

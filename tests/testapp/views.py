@@ -3,6 +3,7 @@
 import uuid
 
 from django.contrib import messages
+from django.contrib.auth import update_session_auth_hash
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.middleware.csrf import get_token
 from django.template.response import TemplateResponse
@@ -26,6 +27,22 @@ def product_names(request: HttpRequest) -> HttpResponse:
 def greeting(request: HttpRequest) -> HttpResponse:
     """Depends on the user: reading request.user loads the session."""
     return HttpResponse(f"{request.user.get_username() or 'anonymous'} sees {names()}")
+
+
+@cached_view_as(Product)
+def private_page(request: HttpRequest) -> HttpResponse:
+    """Shows the user's name and email: a page only that user may see."""
+    user = request.user
+    who = f"{user.get_username()} <{user.email}>" if user.is_authenticated else "nobody"
+    return HttpResponse(f"private page of {who}: {names()}")
+
+
+def change_password(request: HttpRequest) -> HttpResponse:
+    """Not cached: a POST that changes the user's password and keeps this client logged in."""
+    request.user.set_password(request.POST["password"])
+    request.user.save()
+    update_session_auth_hash(request, request.user)
+    return HttpResponse("changed")
 
 
 @cached_view_as(Product)
@@ -79,6 +96,12 @@ def with_message(request: HttpRequest) -> HttpResponse:
 def counting_visits(request: HttpRequest) -> HttpResponse:
     request.session["visits"] = request.session.get("visits", 0) + 1
     return HttpResponse(f"{names()}: visit {request.session['visits']}")
+
+
+@cached_view_as(Product)
+def visits_seen(request: HttpRequest) -> HttpResponse:
+    """Shows what the session holds without writing to it: a page per session."""
+    return HttpResponse(f"{names()}: {request.session.get('visits', 0)} visits seen")
 
 
 @cached_view_as(ChangeBatch)
