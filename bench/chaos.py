@@ -817,7 +817,7 @@ def compare(run: Run) -> dict[str, Any]:
     from django.db import connection
 
     import ormbridge
-    from ormbridge import cache, store
+    from ormbridge import cache, stats, store
     from ormbridge.models import ChangeBatch
     from shop.models import Product
 
@@ -835,9 +835,9 @@ def compare(run: Run) -> dict[str, Any]:
     written = run.seeded | created
 
     # stale reads: every row ever written, through the cache API
-    stats = store.stats_key("shop.product")
-    cache.hits.send()
-    hits_before = int(store.get_redis().hget(stats, "hits") or 0)
+    stats_key = store.stats_key("shop.product")
+    stats.counts.send()
+    hits_before = int(store.get_redis().hget(stats_key, "hits") or 0)
     present = store.entries_redis().exists  # the cached instances the readers left behind
     entries = sum(present(cache.instance_key("shop.product", pk)) for pk in written)
     stale: list[str] = []
@@ -848,7 +848,7 @@ def compare(run: Run) -> dict[str, Any]:
             seen = None
         if seen != truth.get(pk):
             stale.append(f"row {pk}: cache {seen}, database {truth.get(pk)}")
-    cache.hits.send()
+    stats.counts.send()
     hits = int(store.get_redis().hget(stats, "hits") or 0) - hits_before
     for writer in range(run.args.writers):
         queryset = Product.objects.filter(sku__startswith=f"w{writer:02d}-").order_by("pk")

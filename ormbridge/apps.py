@@ -22,7 +22,7 @@ class OrmbridgeConfig(AppConfig):
         from django.db.backends.signals import connection_created
         from django.db.models.signals import post_migrate
 
-        from ormbridge import broadcast, buffer, checks, receivers, registry, relay
+        from ormbridge import broadcast, buffer, checks, loads, receivers, registry, relay
 
         setting_changed.connect(broadcast.settings_changed, dispatch_uid="ormbridge-settings")
         checks.register_checks()
@@ -32,8 +32,10 @@ class OrmbridgeConfig(AppConfig):
         if any(receivers.needed(using) for using in _write_databases()):
             receivers.connect()
         connection_created.connect(buffer.watch, dispatch_uid="ormbridge-watch")
+        connection_created.connect(loads.watch, dispatch_uid="ormbridge-watch-loads")
         for connection in connections.all(initialized_only=True):
             buffer.watch(connection)
+            loads.watch(connection)
         post_migrate.connect(install_triggers, sender=self, dispatch_uid="ormbridge-triggers")
         worker_process_init.connect(relay.start_in_process, dispatch_uid="ormbridge-relay-process")
         worker_ready.connect(relay.start_in_worker, dispatch_uid="ormbridge-relay-start")

@@ -144,10 +144,16 @@ class Settings:
         "Redis connect and socket timeout, in seconds, of the invalidation a committing "
         "process makes itself: the longest a hung Redis can delay a commit.",
     )
+    READ_TIMEOUT: _Setting[float] = _Setting(
+        0.25,
+        "Redis connect and socket timeout, in seconds, of a cached read: the longest a "
+        "hung Redis can delay a read, which then goes to the database.",
+    )
     BREAKER_COOLDOWN: _Setting[float] = _Setting(
         5.0,
         "After Redis failed at a commit, seconds during which commits skip it (the "
-        "change log still carries every change to the relay).",
+        "change log still carries every change to the relay); after it failed on a "
+        "cached read, seconds during which cached reads go to the database.",
     )
     BULK_CHUNK_SECONDS: _Setting[float] = _Setting(
         0.2,

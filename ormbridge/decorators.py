@@ -32,7 +32,7 @@ from django.utils.functional import LazyObject, empty
 from django.utils.timezone import get_current_timezone_name
 from django.utils.translation import get_language
 
-from ormbridge import cache
+from ormbridge import cache, keys
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -47,7 +47,6 @@ USER = ":user"
 COOKIE = "cookie:"
 
 _COMMAS = re.compile(r"\s*,\s*")
-_ADDRESS_REPR: Any = object.__repr__  # "<... object at 0x...>": a new key per object
 
 
 def cached_as(
@@ -56,18 +55,24 @@ def cached_as(
     """Cache a function's result until a row of a model in ``sources`` changes.
 
     ``sources``: models and querysets (those the function reads: a queryset
-    stands for every model it joins, filters on or prefetches). The result is
-    cached per arguments, which are keyed by their ``repr`` (a model instance
-    by its label and pk); the result must be picklable. ``timeout`` in seconds
-    (``None``: the shortest of the models' cache timeouts).
+    stands for every model it joins, filters on or prefetches); a registered
+    model the function turns out to read besides them is added to its
+    dependencies after its first call in a process (that call's result is
+    not stored). The result is cached per arguments, positional and named
+    apart, each encoded exactly by :func:`ormbridge.keys.encode` (numbers,
+    strings, bytes, decimals, dates and times, UUIDs, containers of them,
+    saved model instances by their label and pk, ...); the result must be
+    picklable. ``timeout`` in seconds (``None``: the shortest of the models'
+    cache timeouts).
     ``key``: a string names the function in the key instead of its module and
     qualified name (functions defined in a loop or a closure); a callable
-    takes the function's arguments and returns the text that stands for them
-    (arguments whose ``repr`` does not identify them).
+    takes the function's arguments and returns the text that stands for them.
 
     Raises:
         TypeError: at decoration, a source is neither a model nor a queryset;
-            at a call, an argument cannot be keyed (give ``key``).
+            at a call, an argument cannot be keyed (a request, a queryset, an
+            arbitrary object: pass the values the result depends on instead,
+            or give ``key``).
         LookupError: at a call, before anything is cached or run, a source
             reads a model that is not registered with ormbridge.
     """
@@ -81,18 +86,25 @@ def cached_as(
         @functools.wraps(func)
         def cached(*args: P.args, **kwargs: P.kwargs) -> R:
             labels = cache.dependencies(*sources)
+            parts: tuple[object, ...]
             if callable(key):
                 part = key(*args, **kwargs)
                 if not isinstance(part, str):
                     raise TypeError(f"cached_as(key=...) returned {part!r}, not a string.")
+                parts = ("func", name, "key", part)
             else:
-                part = _arguments_key(name, args, kwargs)
-            return cache.read_through(
-                f"func\0{name}\0{part}",
-                labels,
-                lambda: func(*args, **kwargs),
-                _timeout(timeout, labels),
-            )
+                parts = ("func", name, args, tuple(sorted(kwargs.items())))
+            try:
+                return cache.read_through(
+                    parts,
+                    labels,
+                    lambda: func(*args, **kwargs),
+                    _timeout(timeout, labels),
+                    shape=f"func\0{name}",
+                )
+            except keys.Unkeyable:
+                _check_arguments(name, args, kwargs)  # names the argument, if it is one
+                raise
 
         return cached
 
@@ -152,15 +164,13 @@ def cached_view_as(*sources: Source, timeout: int | None = None) -> Callable[[V]
                 return view(request, *args, **kwargs)
             labels = cache.dependencies(*sources)
             seconds = _timeout(timeout, labels)
-            base = "\0".join(
-                [
-                    "view",
-                    name,
-                    request.method,
-                    request.build_absolute_uri(),
-                    get_language() or "",
-                    get_current_timezone_name(),
-                ]
+            base = (
+                "view",
+                name,
+                request.method,
+                request.build_absolute_uri(),
+                get_language() or "",
+                get_current_timezone_name(),
             )
             first: list[HttpResponseBase] = []
 
@@ -179,10 +189,13 @@ def cached_view_as(*sources: Source, timeout: int | None = None) -> Callable[[V]
                     raise _NotCacheable(response)
                 return response
 
+            shape = f"view\0{name}"
             try:
-                learnt = cache.read_through(f"{base}\0vary", labels, learn, seconds)
-                key = repr([_value(request, item) for item in learnt])
-                return cache.read_through(f"{base}\0{key}", labels, load, seconds)
+                learnt = cache.read_through((*base, "vary"), labels, learn, seconds, shape=shape)
+                values = [_value(request, item) for item in learnt]
+                return cache.read_through(
+                    (*base, "page", learnt, values), labels, load, seconds, shape=shape
+                )
             except _NotCacheable as refused:
                 return refused.response
 
@@ -215,28 +228,22 @@ def _timeout(timeout: int | None, labels: list[str]) -> int | None:
     return cache.default_timeout(labels) if timeout is None else timeout
 
 
-def _arguments_key(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """The arguments as text that tells different values apart."""
-    named = sorted(kwargs.items())
-    return repr(
-        [
-            *map(functools.partial(_argument, name), args),
-            *((k, _argument(name, v)) for k, v in named),
-        ]
-    )
-
-
-def _argument(name: str, value: Any) -> Any:
-    if isinstance(value, models.Model):
-        if value.pk is None:
-            raise TypeError(f"cached_as {name}: an unsaved {type(value).__name__} has no key.")
-        return f"<{value._meta.label_lower} pk={value.pk!r}>"
-    if isinstance(value, models.QuerySet) or type(value).__repr__ is _ADDRESS_REPR:
-        raise TypeError(
-            f"cached_as {name}: {type(value).__name__} arguments have no repr that tells "
-            "their values apart; give cached_as a key= callable that does."
-        )
-    return value
+def _check_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse, naming it, an argument :func:`ormbridge.keys.encode` cannot key."""
+    for where, value in [*enumerate(args, 1), *kwargs.items()]:
+        try:
+            keys.encode(value)
+        except keys.Unkeyable as exc:
+            what = f"argument {where}" if isinstance(where, int) else f"argument {where}="
+            hint = (
+                "request.user.pk, request.GET values"
+                if isinstance(value, HttpRequest)
+                else "the values the result depends on"
+            )
+            raise TypeError(
+                f"cached_as {name}: {what} is a {type(value).__name__}, which has no exact "
+                f"key ({exc}). Pass {hint} instead, or give cached_as a key= callable."
+            ) from None
 
 
 def _respond(

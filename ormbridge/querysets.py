@@ -1,21 +1,26 @@
 """Cached querysets: ``CachedQuerySet.cache()`` and :func:`cached_queryset`.
 
-A cached read is keyed by its database, SQL, parameters, result shape
-(instances, ``values()``, ``values_list()``...) and prefetches, and depends on
-every registered model the query reads (joins, subqueries, prefetched
-relations): a committed change to any of them makes it miss.
+A cached read is keyed by its database, model, SQL, parameters (encoded
+exactly by :mod:`ormbridge.keys`), result shape (instances, ``values()``,
+``values_list()``...), prefetches and queryset class and state, and depends
+on every registered model the query reads (joins, subqueries, combined
+queries, prefetched relations, follow-up queries the load runs): a committed
+change to any of them makes it miss. A query ormbridge cannot key exactly (a
+parameter of a type it does not know, raw SQL without declared dependencies)
+goes to the database and is counted as ``uncached`` in ``ormbridge_status``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Self, TypeVar
 
 from django.core.exceptions import ValidationError
 from django.db import models
-from django.db.models.query import ModelIterable
 
-from ormbridge import cache
+from ormbridge import cache, compiled
+from ormbridge.loads import Uncacheable
+from ormbridge.registry import label_of
 
 M = TypeVar("M", bound=models.Model, covariant=True)
 Q = TypeVar("Q", bound=models.QuerySet[Any])
@@ -49,11 +54,26 @@ class CachedQuerySet(models.QuerySet[M]):
         super().__init__(*args, **kwargs)
         self._ormbridge_timeout: Any = None
         self._ormbridge_on = False
+        self._ormbridge_depends_on: tuple[str, ...] = ()
 
-    def cache(self, timeout: int | None = DEFAULT) -> Self:
-        """A copy whose reads are cached for ``timeout`` seconds (None: until invalidated)."""
+    def cache(
+        self,
+        timeout: int | None = DEFAULT,
+        depends_on: Iterable[type[models.Model]] = (),
+    ) -> Self:
+        """A copy whose reads are cached for ``timeout`` seconds (None: until invalidated).
+
+        ``depends_on``: models a raw SQL fragment of the query (``RawSQL``,
+        ``extra()``) reads; without them such a query is not cached.
+
+        Raises:
+            TypeError: ``depends_on`` holds something other than a model.
+            LookupError: a model of ``depends_on`` is not registered with ormbridge.
+        """
+        labels = _declared(depends_on)
         clone: Self = self._chain()  # type: ignore[attr-defined]  # private API
         clone._ormbridge_on, clone._ormbridge_timeout = True, timeout
+        clone._ormbridge_depends_on = labels
         return clone
 
     def nocache(self) -> Self:
@@ -66,12 +86,19 @@ class CachedQuerySet(models.QuerySet[M]):
         clone = super()._clone()  # type: ignore[misc]  # django-stubs omits the private API
         clone._ormbridge_on = self._ormbridge_on
         clone._ormbridge_timeout = self._ormbridge_timeout
+        clone._ormbridge_depends_on = self._ormbridge_depends_on
         return clone  # type: ignore[no-any-return]
 
     def _fetch_all(self) -> None:
         if self._result_cache is None and self._ormbridge_on:
-            rows = _cached(self, "rows", lambda: list(self.nocache()), self._ormbridge_timeout)
-            self._result_cache = rows
+            rows = _cached(
+                self,
+                "rows",
+                lambda: list(self.nocache()),
+                self._ormbridge_timeout,
+                self._ormbridge_depends_on,
+            )
+            self._result_cache = _with_known_related(self, rows)
             self._prefetch_done = True
         super()._fetch_all()
 
@@ -80,40 +107,29 @@ class CachedQuerySet(models.QuerySet[M]):
         if pk is None:
             return super().get(*args, **kwargs)
         timeout = self._ormbridge_timeout
+        base = self.nocache()
         return cache.instance(
-            self.model,
+            base,
             pk,
-            lambda: self.nocache().get(*args, **kwargs),
-            self.db,
+            lambda: base.get(*args, **kwargs),
             cache.timeout_of(self.model) if timeout is DEFAULT else timeout,
         )
 
     def _pk_only(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """The pk of a cached ``get(pk=...)`` among all rows; None for any other read.
+        """The pk of a cached ``get(pk=...)``; None for any other read.
 
-        Such a read shares :func:`ormbridge.cached_instance`'s entry, which a
-        write to another row leaves alone.
+        Such a read shares :func:`ormbridge.cached_instance`'s entry when the
+        queryset is alike the model's default manager's (an entry per row,
+        which a write to another row leaves alone), and has one of its own
+        otherwise (a manager that filters, joins or annotates).
         """
         if not self._ormbridge_on or args or len(kwargs) != 1:
             return None
         [(name, value)] = kwargs.items()
-        meta, query = self.model._meta, self.query
-        plain = (
-            self._iterable_class is ModelIterable
-            and not self._prefetch_related_lookups  # type: ignore[attr-defined]
-            and not query.where
-            and not query.select_related
-            and not query.annotations
-            and not query.extra
-            and not query.extra_tables
-            and not query.is_sliced
-            and not query.distinct
-            and not query.combinator
-            and not query.select_for_update
-            and query.deferred_loading == (frozenset(), True)
-            and self.db == self.model._default_manager.db
-        )
-        if not plain or name not in ("pk", meta.pk.name, meta.pk.attname):
+        meta = self.model._meta
+        if name not in ("pk", meta.pk.name, meta.pk.attname) or self._ormbridge_depends_on:
+            return None
+        if self._known_related_objects:  # type: ignore[attr-defined]  # private API
             return None
         try:
             return meta.pk.to_python(value)
@@ -123,26 +139,44 @@ class CachedQuerySet(models.QuerySet[M]):
     def count(self) -> int:
         if self._result_cache is not None or not self._ormbridge_on:
             return super().count()
-        return _cached(self, "count", lambda: self.nocache().count(), self._ormbridge_timeout)
+        return _cached(
+            self,
+            "count",
+            lambda: self.nocache().count(),
+            self._ormbridge_timeout,
+            self._ormbridge_depends_on,
+        )
 
     def exists(self) -> bool:
         if self._result_cache is not None or not self._ormbridge_on:
             return super().exists()
-        return _cached(self, "exists", lambda: self.nocache().exists(), self._ormbridge_timeout)
+        return _cached(
+            self,
+            "exists",
+            lambda: self.nocache().exists(),
+            self._ormbridge_timeout,
+            self._ormbridge_depends_on,
+        )
 
     def aggregate(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if not self._ormbridge_on:
             return super().aggregate(*args, **kwargs)
-        # The aggregates may join further tables: their annotation tells which.
-        probe = self.nocache()
-        probe.query.clear_limits()
-        probe = probe.annotate(**{f"ormbridge_{i}": a for i, a in enumerate(args)}, **kwargs)
+
+        def load() -> dict[str, Any]:
+            return self.nocache().aggregate(*args, **kwargs)
+
+        try:
+            # The aggregates' own SQL names them, and may join further tables.
+            key, labels = compiled.aggregate_key(self, args, kwargs)
+        except Uncacheable as refused:
+            return cache.uncached(refused, [label_of(self.model)], load)
         return _cached(
             self,
-            f"aggregate {args!r} {sorted(kwargs.items())!r}",
-            lambda: self.nocache().aggregate(*args, **kwargs),
+            ("aggregate", key),
+            load,
             self._ormbridge_timeout,
-            probe,
+            self._ormbridge_depends_on,
+            labels,
         )
 
 
@@ -150,44 +184,83 @@ class CachedManager(models.Manager.from_queryset(CachedQuerySet)):  # type: igno
     """``objects = CachedManager()``: ``Model.objects.cache()`` and ``.nocache()``."""
 
 
-def cached_queryset(queryset: Q, timeout: int | None = DEFAULT) -> Q:
+def cached_queryset(
+    queryset: Q,
+    timeout: int | None = DEFAULT,
+    depends_on: Iterable[type[models.Model]] = (),
+) -> Q:
     """``queryset`` evaluated, its rows from the cache when fresh.
 
     Returns a copy whose results are loaded (``len()``, ``count()``, iteration
     and indexing run no query); filtering it again makes a new, uncached query.
-    Raises ``LookupError`` when the query reads a model that is not registered
-    with ormbridge, ``TypeError`` when it prefetches what ormbridge cannot follow.
+    ``depends_on``: models a raw SQL fragment of the query (``RawSQL``,
+    ``extra()``) reads; without them such a query is not cached.
+
+    Raises:
+        LookupError: the query reads a model that is not registered with ormbridge.
+        TypeError: ``depends_on`` holds something other than a model.
     """
+    labels = _declared(depends_on)
     clone = queryset._chain()  # type: ignore[attr-defined]
-    rows = _cached(queryset, "rows", lambda: list(_uncached(queryset)), timeout)
-    clone._result_cache, clone._prefetch_done = rows, True
+    rows = _cached(queryset, "rows", lambda: list(_plain(queryset)), timeout, labels)
+    clone._result_cache, clone._prefetch_done = _with_known_related(queryset, rows), True
     return clone  # type: ignore[no-any-return]
 
 
-def _uncached(queryset: models.QuerySet[Any]) -> models.QuerySet[Any]:
+def _plain(queryset: models.QuerySet[Any]) -> models.QuerySet[Any]:
     if isinstance(queryset, CachedQuerySet):
         return queryset.nocache()
     return queryset._chain()  # type: ignore[attr-defined,no-any-return]  # private API
 
 
+def _declared(depends_on: Iterable[type[models.Model]]) -> tuple[str, ...]:
+    """Labels of the models a caller says a query's raw SQL reads."""
+    sources = tuple(depends_on)
+    for source in sources:
+        if not (isinstance(source, type) and issubclass(source, models.Model)):
+            raise TypeError(f"depends_on takes models, not {source!r} ({type(source).__name__}).")
+    return tuple(cache.dependencies(*sources))
+
+
+def _with_known_related(queryset: models.QuerySet[Any], rows: list[Any]) -> list[Any]:
+    """``rows`` with the related objects the queryset knows (a related manager's
+    instance) set on them, as Django's iterable would: a cached row must not carry
+    the copy of that object that was current when it was stored."""
+    known = queryset._known_related_objects  # type: ignore[attr-defined]  # private API
+    if not known or queryset._iterable_class is not models.query.ModelIterable:
+        return rows
+    for field, objects in known.items():
+        for row in rows:
+            related = objects.get(getattr(row, field.attname, None))
+            if related is not None:
+                setattr(row, field.name, related)
+    return rows
+
+
 def _cached(
     queryset: models.QuerySet[Any],
-    kind: str,
+    kind: object,
     load: Callable[[], T],
     timeout: int | None,
-    probe: models.QuerySet[Any] | None = None,
+    depends_on: Sequence[str] = (),
+    more: Iterable[str] = (),
 ) -> T:
-    compiled = cache.compile_queryset(queryset)
-    if compiled is None:
+    try:
+        query_key = compiled.compile_queryset(queryset, depends_on)
+    except Uncacheable as refused:
+        return cache.uncached(refused, [label_of(queryset.model)], load)
+    if query_key is None:
         return load()
-    labels = compiled.labels
-    if probe is not None:
-        labels = tuple(sorted({*labels, *cache.queryset_dependencies(probe)}))
     return cache.read_through(
-        f"{kind}\0{compiled.key}",
-        labels,
+        (kind, *query_key.key),
+        {*query_key.labels, *more},
         load,
         cache.timeout_of(queryset.model) if timeout is DEFAULT else timeout,
+        shape=f"{kind if isinstance(kind, str) else 'aggregate'}\0{query_key.shape}",
         using=queryset.db,
         model=queryset.model,
+        strict=True,
     )
+
+
+compiled.PLAIN_QUERYSETS.add(CachedQuerySet)

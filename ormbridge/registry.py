@@ -126,6 +126,11 @@ def registered_models() -> list[type[models.Model]]:
     return [apps.get_model(label) for label in sorted(_registry)]
 
 
+def label_of(model: type[models.Model]) -> str:
+    """The label of a model's concrete model (a proxy's rows are its concrete model's)."""
+    return model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]  # always set
+
+
 def get_model(label: str) -> type[models.Model]:
     """The registered model for ``app_label.modelname``; ``LookupError`` otherwise."""
     model = apps.get_model(label)

@@ -129,8 +129,10 @@ def get_redis() -> Client:
 
 
 def entries_redis() -> Client:
-    """A client of the same server that answers bytes: cache entries hold pickles."""
-    return _client(settings.REDIS_URL, bool(settings.REDIS_CLUSTER), 2.0, 5.0, decode=False)
+    """The client of cached reads: it answers bytes (entries hold pickles), and gives up
+    after ``READ_TIMEOUT`` seconds, when the read goes to the database."""
+    timeout = float(settings.READ_TIMEOUT)
+    return _client(settings.REDIS_URL, bool(settings.REDIS_CLUSTER), timeout, timeout, decode=False)
 
 
 def commit_redis() -> Client:
@@ -215,13 +217,16 @@ def incarnation(client: Client | None = None) -> str:
 
 
 class Breaker:
-    """Skips Redis for ``BREAKER_COOLDOWN`` seconds after a failure on the commit path.
+    """Skips Redis for ``BREAKER_COOLDOWN`` seconds after a failure on one path.
 
-    A hung or dead Redis then costs one commit ``COMMIT_TIMEOUT`` at most and
-    later commits nothing, until a commit after the cool-down tries again.
+    A hung or dead Redis then costs one commit ``COMMIT_TIMEOUT`` (one cached
+    read ``READ_TIMEOUT``) at most and later ones nothing, until one after the
+    cool-down tries again. ``fallback`` says what happens meanwhile.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, who: str, fallback: str) -> None:
+        self.who = who
+        self.fallback = fallback
         self._lock = threading.Lock()
         self._open_until = 0.0
 
@@ -233,10 +238,11 @@ class Breaker:
         with self._lock:
             if not self.open:
                 logger.warning(
-                    "ormbridge: Redis failed at commit (%s); commits skip it for %s s, "
-                    "the relay delivers their changes from the change log",
+                    "ormbridge: Redis failed (%s); %s skip it for %s s: %s",
                     error,
+                    self.who,
                     settings.BREAKER_COOLDOWN,
+                    self.fallback,
                 )
             self._open_until = time.monotonic() + float(settings.BREAKER_COOLDOWN)
 
@@ -245,7 +251,8 @@ class Breaker:
             self._open_until = 0.0
 
 
-breaker = Breaker()
+breaker = Breaker("commits", "the relay delivers their changes from the change log")
+read_breaker = Breaker("cached reads", "they read the database")
 
 
 def tag(prefix: str | None = None) -> str:

@@ -43,7 +43,7 @@ from django.db import connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.test.utils import override_settings
 
-from ormbridge import broadcast, cache, store
+from ormbridge import broadcast, cache, stats, store
 from ormbridge.conf import settings
 
 try:
@@ -107,7 +107,7 @@ class Harness:
     def start(self) -> None:
         """Switch to a new key prefix, watch the databases, deliver what was logged before."""
         self._thread = threading.get_ident()
-        cache.hits.send()  # hits counted so far belong to the prefix before this test's
+        stats.counts.send()  # hits counted so far belong to the prefix before this test's
         self.prefix = f"{settings.KEY_PREFIX}:testing:{uuid.uuid4().hex}"
         emitters = list(settings.EMITTERS)
         if STREAM_EMITTER not in emitters:  # events() reads the streams
@@ -116,6 +116,7 @@ class Harness:
         own = {**user, "KEY_PREFIX": self.prefix, "EMITTERS": emitters}
         self._stack.enter_context(override_settings(ORMBRIDGE=own))
         store.breaker.reset()
+        store.read_breaker.reset()
         try:
             for alias in self.aliases:
                 # Outermost: it acts after the buffer's wrapper noted the statement.
@@ -141,7 +142,7 @@ class Harness:
         Raises:
             DeliveryError: a delivery at commit raised during the test.
         """
-        cache.hits.send()  # under the test's prefix, about to be wiped
+        stats.counts.send()  # under the test's prefix, about to be wiped
         try:
             self._stack.close()
         finally:

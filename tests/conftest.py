@@ -7,24 +7,50 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import hypothesis
 import pytest
 import redis
-from django.db import connection
+from django.db import connection, connections
+from django.db.models import Model
 
-from ormbridge import cache, capture, store
+from ormbridge import capture, stats, store
 from ormbridge.models import ChangeBatch
 from tests import settings, sse
 
 pytest_plugins = ["ormbridge.testing"]  # the ormbridge_testing fixture, as a project loads it
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = Path(os.environ["ORMBRIDGE_TEST_RUN_DIR"])
+
+
+def elsewhere(work: Callable[[], T]) -> T:
+    """``work()``'s result, run in another thread on that thread's own database connection."""
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(work())
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the other thread did not finish within 60 s"
+    if errors:
+        raise errors[0]
+    return results[0]
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 30, what: str = "") -> None:
@@ -238,9 +264,10 @@ def clean_redis(redis_servers: dict[str, RedisServer], clean_log: None) -> Itera
     for name in ("ormbridge", "cache"):
         if not redis_servers[name].running:
             redis_servers[name].start()
-    cache.hits.send()  # the last test's hits, not this one's
+    stats.counts.send()  # the last test's hits, not this one's
     store.get_redis().flushall()  # on a cluster: every master
     store.breaker.reset()
+    store.read_breaker.reset()
     yield
     for server in redis_servers.values():
         if not server.running:  # a test stopped it
@@ -402,6 +429,29 @@ def product_triggers_uninstalled() -> Iterator[None]:
         capture.install("default")
 
 
+class ReplicaRouter:
+    """Sends the shop's reads to "replica", every write to "default"."""
+
+    def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
+        return "replica" if model._meta.app_label == "shop" else None
+
+    def db_for_write(self, model: type[Model], **hints: Any) -> str:
+        return "default"
+
+
+@pytest.fixture
+def replica(settings) -> Iterator[None]:
+    """A "replica" connection to the same database (a replica with no lag), and the router."""
+    default = connections["default"]
+    connections["replica"] = type(default)(dict(default.settings_dict), "replica")
+    settings.DATABASE_ROUTERS = [ReplicaRouter()]
+    try:
+        yield
+    finally:
+        connections["replica"].close()
+        del connections["replica"]
+
+
 @pytest.fixture(scope="module")
 def serve_wsgi() -> bool:
     """Whether ``serve`` runs the example project under ``runserver`` (WSGI) rather than
@@ -428,3 +478,9 @@ def serve(
     yield start
     for server in servers.values():
         server.stop()
+
+
+# Hypothesis: the example budgets are the tests' own (``@settings(max_examples=...)``), drawn
+# the same way on every run (CI's time stays known) and kept nowhere on disk.
+hypothesis.settings.register_profile("ormbridge", database=None, derandomize=True, deadline=None)
+hypothesis.settings.load_profile("ormbridge")

@@ -59,7 +59,7 @@ os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 from example.settings import *  # noqa: E402, F403
 from example.settings import CACHES, DATABASES, INSTALLED_APPS, ORMBRIDGE  # noqa: E402
 
-INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp"]
+INSTALLED_APPS = [*INSTALLED_APPS, "polymorphic", "tests.testapp"]
 
 CACHES["default"]["LOCATION"] = f"unix://{RUN_DIR}/cache.sock"
 CACHES["default"]["KEY_PREFIX"] = "test"

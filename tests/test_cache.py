@@ -14,6 +14,7 @@ from ormbridge.cache import TOKEN_GRACE, cached_instance, instance_key
 from ormbridge.models import ChangeBatch
 from ormbridge.querysets import cached_queryset
 from shop.models import Category, Customer, DiscountedProduct, Order, Product, Tag
+from tests.conftest import wait_until
 from tests.factories import make_products
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -246,3 +247,16 @@ def test_a_transaction_that_wrote_reads_its_own_rows_and_stores_none(no_relay):
         assert len(Product.objects.cache().order_by("pk")) == 2
         raise RuntimeError("roll back")
     assert len(cached_queryset(query)) == 1  # nothing of the rolled-back row was stored
+
+
+def test_hits_reach_redis_within_seconds_without_another_read(no_relay):
+    [product] = make_products(1)
+    relay.drain()
+    cached_instance(Product, product.pk)  # a miss
+    cached_instance(Product, product.pk)  # a hit, counted in memory
+    client = store.get_redis()
+    wait_until(
+        lambda: client.hget(store.stats_key("shop.product"), "hits") == "1",
+        10,
+        "the hit to be counted in Redis",
+    )

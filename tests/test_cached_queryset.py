@@ -16,7 +16,7 @@ from django.db import models
 from django.db.models import Max, Sum
 
 import ormbridge
-from ormbridge import cache, relay, store
+from ormbridge import relay, stats, store
 from ormbridge.cache import cached_instance, instance_key
 from shop.models import Category, Customer, Product
 from tests import commands
@@ -240,7 +240,7 @@ def test_status_shows_the_hits_and_misses_of_a_scripted_sequence_of_reads(no_rel
     relay.drain()  # the update: one row invalidated
     cached_instance(Product, product.pk)  # miss, stored
     products().count()  # miss, stored
-    cache.hits.send()  # hits reach Redis at most a second late; the test does not wait
+    stats.counts.send()  # hits reach Redis at most a second late; the test does not wait
     figures = cache_figures("shop.product")
     assert figures == {"hits": 3, "misses": 4, "stores": 4, "invalidations": 2}
 

@@ -127,6 +127,37 @@ def test_a_save_returns_at_once_while_ormbridge_redis_hangs(pause, monkeypatch):
     assert ChangeBatch.objects.filter(model="shop.product", action="update").exists()
 
 
+@pytest.fixture
+def hang(redis_servers: dict[str, RedisServer]) -> Iterator[Callable[[str], None]]:
+    """Stop every process of a Redis server (every node of a cluster) with SIGSTOP: a hang,
+    not a closed connection; continued at the end of the test."""
+    stopped: list[int] = []
+
+    def hang(name: str) -> None:
+        for node in redis_servers[name].nodes:
+            assert node.process is not None
+            os.kill(node.process.pid, signal.SIGSTOP)
+            stopped.append(node.process.pid)
+
+    yield hang
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    store.read_breaker.reset()
+
+
+def test_cached_reads_go_to_the_database_at_once_while_ormbridge_redis_hangs(no_relay, hang):
+    [product] = make_products(1, price="1.00")
+    fill(product)
+    hang("ormbridge")
+    started = time.monotonic()
+    for _ in range(6):  # six reads took 30 s: each waited for its 5 s socket timeout
+        assert price(product.pk) == Decimal("1.00")
+    elapsed = time.monotonic() - started
+    print(f"six cached reads with ormbridge's Redis hung: {elapsed * 1000:.1f} ms")
+    assert elapsed < 2 * AT_ONCE, "the reads waited for the hung Redis"
+    assert store.read_breaker.open, "the failed read opened the reads' breaker"
+
+
 def test_a_save_does_not_touch_the_broker(pause):
     [product] = make_products(1, price="1.00")
     fill(product)

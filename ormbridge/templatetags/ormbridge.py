@@ -11,12 +11,15 @@ the models or querysets the fragment reads in front::
 
 from __future__ import annotations
 
+from typing import Any
+
 from django import template
-from django.core.cache.utils import make_template_fragment_key
 from django.db import models
 from django.template.base import FilterExpression, NodeList, Parser, Token
 
-from ormbridge import cache
+from ormbridge import cache, compiled, keys
+from ormbridge.loads import Uncacheable
+from ormbridge.registry import label_of
 
 register = template.Library()
 
@@ -47,9 +50,8 @@ class CachedAsNode(template.Node):
         if not isinstance(sources, list | tuple):
             sources = [sources]
         # A model in the context reaches the tag as an instance (templates call callables).
-        labels = cache.dependencies(
-            *(type(s) if isinstance(s, models.Model) else s for s in sources)
-        )
+        sources = [type(s) if isinstance(s, models.Model) else s for s in sources]
+        labels = cache.dependencies(*sources)
         timeout = self.timeout.resolve(context)
         if timeout is None:
             timeout = cache.default_timeout(labels)
@@ -61,10 +63,42 @@ class CachedAsNode(template.Node):
                     f'"cached_as" tag got a non-integer timeout value: {timeout!r}'
                 ) from None
         vary_on = [variable.resolve(context) for variable in self.vary_on]
-        key = make_template_fragment_key(self.name, vary_on)
+        for variable, value in zip(self.vary_on, vary_on, strict=True):
+            try:
+                keys.encode(value)
+            except keys.Unkeyable as exc:
+                raise template.TemplateSyntaxError(
+                    f'"cached_as" tag: {variable.token!r} is a {type(value).__name__}, which '
+                    f"has no exact key ({exc}); vary on the values it stands for."
+                ) from None
+
+        def render() -> str:
+            return self.nodelist.render(context)
+
+        try:
+            parts = [_source_key(source) for source in sources]
+        except Uncacheable as refused:
+            return cache.uncached(refused, labels, render)
         return cache.read_through(
-            f"fragment\0{key}", labels, lambda: self.nodelist.render(context), timeout
+            ("fragment", self.name, parts, vary_on),
+            labels,
+            render,
+            timeout,
+            shape=f"fragment\0{self.name}",
         )
+
+
+def _source_key(source: Any) -> object:
+    """What a source stands for in the fragment's key: a model's label, a queryset's key
+    (the same fragment over another queryset is another entry)."""
+    if isinstance(source, models.QuerySet):
+        query_key = compiled.compile_queryset(source)
+        if query_key is None:
+            raise Uncacheable(
+                "fragment", f"a queryset of the fragment is not cached: {source.query!r}"
+            )
+        return ("queryset", *query_key.key)
+    return ("model", label_of(source))
 
 
 @register.tag("cached_as")

@@ -1,0 +1,73 @@
+"""Per-model counters of cached reads, kept in ormbridge's Redis for ``ormbridge_status``."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterable
+
+import redis
+
+from ormbridge import store
+
+__all__ = ["Counts", "counts"]
+
+logger = logging.getLogger(__name__)
+
+
+class Counts:
+    """Per-model counters (hits, reads not cached and why), counted in memory and added
+    to Redis within ``every`` seconds by a timer thread, and at exit.
+
+    A hit is one MGET: counting it there would cost a second command. Misses
+    and stores are counted by the scripts they run anyway.
+    """
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._timer: threading.Timer | None = None
+
+    def add(self, labels: Iterable[str], field: str) -> None:
+        with self._lock:
+            self._counts.update((label, field) for label in labels)
+            if self._timer is None:
+                self._timer = threading.Timer(self.every, self.send)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def send(self) -> None:
+        """Add the counts so far to Redis now (the status command reads them there)."""
+        with self._lock:
+            counted, self._counts = self._counts, Counter()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        if not counted:
+            return
+        try:
+            pipe = store.get_redis().pipeline(transaction=False)
+            for (label, field), n in counted.items():
+                pipe.hincrby(store.stats_key(label), field, n)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            logger.debug("ormbridge: counts not sent: %s", exc)
+
+    def forget(self) -> None:
+        """In a forked child: the parent's counts and timer are the parent's."""
+        self._lock = threading.Lock()
+        self._counts = Counter()
+        self._timer = None
+
+
+counts = Counts()
+
+
+atexit.register(counts.send)
+
+
+os.register_at_fork(after_in_child=counts.forget)
