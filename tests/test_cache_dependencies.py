@@ -18,7 +18,7 @@ from django.test.utils import CaptureQueriesContext
 import ormbridge
 from ormbridge import relay, store
 from ormbridge.cache import cached_instance
-from shop.models import Category, Order, Product
+from shop.models import Category, Note, Order, Product
 from tests.factories import make_products
 from tests.testapp.models import ArtProject, Blog, Book, Entry, Number, Post, Project, Shelf
 
@@ -246,6 +246,20 @@ def test_a_reverse_foreign_key_without_related_name_is_prefetched_and_fresh(no_r
 
 
 # -- what ormbridge does not watch
+
+
+def test_a_load_that_reads_an_unregistered_model_is_read_through_and_counted(no_relay):
+    from tests.testapp.models import Unwatched
+
+    Note.objects.create(subject=Unwatched.objects.create(name="elsewhere"), text="a note")
+    relay.drain()
+    query = Note.objects.prefetch_related("subject")  # whose rows: known once loaded
+    for _ in range(2):
+        with CaptureQueriesContext(connection) as queries:
+            [note] = ormbridge.cached_queryset(query)
+        assert note.subject.name == "elsewhere"
+        assert len(queries.captured_queries) >= 2
+    assert stats("shop.note")["uncached:unregistered"] == "2"
 
 
 def test_a_queryset_reading_an_unregistered_model_is_refused(no_relay):

@@ -18,14 +18,15 @@ from typing import Any
 
 import pytest
 from django.db import connection
-from django.db.models import Count, Exists, F, OuterRef, Q, Subquery, Sum
+from django.db.models import Count, Exists, F, Field, OuterRef, Q, Subquery, Sum, Value
 from django.template import Context, Template, TemplateSyntaxError
 from django.test import RequestFactory
+from django.test.utils import CaptureQueriesContext
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ormbridge
-from ormbridge import keys, relay
+from ormbridge import keys, relay, stats, store
 from ormbridge.compiled import aggregate_key, compile_queryset
 from shop.models import Category, Customer, Order, Product
 from tests.factories import make_products
@@ -82,6 +83,50 @@ def test_binary_filters_never_share_an_entry(no_relay):
     for blob in [b"abc", b"def", b"abc", b"def"]:
         gc.collect()  # a freed memoryview's address is the next one's
         assert titles(Document.objects.cache().filter(blob=blob)) == [blob.decode()]
+
+
+class Point:
+    """A parameter type the encoder does not know (the drivers are taught to send it)."""
+
+    def __init__(self, x: int, y: int) -> None:
+        self.x, self.y = x, y
+
+    def __str__(self) -> str:
+        return f"({self.x},{self.y})"
+
+    def __conform__(self, protocol: object) -> str:  # sqlite3's adaptation protocol
+        return str(self)
+
+
+@pytest.fixture
+def point_parameters() -> None:
+    """This test's database connection sends a ``Point`` as text."""
+    if connection.vendor == "postgresql":
+        from psycopg.types.string import StrDumper
+
+        class PointDumper(StrDumper):
+            def dump(self, obj: Any) -> Any:
+                return super().dump(str(obj))
+
+        connection.ensure_connection()
+        connection.connection.adapters.register_dumper(Point, PointDumper)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_parameter_of_a_type_the_encoder_does_not_know_is_read_through_and_counted(
+    no_relay, point_parameters
+):
+    make_products(1)
+    relay.drain()
+    for _ in range(2):
+        at = Value(Point(1, 2), output_field=Field())  # a field that sends it as it is
+        with CaptureQueriesContext(connection) as queries:
+            [row] = Product.objects.cache().annotate(at=at)
+        assert row.at == "(1,2)"
+        assert len(queries.captured_queries) == 1
+    stats.counts.send()
+    counted = store.get_redis().hget(store.stats_key("shop.product"), "uncached:unkeyable")
+    assert counted == "2"
 
 
 # -- item 2: aggregates holding expressions
