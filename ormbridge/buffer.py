@@ -7,9 +7,34 @@ database connection notes the registered tables each write statement
 touches, and when the transaction commits one Redis round trip deletes the
 changed rows' tokens and the models' queryset generations.
 
-Rows are known exactly for the statements Django makes for ``save()``
-(``UPDATE … WHERE pk = %s``) and ``delete()`` (``DELETE … WHERE pk IN
-(…)``); for any other update or delete the model's instance epoch goes too.
+What a statement writes is read from its SQL text (once per distinct text),
+by its first keyword after leading whitespace, comments and parentheses:
+
+- read-only statements note nothing: ``SELECT`` (``FOR UPDATE`` included),
+  ``VALUES``, ``TABLE``, ``SHOW``, ``PRAGMA``, ``EXPLAIN``/``DESCRIBE``
+  without ``ANALYZE``, ``SET``, transaction and savepoint control, ``LOCK``,
+  cursors, and a ``WITH`` holding no ``INSERT``/``UPDATE``/``DELETE``/``MERGE``;
+- ``INSERT``, ``REPLACE``, ``UPDATE``, ``DELETE`` and ``MERGE`` of one table
+  write that table only (the others they name are read). Rows are exact only
+  for the shapes of ``save()`` and ``delete()``: ``UPDATE "t" SET … WHERE
+  "t"."pk" = %s`` and ``DELETE FROM "t" WHERE "t"."pk" IN (%s, …)`` (either
+  of ``=`` and ``IN``), whose last parameters are the pks. An ``INSERT`` that
+  cannot change existing rows (plain, ``ON CONFLICT DO NOTHING``, ``INSERT OR
+  IGNORE``, ``INSERT IGNORE``) only adds rows: the model's queryset generation
+  goes. Any other write to the table kills the model wholesale: its instance
+  epoch and queryset generation;
+- anything else (``TRUNCATE``, data-modifying CTEs, several statements in one
+  string, MySQL's multi-table forms, DDL, ``DO`` blocks…) kills wholesale
+  every captured table its text names, quoted or bare, in any case,
+  schema-qualified or not; ``TRUNCATE … CASCADE`` every captured table.
+  ``EXPLAIN ANALYZE`` counts as the statement it runs.
+
+A write to an m2m table kills both ends' queryset generations. When in doubt,
+more is invalidated, never less. What no statement text names is left to the
+relay: writes made by functions and procedures (``SELECT f()``, ``CALL``), by
+the database's own triggers, rules and foreign-key actions, or through a view
+or a prepared statement (``EXECUTE``).
+
 This path is best effort and never raises into the host: a rolled-back
 savepoint or transaction drops its notes with its ``on_commit`` callback, a
 manual transaction (``set_autocommit(False)``) is left to the relay, and
@@ -21,6 +46,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import string
 import threading
 import weakref
 from collections import defaultdict
@@ -29,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from django.core.exceptions import ValidationError
 from django.db import connections, models, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
@@ -36,10 +63,6 @@ from ormbridge import cache, capture, registry, store
 from ormbridge.models import ChangeBatch
 
 logger = logging.getLogger("ormbridge")
-
-_WRITE = re.compile(r'\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+"?([^\s"(]+)"?', re.IGNORECASE)
-_BY_PK = re.compile(r'WHERE\s+"?[^\s"]+"?\."?([^\s"]+)"?\s*=\s*%s\s*$', re.IGNORECASE)
-_IN_PKS = re.compile(r'WHERE\s+"?[^\s"]+"?\."?([^\s"]+)"?\s+IN\s+\((?:%s(?:,\s*)?)+\)\s*$', re.I)
 
 
 class Changes:
@@ -157,71 +180,278 @@ def keys_for(label: str, pks: Sequence[object] | None) -> list[str]:
 
 def observe(
     execute: Callable[..., Any],
-    sql: str,
+    sql: Any,
     params: Any,
     many: bool,
     context: Mapping[str, Any],
 ) -> Any:
-    """``execute_wrapper``: run the statement, then note what it wrote to registered tables."""
+    """``execute_wrapper``: run the statement, then note what it wrote to captured tables."""
     result = execute(sql, params, many, context)
-    write = _parse(sql) if isinstance(sql, str) else None
-    if write is not None and not any(capture.paused(label) for label in write.labels):
-        try:
-            note(write.keys(params, many), context["connection"].alias)
-        except Exception:
-            logger.exception("ormbridge: could not note a write for read-your-writes")
+    try:
+        writes = _parse(sql) if isinstance(sql, str) else _parse_other(sql, context)
+        if writes:
+            keys = [
+                key
+                for write in writes
+                if not any(capture.paused(label) for label in write.labels)
+                for key in write.keys(params, many)
+            ]
+            if keys:
+                note(keys, context["connection"].alias)
+    except Exception:
+        logger.exception("ormbridge: could not note a write for read-your-writes")
     return result
+
+
+def _parse_other(sql: Any, context: Mapping[str, Any]) -> tuple[_Write, ...]:
+    """The writes of a statement given as bytes or a psycopg ``sql.Composable``.
+
+    Parsed as its text; if it has none we can read, a write to every captured table.
+    """
+    try:
+        if isinstance(sql, bytes):
+            return _parse(sql.decode())
+        return _parse(str(sql.as_string(context["connection"].connection)))
+    except Exception:
+        return _catalog().every
 
 
 @dataclass(frozen=True)
 class _Write:
-    """What a write statement's SQL says about the rows it changes, whatever its parameters."""
+    """What a statement's SQL says it writes to one captured table, whatever its parameters."""
 
+    table: capture.Table
     labels: tuple[str, ...]
     """Registered models whose rows it writes (both ends of an m2m table)."""
     instances: bool
-    """Whether it can change rows that cached instances hold (updates and deletes)."""
-    pk_params: int | None
+    """Whether it can change rows that cached instances hold (not when it adds rows only)."""
+    pk_params: int | None = None
     """How many of its last parameters are the pks of its rows (None: its rows are unknown)."""
-    to_python: Callable[[Any], Any]
+    to_python: Callable[[Any], Any] | None = None
+    """The pk field's ``to_python``, when ``pk_params`` is set."""
 
     def keys(self, params: Any, many: bool) -> list[str]:
         if not self.instances:  # new rows, m2m links: only querysets may hold them
             return [store.generation_key(label) for label in self.labels]
         pks = None
         count = self.pk_params
-        if not many and count and isinstance(params, list | tuple) and len(params) >= count:
-            pks = [self.to_python(pk) for pk in params[-count:]]
+        if (
+            not many
+            and count
+            and self.to_python is not None
+            and isinstance(params, list | tuple)
+            and len(params) >= count
+        ):
+            try:
+                pks = [self.to_python(pk) for pk in params[-count:]]
+            except (TypeError, ValueError, ValidationError):  # not pks after all: every row
+                pks = None
         return keys_for(self.labels[0], pks)
 
 
-@functools.lru_cache(maxsize=1024)
-def _parse(sql: str) -> _Write | None:
-    """The write of ``sql`` to a captured table, or None (cached: Django repeats its SQL)."""
-    match = _WRITE.match(sql)
-    table = _tables().get(match.group(2)) if match is not None else None
-    if match is None or table is None:
-        return None
-    verb = match.group(1)[0].upper()
+def _write(table: capture.Table, instances: bool = True, pk_params: int | None = None) -> _Write:
+    """A write to ``table``: of the rows whose pks are its last ``pk_params`` parameters, if set."""
+    to_python = None
+    if pk_params is not None:
+        to_python = registry.get_model(table.targets[0].label)._meta.pk.to_python
     labels = tuple(target.label for target in table.targets)
-    pk = registry.get_model(labels[0])._meta.pk
-    instances = not table.through and (verb != "I" or "ON CONFLICT" in sql.upper())
-    # WHERE pk = %s or WHERE pk IN (%s, …) ending the statement: its last parameters
-    exact = None if verb == "I" else _BY_PK.search(sql) or _IN_PKS.search(sql)
-    pk_params = None
-    if exact is not None and exact.group(1) == table.targets[0].column:
-        pk_params = exact.group(0).count("%s")
-    return _Write(labels, instances, pk_params, pk.to_python)
+    return _Write(table, labels, instances and not table.through, pk_params, to_python)
+
+
+# -- classifying statements (see the module docstring) -----------------------
+
+# Statements that never change a table's rows (SELECT and VALUES cannot hold a
+# data-modifying statement in PostgreSQL, SQLite or MySQL; WITH can).
+_READS = frozenset(
+    {
+        *("SELECT", "VALUES", "TABLE", "SHOW", "PRAGMA", "DECLARE", "FETCH", "MOVE", "CLOSE"),
+        *("SET", "RESET", "SAVEPOINT", "RELEASE", "ROLLBACK", "ABORT", "BEGIN", "START"),
+        *("COMMIT", "END", "LOCK", "LISTEN", "UNLISTEN", "NOTIFY", "ANALYZE", "ANALYSE"),
+        "VACUUM",
+    }
+)
+_EXPLAINS = frozenset({"EXPLAIN", "DESCRIBE", "DESC"})  # they run the statement with ANALYZE
+_WORD = re.compile(r"[A-Za-z_]+")
+_ANALYZE = re.compile(r"\bANALY[SZ]E\b", re.I)
+_EXPLAIN = re.compile(
+    r"\w+(?:\s*\([^)]*\)|\s+(?:ANALY[SZ]E|VERBOSE|QUERY\s+PLAN|EXTENDED|FORMAT\s*=\s*\w+)\b)*",
+    re.I,
+)
+_LOCKING = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+)?UPDATE\b", re.I)
+_MODIFIES = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE|REPLACE\s+INTO)\b", re.I)
+_CASCADE = re.compile(r"\bCASCADE\b", re.I)
+# An INSERT that says UPDATE (ON CONFLICT DO UPDATE, ON DUPLICATE KEY UPDATE) can
+# change existing rows, as INSERT OR REPLACE and REPLACE INTO can.
+_UPSERT = re.compile(r"\bUPDATE\b", re.I)
+
+# An identifier ("quoted", `quoted`, [quoted] or bare) and a name (identifiers and dots).
+_PART = r'(?:"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\]|[^\W\d][\w$]*(?![\w$]))'
+_NAME = rf"{_PART}(?:\s*\.\s*{_PART})*"
+_PARTS = re.compile(_PART)
+_TARGET = rf"(?P<name>{_NAME})(?:\s*\*)?"
+_ALIAS = rf"(?:\s+(?:AS\s+)?(?P<alias>{_PART}))?"
+# The statements of one target table, up to its name (and alias).
+_SHAPES = {
+    "INSERT": re.compile(
+        r"INSERT(?:\s+OR\s+(?P<conflict>\w+))?(?:\s+(?:LOW_PRIORITY|DELAYED|HIGH_PRIORITY|IGNORE))*"
+        rf"(?:\s+INTO)?\s+{_TARGET}(?=[\s(]|$)",
+        re.I,
+    ),
+    "REPLACE": re.compile(
+        rf"REPLACE(?:\s+(?:LOW_PRIORITY|DELAYED))*(?:\s+INTO)?\s+{_TARGET}(?=[\s(]|$)", re.I
+    ),
+    "UPDATE": re.compile(
+        rf"UPDATE(?:\s+(?:OR\s+\w+|LOW_PRIORITY|IGNORE|ONLY))*\s+{_TARGET}{_ALIAS}\s+SET\b",
+        re.I,
+    ),
+    "DELETE": re.compile(
+        rf"DELETE(?:\s+(?:LOW_PRIORITY|QUICK|IGNORE))*\s+FROM(?:\s+ONLY)?\s+{_TARGET}{_ALIAS}"
+        r"\s*(?:(?:WHERE|USING|RETURNING|ORDER|LIMIT)\b|$)",
+        re.I,
+    ),
+    "MERGE": re.compile(rf"MERGE\s+INTO(?:\s+ONLY)?\s+{_TARGET}(?=\s|$)", re.I),
+}
+# How the statements of save() (WHERE pk = %s) and delete() (WHERE pk IN (%s, ...)) end.
+_BY_PK = re.compile(
+    rf"\sWHERE\s+(?P<qualifier>{_NAME})\s*\.\s*(?P<column>{_PART})\s*"
+    r"(?:=\s*%s|IN\s*\((?:\s*%s\s*,)*\s*%s\s*\))$",
+    re.I,
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(sql: str) -> tuple[_Write, ...]:
+    """The writes of ``sql`` to captured tables (cached: Django repeats its SQL)."""
+    return _classify(sql, _catalog())
+
+
+def _classify(sql: str, catalog: _Catalog) -> tuple[_Write, ...]:
+    text = _trimmed(sql)
+    if ";" in text:  # several statements (or a ';' in a literal): whatever they name
+        return catalog.mentioned(text)
+    word = _WORD.match(text)
+    keyword = word.group().upper() if word is not None else ""
+    if keyword in _READS:
+        return ()
+    if keyword in _EXPLAINS:
+        head = _EXPLAIN.match(text)
+        if head is None or not _ANALYZE.search(text):
+            return ()
+        return _classify(text[head.end() :], catalog)
+    if keyword == "WITH":
+        return catalog.mentioned(text) if _MODIFIES.search(_LOCKING.sub(" ", text)) else ()
+    if keyword == "TRUNCATE" and _CASCADE.search(text):  # and every table referencing them
+        return catalog.every
+    shape = _SHAPES.get(keyword)
+    target = shape.match(text) if shape is not None else None
+    if target is None:
+        return catalog.mentioned(text)
+    tables = catalog.named(target.group("name"))
+    if keyword == "INSERT":
+        upsert = (target.group("conflict") or "").upper() == "REPLACE" or _UPSERT.search(text)
+        return tuple(_write(table, instances=bool(upsert)) for table in tables)
+    if keyword in ("UPDATE", "DELETE") and len(tables) == 1:
+        pk_params = _pk_params(text, target, tables[0])
+        if pk_params is not None:
+            return (_write(tables[0], pk_params=pk_params),)
+    return tuple(_write(table) for table in tables)
+
+
+def _pk_params(text: str, target: re.Match[str], table: capture.Table) -> int | None:
+    """How many pks end ``text``, if it is Django's ``UPDATE "t" SET … WHERE "t"."pk" = %s``
+    or ``DELETE FROM "t" WHERE "t"."pk" IN (%s, …)`` (either of = and IN)."""
+    head = text[: target.start("name")].split()
+    if [word.upper() for word in head] not in (["UPDATE"], ["DELETE", "FROM"]):
+        return None  # OR REPLACE, ONLY...
+    if "--" in text or "#" in text:  # a line comment could hide the real end (MySQL: #)
+        return None
+    where = _BY_PK.search(text)
+    if (
+        where is None
+        or target.group("alias")
+        or _parts(where.group("qualifier")) != _parts(target.group("name"))
+        or _parts(where.group("column")) != (table.targets[0].column.lower(),)
+    ):
+        return None
+    return where.group().count("%s")
+
+
+_TRAILING = string.whitespace + ";"
+
+
+def _trimmed(sql: str) -> str:
+    """``sql`` without leading whitespace, comments and '(', or trailing ';' and comments."""
+    start, end = 0, len(sql)
+    while start < end:
+        if sql[start].isspace() or sql[start] == "(":
+            start += 1
+        elif sql.startswith("--", start):
+            newline = sql.find("\n", start)
+            start = end if newline < 0 else newline + 1
+        elif sql.startswith("/*", start):
+            close = sql.find("*/", start + 2)
+            start = end if close < 0 else close + 2
+        else:
+            break
+    text = sql[start:]
+    while True:
+        text = text.rstrip(_TRAILING)
+        opening = text.rfind("/*") if text.endswith("*/") else -1
+        if opening < 0:
+            return text
+        text = text[:opening]
+
+
+def _parts(name: str) -> tuple[str, ...]:
+    """The identifiers of a name in SQL (``"public"."t"``: public, t), unquoted, lower case."""
+    parts = []
+    for found in _PARTS.finditer(name):
+        part = found.group()
+        if part[0] in '"`[':
+            part = part[1:-1].replace('""', '"')
+        parts.append(part.lower())
+    return tuple(parts)
+
+
+class _Catalog:
+    """The captured tables, to find in SQL text by their names."""
+
+    def __init__(self, tables: Sequence[capture.Table]) -> None:
+        self.by_name: dict[str, list[capture.Table]] = defaultdict(list)
+        for table in tables:
+            # Django's way to a schema is db_table = 'schema"."table'.
+            self.by_name[table.name.strip('"').split('"."')[-1].lower()].append(table)
+        self.every = tuple(_write(table) for table in tables)  # rows unknown
+        names = sorted(self.by_name, key=len, reverse=True)
+        bare = [name for name in names if re.fullmatch(r"[^\W\d][\w$]*", name)]
+        alternatives = [rf'["`\[](?P<quoted>{"|".join(map(re.escape, names))})["`\]]']
+        if bare:
+            alternatives.append(rf"(?<![\w$])(?P<bare>{'|'.join(map(re.escape, bare))})(?![\w$])")
+        self.mentions = re.compile("|".join(alternatives), re.I) if names else None
+
+    def named(self, name: str) -> tuple[capture.Table, ...]:
+        """The captured tables a table name in SQL (quoted or not, with a schema or not) can be."""
+        parts = _parts(name)
+        return tuple(self.by_name.get(parts[-1], ())) if parts else ()
+
+    def mentioned(self, text: str) -> tuple[_Write, ...]:
+        """A write of each captured table ``text`` names, rows unknown."""
+        if self.mentions is None:
+            return ()
+        names = {
+            found.group(found.lastgroup or 0).lower() for found in self.mentions.finditer(text)
+        }
+        return tuple(_write(table) for name in sorted(names) for table in self.by_name[name])
 
 
 @functools.cache
-def _tables() -> dict[str, capture.Table]:
-    return {table.name: table for table in capture.tables()}
+def _catalog() -> _Catalog:
+    return _Catalog(capture.tables())
 
 
 def tables_changed() -> None:
-    """Forget the table map and parsed statements (a model was registered)."""
-    _tables.cache_clear()
+    """Forget the captured tables and parsed statements (a model was registered)."""
+    _catalog.cache_clear()
     _parse.cache_clear()
 
 

@@ -1,0 +1,693 @@
+"""Read-your-writes for every statement form (issue 16, item 9): what the commit path recognises.
+
+The committing process invalidates at commit what each statement it ran wrote
+to a captured table (``ormbridge.buffer``). Django's backends write with more
+than ``INSERT INTO`` / ``UPDATE`` / ``DELETE FROM``: PostgreSQL's ``flush`` is
+one ``TRUNCATE`` of every table, SQLite's m2m ``add()`` and
+``bulk_create(ignore_conflicts=True)`` are ``INSERT OR IGNORE INTO``, and raw
+SQL comes in any case, quoting and shape. These tests specify that:
+
+- every such write, made through the ORM where Django emits it or as raw SQL,
+  is read fresh right after its commit, with no relay running (``no_relay``),
+  so only the commit path can have invalidated (Redis is shared: a read here
+  after the commit reads what any process reads, ``tests/test_freshness.py``
+  checks another process);
+- rows are exact for the statements of ``save()`` and ``delete()``, a plain
+  insert kills querysets only, and any other write kills the model's instances
+  and querysets; models a statement only reads stay cached;
+- read-only statements note nothing (the classifier tests at the end call the
+  execute wrapper with a table of SQL texts, no database needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+from psycopg.sql import SQL, Identifier
+
+from ormbridge import buffer, capture, store
+from ormbridge.cache import cached_instance
+from ormbridge.querysets import cached_queryset
+from shop.models import DigitalProduct, Order, Product, Tag
+from tests.factories import make_products
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PG = "postgresql"
+
+
+def postgresql(reason: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(connection.vendor != PG, reason=reason)
+
+
+def sqlite(reason: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(connection.vendor != "sqlite", reason=reason)
+
+
+def price(product: Product) -> Decimal:
+    """``product``'s price read through the cache API."""
+    return cached_instance(Product, product.pk).price
+
+
+def run(statement: Any, params: list[Any] | None = None) -> None:
+    """Raw SQL on Django's connection, committed (autocommit)."""
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+
+
+def product_pks(queryset: Any) -> list[int]:
+    """The pks of ``queryset`` (of products) read through ``cached_queryset``."""
+    return [row.pk for row in cached_queryset(queryset.order_by("pk"))]
+
+
+def prices() -> list[Decimal]:
+    """Every product's price, in pk order, read through ``cached_queryset``."""
+    return [row.price for row in cached_queryset(Product.objects.order_by("pk"))]
+
+
+# -- 1. what Django's backends emit -----------------------------------------------
+
+
+def test_flush_empties_every_cached_model(no_relay):
+    [product] = make_products(1)
+    tag = Tag.objects.create(name="flushed")
+    assert price(product) == Decimal("1.00")
+    assert cached_instance(Tag, tag.pk).name == "flushed"
+    assert product_pks(Product.objects.all()) == [product.pk]
+    with CaptureQueriesContext(connection) as queries:
+        call_command("flush", interactive=False, verbosity=0)
+    if connection.vendor == PG:  # one TRUNCATE of every table
+        assert any(q["sql"].startswith("TRUNCATE") for q in queries.captured_queries)
+    with pytest.raises(Product.DoesNotExist):
+        cached_instance(Product, product.pk)
+    with pytest.raises(Tag.DoesNotExist):
+        cached_instance(Tag, tag.pk)
+    assert product_pks(Product.objects.all()) == []
+
+
+def test_an_m2m_add_is_read_fresh_from_both_ends(no_relay):
+    [product] = make_products(1)
+    tag = Tag.objects.create(name="new")
+    assert product_pks(Product.objects.filter(tags=tag)) == []
+    assert [t.pk for t in cached_queryset(Tag.objects.filter(products=product))] == []
+    with CaptureQueriesContext(connection) as queries:
+        product.tags.add(tag)
+    if connection.vendor == "sqlite":
+        assert any(q["sql"].startswith("INSERT OR IGNORE INTO") for q in queries.captured_queries)
+    assert product_pks(Product.objects.filter(tags=tag)) == [product.pk]
+    assert [t.pk for t in cached_queryset(Tag.objects.filter(products=product))] == [tag.pk]
+
+
+def test_bulk_create_ignoring_conflicts_shows_new_rows_and_keeps_the_existing_ones_cached(
+    no_relay, django_assert_num_queries
+):
+    [existing] = make_products(1, price="1.00")
+    assert price(existing) == Decimal("1.00")
+    assert product_pks(Product.objects.all()) == [existing.pk]
+    with CaptureQueriesContext(connection) as queries:
+        Product.objects.bulk_create(
+            [
+                Product(sku=existing.sku, name="a clash", category=existing.category, price=9),
+                Product(sku="brand-new", name="new", category=existing.category, price=2),
+            ],
+            ignore_conflicts=True,
+        )
+    if connection.vendor == "sqlite":
+        assert any(q["sql"].startswith("INSERT OR IGNORE INTO") for q in queries.captured_queries)
+    new = Product.objects.get(sku="brand-new")
+    assert product_pks(Product.objects.all()) == [existing.pk, new.pk]
+    with django_assert_num_queries(0):  # the existing row did not change: still served
+        assert price(existing) == Decimal("1.00")
+
+
+def test_bulk_create_updating_conflicts_is_read_fresh(no_relay):
+    [existing] = make_products(1, price="1.00")
+    assert price(existing) == Decimal("1.00")
+    assert prices() == [Decimal("1.00")]
+    Product.objects.bulk_create(
+        [Product(sku=existing.sku, name="upserted", category=existing.category, price=7)],
+        update_conflicts=True,
+        unique_fields=["sku"],
+        update_fields=["price"],
+    )
+    assert price(existing) == Decimal("7.00")
+    assert prices() == [Decimal("7.00")]
+
+
+def test_a_queryset_update_filtered_on_a_related_model_leaves_that_model_cached(
+    no_relay, django_assert_num_queries
+):
+    [product] = make_products(1, price="1.00")
+    order = Order.objects.create(product=product, quantity=1)
+    assert cached_instance(Order, order.pk).quantity == 1
+    assert price(product) == Decimal("1.00")
+    Order.objects.filter(product__sku=product.sku).update(quantity=5)
+    assert cached_instance(Order, order.pk).quantity == 5
+    with django_assert_num_queries(0):  # only read by the update
+        assert price(product) == Decimal("1.00")
+
+
+def test_an_update_of_a_multi_table_child_is_read_fresh_through_child_and_parent(no_relay):
+    digital = DigitalProduct.objects.create(
+        sku="d-1", name="ebook", category=make_products(1)[0].category, price=3, download_url=""
+    )
+    assert cached_instance(DigitalProduct, digital.pk).price == Decimal("3.00")
+    assert price(digital) == Decimal("3.00")
+    DigitalProduct.objects.filter(download_url="").update(
+        price=Decimal("4.00"), download_url="https://example.com/ebook"
+    )
+    fresh = cached_instance(DigitalProduct, digital.pk)
+    assert (fresh.price, fresh.download_url) == (Decimal("4.00"), "https://example.com/ebook")
+    assert price(digital) == Decimal("4.00")
+
+
+# -- 2. raw SQL --------------------------------------------------------------------
+
+RAW_UPDATES = [
+    pytest.param("update shop_product set price = %s where id = %s", id="lower-case-unquoted"),
+    pytest.param(
+        '/* why */ UPDATE "shop_product" SET "price" = %s WHERE "shop_product"."id" = %s',
+        id="leading-block-comment",
+    ),
+    pytest.param(
+        "-- why\n  UPDATE shop_product SET price = %s WHERE id = %s", id="leading-line-comment"
+    ),
+    pytest.param(
+        'UPDATE "{schema}"."shop_product" SET "price" = %s WHERE "id" = %s', id="schema-quoted"
+    ),
+    pytest.param("UPDATE {schema}.shop_product SET price = %s WHERE id = %s", id="schema-bare"),
+    pytest.param(
+        "WITH new AS (SELECT %s AS price) "
+        "UPDATE shop_product SET price = (SELECT price FROM new) WHERE id = %s",
+        id="after-a-cte",
+    ),
+    pytest.param(
+        "WITH changed AS (UPDATE shop_product SET price = %s WHERE id = %s RETURNING id) "
+        "SELECT count(*) FROM changed",
+        id="data-modifying-cte",
+        marks=postgresql("a data-modifying CTE is PostgreSQL's"),
+    ),
+    pytest.param(
+        "MERGE INTO shop_product AS p USING (VALUES (%s::numeric, %s::integer)) AS v(price, id) "
+        "ON p.id = v.id WHEN MATCHED THEN UPDATE SET price = v.price",
+        id="merge",
+        marks=postgresql("MERGE is PostgreSQL's (15 and later)"),
+    ),
+    pytest.param(
+        "UPDATE ONLY shop_product SET price = %s WHERE id = %s",
+        id="only",
+        marks=postgresql("ONLY is PostgreSQL's"),
+    ),
+    pytest.param(
+        "EXPLAIN ANALYZE UPDATE shop_product SET price = %s WHERE id = %s",
+        id="explain-analyze",
+        marks=postgresql("only PostgreSQL's EXPLAIN ANALYZE runs an UPDATE"),
+    ),
+    pytest.param(
+        "UPDATE OR REPLACE shop_product SET price = %s WHERE id = %s",
+        id="update-or-replace",
+        marks=sqlite("UPDATE OR REPLACE is SQLite's"),
+    ),
+]
+
+
+@pytest.mark.parametrize("sql", RAW_UPDATES)
+def test_a_raw_update_is_read_fresh_whatever_its_form(no_relay, sql):
+    [product, _] = make_products(2, price="1.00")
+    assert price(product) == Decimal("1.00")
+    assert prices() == [Decimal("1.00")] * 2
+    schema = "public" if connection.vendor == PG else "main"
+    run(sql.replace("{schema}", schema), [Decimal("2.50"), product.pk])
+    assert price(product) == Decimal("2.50")
+    assert prices() == [Decimal("2.50"), Decimal("1.00")]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        pytest.param("delete from shop_order where id = %s", id="lower-case-unquoted"),
+        pytest.param(
+            "DELETE FROM shop_order USING shop_product "
+            "WHERE shop_order.product_id = shop_product.id AND shop_order.id = %s",
+            id="using",
+            marks=postgresql("DELETE ... USING is PostgreSQL's"),
+        ),
+        pytest.param(
+            "DELETE FROM ONLY shop_order WHERE id = %s",
+            id="only",
+            marks=postgresql("ONLY is PostgreSQL's"),
+        ),
+    ],
+)
+def test_a_raw_delete_is_read_fresh_and_leaves_the_tables_it_reads_cached(
+    no_relay, django_assert_num_queries, sql
+):
+    [product] = make_products(1, price="1.00")
+    order = Order.objects.create(product=product)
+    assert cached_instance(Order, order.pk).quantity == 1
+    assert price(product) == Decimal("1.00")
+    run(sql, [order.pk])
+    with pytest.raises(Order.DoesNotExist):
+        cached_instance(Order, order.pk)
+    with django_assert_num_queries(0):
+        assert price(product) == Decimal("1.00")
+
+
+@postgresql("sql.Composed and bytes statements are psycopg's")
+@pytest.mark.parametrize("form", ["composed", "bytes"])
+def test_a_statement_given_as_composed_sql_or_bytes_is_read_fresh(no_relay, form):
+    [product] = make_products(1, price="1.00")
+    assert price(product) == Decimal("1.00")
+    statement = SQL("UPDATE {} SET price = %s WHERE id = %s").format(Identifier("shop_product"))
+    run(
+        statement if form == "composed" else statement.as_bytes(None), [Decimal("6.00"), product.pk]
+    )
+    assert price(product) == Decimal("6.00")
+
+
+@sqlite("INSERT OR REPLACE is SQLite's; REPLACE INTO is MySQL's too, not captured yet")
+@pytest.mark.parametrize("verb", ["INSERT OR REPLACE INTO", "REPLACE INTO"])
+def test_an_insert_replacing_a_row_is_read_fresh(no_relay, verb):
+    [product] = make_products(1, price="1.00")
+    assert price(product) == Decimal("1.00")
+    run(
+        f"{verb} shop_product (id, sku, name, category_id, price, stock, updated_at) "
+        "SELECT id, sku, name, category_id, %s, stock, updated_at FROM shop_product WHERE id = %s",
+        [Decimal("8.00"), product.pk],
+    )
+    assert price(product) == Decimal("8.00")
+
+
+@postgresql("TRUNCATE is PostgreSQL's (SQLite has none)")
+def test_a_truncate_of_several_tables_empties_each_and_leaves_the_others_cached(
+    no_relay, django_assert_num_queries
+):
+    [product] = make_products(1, price="1.00")
+    tag = Tag.objects.create(name="gone")
+    product.tags.add(tag)
+    order = Order.objects.create(product=product)
+    assert cached_instance(Order, order.pk).quantity == 1
+    assert cached_instance(Tag, tag.pk).name == "gone"
+    assert product_pks(Product.objects.filter(tags=tag)) == [product.pk]
+    assert price(product) == Decimal("1.00")
+    run('TRUNCATE "shop_order", "shop_tag", "shop_product_tags" RESTART IDENTITY')
+    with pytest.raises(Order.DoesNotExist):
+        cached_instance(Order, order.pk)
+    with pytest.raises(Tag.DoesNotExist):
+        cached_instance(Tag, tag.pk)
+    assert product_pks(Product.objects.filter(tags__isnull=False)) == []
+    with django_assert_num_queries(0):  # not truncated
+        assert price(product) == Decimal("1.00")
+
+
+@postgresql("TRUNCATE is PostgreSQL's (SQLite has none)")
+def test_a_truncate_cascade_empties_the_tables_that_reference_it(no_relay):
+    [product] = make_products(1)
+    order = Order.objects.create(product=product)
+    assert cached_instance(Order, order.pk).quantity == 1
+    run("TRUNCATE shop_product CASCADE")  # shop_order references it
+    with pytest.raises(Order.DoesNotExist):
+        cached_instance(Order, order.pk)
+
+
+def test_a_write_in_an_atomic_block_is_read_fresh_after_the_block(no_relay):
+    [product] = make_products(1, price="1.00")
+    assert price(product) == Decimal("1.00")
+    with transaction.atomic():
+        run("/* batch */ update shop_product set price = %s where id = %s", [3, product.pk])
+    assert price(product) == Decimal("3.00")
+
+
+# -- 3. the classifier: what the execute wrapper notes for a statement ---------------
+
+
+@pytest.fixture
+def noted(monkeypatch) -> Callable[..., set[str]]:
+    """``noted(sql, params)``: the keys the execute wrapper notes for ``sql``, run by nobody."""
+
+    class Connection:
+        alias = "default"
+
+    keys: list[str] = []
+    monkeypatch.setattr(buffer, "note", lambda found, using: keys.extend(found))
+
+    def run(sql: str, params: Any = None, many: bool = False) -> set[str]:
+        keys.clear()
+        buffer.observe(lambda *args: None, sql, params, many, {"connection": Connection()})
+        return set(keys)
+
+    return run
+
+
+def keys_of(kinds: dict[str, str | list[int]]) -> set[str]:
+    """The keys noted for ``kinds``: model name -> ``"model"``, ``"querysets"`` or pks."""
+    keys: set[str] = set()
+    for name, kind in kinds.items():
+        label = f"shop.{name}"
+        keys.add(store.generation_key(label))
+        if kind == "model":  # every instance (the epoch) and queryset
+            keys.add(store.epoch_key(label))
+        elif kind != "querysets":  # these rows' instances, and querysets
+            keys.update(store.token_key(label, pk) for pk in kind)
+    return keys
+
+
+def case(sql: str, params: list[Any] | None = None, **kinds: str | list[int]) -> Any:
+    return pytest.param(sql, params, kinds, id=" ".join(sql.split())[:70])
+
+
+M = "model"
+Q = "querysets"
+
+CLASSIFIED = [
+    # the statements of save() and delete(): exact rows
+    case(
+        'UPDATE "shop_product" SET "price" = %s WHERE "shop_product"."id" = %s',
+        ["2", 5],
+        product=[5],
+    ),
+    case(
+        'UPDATE "shop_product" SET "stock" = %s WHERE "shop_product"."id" IN (%s, %s)',
+        [1, 5, 6],
+        product=[5, 6],
+    ),
+    case('DELETE FROM "shop_order" WHERE "shop_order"."id" IN (%s, %s)', [7, 8], order=[7, 8]),
+    case('DELETE FROM "shop_order" WHERE "shop_order"."id" = %s', [7], order=[7]),
+    case(
+        "UPDATE `shop_product` SET `price` = %s WHERE `shop_product`.`id` = %s",
+        ["2", 5],
+        product=[5],
+    ),
+    case(
+        '/* a */ UPDATE "shop_product" SET "price" = %s WHERE "shop_product"."id" = %s',
+        ["2", 5],
+        product=[5],
+    ),
+    case(
+        'UPDATE "shop_product" SET "price" = %s WHERE "shop_product"."id" = %s /*a=\'b\'*/;',
+        ["2", 5],
+        product=[5],
+    ),
+    case(
+        'UPDATE "public"."shop_product" SET "price" = %s WHERE "public"."shop_product"."id" = %s',
+        ["2", 5],
+        product=[5],
+    ),
+    case(
+        'UPDATE "shop_digitalproduct" SET "download_url" = %s '
+        'WHERE "shop_digitalproduct"."product_ptr_id" = %s',
+        ["u", 5],
+        digitalproduct=[5],
+    ),
+    case(
+        'UPDATE "shop_order" SET "quantity" = (SELECT U0."stock" FROM "shop_product" U0 '
+        'WHERE U0."id" = %s) WHERE "shop_order"."id" = %s',
+        [1, 2],
+        order=[2],
+    ),
+    case(
+        'EXPLAIN ANALYZE UPDATE "shop_product" SET "price" = %s WHERE "shop_product"."id" = %s',
+        ["2", 5],
+        product=[5],
+    ),
+    # any other update or delete: every instance and queryset of the model
+    case(
+        'UPDATE "shop_product" SET "price" = %s WHERE "shop_product"."sku" = %s',
+        ["2", "a"],
+        product=M,
+    ),
+    case(
+        'UPDATE "shop_product" SET "price" = %s FROM "shop_order" WHERE "shop_order"."id" = %s',
+        ["2", 5],
+        product=M,
+    ),
+    case("UPDATE shop_product AS p SET price = %s WHERE p.id = %s", ["2", 5], product=M),
+    case(
+        'UPDATE ONLY "shop_product" SET "price" = %s WHERE "shop_product"."id" = %s',
+        ["2", 5],
+        product=M,
+    ),
+    case(
+        'UPDATE OR REPLACE "shop_product" SET "sku" = %s WHERE "shop_product"."id" = %s',
+        ["a", 5],
+        product=M,
+    ),
+    case("update shop_product set price = %s where id = %s", ["2", 5], product=M),
+    case('UPDATE "shop_product" SET "price" = 1 -- WHERE "shop_product"."id" = %s', [5], product=M),
+    case("UPDATE `shop_product` SET `price` = 1 # WHERE `shop_product`.`id` = %s", [5], product=M),
+    case('UPDATE "shop_product" SET "price" = 1 WHERE "shop_product"."id" = %s', [[5]], product=M),
+    case("UPDATE [shop_product] SET price = 2", product=M),
+    case("UPDATE public.shop_product SET price = 2", product=M),
+    case("UPDATE main . shop_product SET price = 2", product=M),
+    case("-- a\n-- b\n  /* c */ update\tshop_product\nset price = 2", product=M),
+    case(
+        'UPDATE "shop_order" SET "quantity" = %s WHERE "shop_order"."product_id" IN '
+        '(SELECT U0."id" FROM "shop_product" U0 WHERE U0."sku" = %s)',
+        [5, "a"],
+        order=M,
+    ),
+    case(
+        'DELETE FROM "shop_order" WHERE "shop_order"."product_id" IN '
+        '(SELECT U0."id" FROM "shop_product" U0)',
+        order=M,
+    ),
+    case('DELETE FROM "shop_order";', order=M),
+    case(
+        "DELETE FROM shop_order USING shop_product WHERE shop_order.product_id = shop_product.id",
+        order=M,
+    ),
+    case("DELETE FROM ONLY shop_order WHERE id = 1", order=M),
+    case("delete from main.shop_order", order=M),
+    # MySQL's multi-table forms: every table they name
+    case(
+        "DELETE `shop_order` FROM `shop_order` INNER JOIN `shop_product` "
+        "ON (`shop_order`.`product_id` = `shop_product`.`id`)",
+        order=M,
+        product=M,
+    ),
+    case(
+        "UPDATE shop_order JOIN shop_product ON shop_order.product_id = shop_product.id "
+        "SET shop_product.stock = 0",
+        order=M,
+        product=M,
+    ),
+    case("UPDATE shop_order, shop_product SET shop_product.stock = 0", order=M, product=M),
+    case(
+        "DELETE FROM shop_order, shop_product USING shop_order JOIN shop_product",
+        order=M,
+        product=M,
+    ),
+    # inserts: new rows, querysets only, unless a conflict clause can change existing rows
+    case(
+        'INSERT INTO "shop_product" ("sku", "price") VALUES (%s, %s) RETURNING "shop_product"."id"',
+        ["a", "1"],
+        product=Q,
+    ),
+    case(
+        'INSERT INTO "shop_product" ("sku") SELECT * FROM UNNEST((%s)::varchar[])',
+        [["a"]],
+        product=Q,
+    ),
+    case("insert into shop_tag (name) values (%s)", ["a"], tag=Q),
+    case('INSERT INTO "shop_order" ("product_id") SELECT U0."id" FROM "shop_product" U0', order=Q),
+    case('INSERT INTO "shop_product" ("sku") VALUES (%s) ON CONFLICT DO NOTHING', ["a"], product=Q),
+    case('INSERT OR IGNORE INTO "shop_product" ("sku") VALUES (%s)', ["a"], product=Q),
+    case("INSERT IGNORE INTO `shop_product` (`sku`) VALUES (%s)", ["a"], product=Q),
+    case(
+        'INSERT INTO "shop_product" ("sku") VALUES (%s) ON CONFLICT DO/**/UPDATE SET sku = 1',
+        ["a"],
+        product=M,
+    ),
+    case(
+        'INSERT INTO "shop_product" ("sku", "price") VALUES (%s, %s) '
+        'ON CONFLICT("sku") DO UPDATE SET "price" = EXCLUDED."price"',
+        ["a", "1"],
+        product=M,
+    ),
+    case(
+        'INSERT OR REPLACE INTO "shop_product" ("id", "sku") VALUES (%s, %s)', [5, "a"], product=M
+    ),
+    case("REPLACE INTO `shop_product` (`id`, `sku`) VALUES (%s, %s)", [5, "a"], product=M),
+    case(
+        "INSERT INTO `shop_product` (`sku`, `price`) VALUES (%s, %s) AS `new` "
+        "ON DUPLICATE KEY UPDATE `price` = `new`.`price`",
+        ["a", "1"],
+        product=M,
+    ),
+    # m2m tables: both ends' querysets
+    case(
+        'INSERT OR IGNORE INTO "shop_product_tags" ("product_id", "tag_id") VALUES (%s, %s)',
+        [1, 2],
+        product=Q,
+        tag=Q,
+    ),
+    case(
+        'INSERT INTO "shop_product_tags" ("product_id", "tag_id") VALUES (%s, %s) '
+        "ON CONFLICT DO NOTHING",
+        [1, 2],
+        product=Q,
+        tag=Q,
+    ),
+    case(
+        'DELETE FROM "shop_product_tags" WHERE ("shop_product_tags"."product_id" = %s '
+        'AND "shop_product_tags"."tag_id" IN (%s))',
+        [1, 2],
+        product=Q,
+        tag=Q,
+    ),
+    case(
+        'DELETE FROM "shop_product_tags" WHERE "shop_product_tags"."id" IN (%s)',
+        [1],
+        product=Q,
+        tag=Q,
+    ),
+    # TRUNCATE: every table it names
+    case(
+        'TRUNCATE "shop_order", "shop_tag", "shop_product_tags" RESTART IDENTITY;',
+        order=M,
+        tag=M,
+        product=Q,
+    ),
+    case("truncate table only shop_tag", tag=M),
+    case('TRUNCATE "django_session", "shop_note"', note=M),
+    # MERGE, CTEs, several statements, EXPLAIN ANALYZE, DDL, blocks: every table they name
+    case(
+        "MERGE INTO shop_product p USING shop_order o ON p.id = o.product_id "
+        "WHEN MATCHED THEN UPDATE SET stock = 0",
+        product=M,
+    ),
+    case(
+        "WITH u AS (UPDATE shop_product SET price = 1 RETURNING id) SELECT count(*) FROM u",
+        product=M,
+    ),
+    case(
+        "WITH d AS (DELETE FROM shop_order RETURNING product_id) "
+        "UPDATE shop_product SET stock = 0 WHERE id IN (SELECT product_id FROM d)",
+        order=M,
+        product=M,
+    ),
+    case(
+        "with x as (select %s as price) update shop_product set price = (select price from x)",
+        ["1"],
+        product=M,
+    ),
+    case(
+        "(WITH i AS (INSERT INTO shop_tag (name) VALUES ('a') RETURNING id) SELECT id FROM i)",
+        tag=M,
+    ),
+    case("SELECT 1; UPDATE shop_product SET price = 1", product=M),
+    case("SELECT ';'; DELETE FROM shop_order", order=M),
+    case("EXPLAIN (ANALYZE, BUFFERS) DELETE FROM shop_order", order=M),
+    case('ALTER TABLE "shop_product" ADD COLUMN "x" integer DEFAULT 0', product=M),
+    case("DO $$ BEGIN UPDATE shop_order SET quantity = 2; END $$", order=M),
+    case("COPY shop_tag FROM STDIN", tag=M),
+    # read-only statements: nothing
+    case(
+        'SELECT "shop_product"."id" FROM "shop_product" WHERE "shop_product"."id" = %s FOR UPDATE',
+        [5],
+    ),
+    case('SELECT "shop_product"."id" FROM "shop_product" FOR NO KEY UPDATE OF "shop_product"'),
+    case(
+        '(SELECT "shop_product"."id" FROM "shop_product") '
+        'UNION (SELECT "shop_tag"."id" FROM "shop_tag")'
+    ),
+    case("  -- the list\n select * from shop_product"),
+    case("WITH RECURSIVE t(n) AS (SELECT 1) SELECT * FROM shop_product, t"),
+    case("WITH p AS (SELECT * FROM shop_product FOR UPDATE) SELECT * FROM p"),
+    case("EXPLAIN SELECT * FROM shop_product"),
+    case("EXPLAIN UPDATE shop_product SET price = 1"),  # not run
+    case("EXPLAIN QUERY PLAN DELETE FROM shop_order"),
+    case('SAVEPOINT "s140_x1"'),
+    case('RELEASE SAVEPOINT "s140_x1"'),
+    case('ROLLBACK TO SAVEPOINT "s140_x1"'),
+    case("SET LOCAL statement_timeout = 0"),
+    case("SELECT set_config(%s, %s, true)", ["ormbridge.pause", ",shop.product,"]),
+    case("SHOW search_path"),
+    case('PRAGMA table_info("shop_product")'),
+    case("PRAGMA foreign_keys = ON"),
+    case("VALUES (1), (2)"),
+    case("TABLE shop_product"),
+    case("LOCK TABLE shop_product IN SHARE MODE"),
+    case("BEGIN"),
+    case("COMMIT"),
+    # tables that are not captured, or only look like captured ones: nothing
+    case(
+        'UPDATE "auth_group" SET "name" = %s WHERE "auth_group"."id" IN '
+        '(SELECT U0."stock" FROM "shop_product" U0)',
+        ["a"],
+    ),
+    case('INSERT INTO "ormbridge_changebatch" ("model") VALUES (%s)', ["shop.product"]),
+    case('UPDATE "shop_product_x" SET "a" = 1'),
+    case("TRUNCATE shop_productx, xshop_product, shop_product_tagsx"),
+    case("ALTER TABLE auth_group ADD COLUMN shop_productx integer"),
+]
+
+
+@pytest.mark.parametrize(("sql", "params", "kinds"), CLASSIFIED)
+def test_each_statement_notes_what_it_writes(noted, sql, params, kinds):
+    assert noted(sql, params) == keys_of(kinds)
+
+
+def test_a_truncate_cascade_notes_every_captured_model(noted):
+    labels = {target.label for table in capture.tables() for target in table.targets}
+    assert len(labels) > 2
+    keys = {store.generation_key(label) for label in labels}
+    keys |= {store.epoch_key(label) for label in labels}
+    assert noted('TRUNCATE "shop_tag" CASCADE') == keys
+
+
+def test_an_executemany_of_the_save_statement_notes_the_whole_model(noted):
+    sql = 'UPDATE "shop_product" SET "price" = %s WHERE "shop_product"."id" = %s'
+    assert noted(sql, [["2", 5], ["3", 6]], many=True) == keys_of({"product": M})
+
+
+def test_a_paused_model_is_left_to_its_bulk_helper_and_the_statements_others_are_noted(
+    noted, monkeypatch
+):
+    monkeypatch.setattr(capture, "paused", lambda label: label == "shop.order")
+    assert noted('TRUNCATE "shop_order", "shop_tag"') == keys_of({"tag": M})
+    assert noted('UPDATE "shop_order" SET "quantity" = 1') == set()
+
+
+@pytest.fixture
+def odd_tables(monkeypatch) -> Iterator[None]:
+    """Captured tables named with a space, and in a schema (``db_table = 'ledger"."entry'``)."""
+    tables = [
+        capture.Table("my table", (capture.Target("shop.note", "id"),)),
+        capture.Table('ledger"."entry', (capture.Target("shop.order", "id"),)),
+    ]
+    monkeypatch.setattr(capture, "tables", lambda: tables)
+    buffer.tables_changed()
+    yield
+    monkeypatch.undo()
+    buffer.tables_changed()
+
+
+ODD = [
+    case('UPDATE "my table" SET "x" = %s WHERE "my table"."id" = %s', ["a", 3], note=[3]),
+    case('UPDATE "my table" SET "x" = 1', note=M),
+    case('update "MY TABLE" set x = 1', note=M),
+    case('DELETE FROM "ledger"."entry" WHERE "ledger"."entry"."id" IN (%s)', [4], order=[4]),
+    case("delete from ledger.entry", order=M),
+    case("delete from entry", order=M),  # on the search path
+    case('TRUNCATE "my table", ledger.entry', note=M, order=M),
+    case('WITH u AS (UPDATE "my table" SET x = 1 RETURNING 1) SELECT 1', note=M),
+    case('INSERT INTO "ledger"."entry" ("a") VALUES (1)', order=Q),
+    case('UPDATE "my" SET "x" = 1'),
+    case('UPDATE "table" SET "x" = 1'),
+    case("UPDATE ledger.entries SET x = 1"),
+    case('SELECT * FROM "my table"'),
+]
+
+
+@pytest.mark.parametrize(("sql", "params", "kinds"), ODD)
+def test_tables_named_with_a_space_or_a_schema_are_recognised(
+    odd_tables, noted, sql, params, kinds
+):
+    assert noted(sql, params) == keys_of(kinds)
