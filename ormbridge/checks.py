@@ -93,6 +93,7 @@ def _check_numbers() -> list[checks.CheckMessage]:
         "RELAY_POLL": (settings.RELAY_POLL, 0.01, "a number of seconds >= 0.01"),
         "LOG_RETENTION": (settings.LOG_RETENTION, 0, "a number of seconds >= 0"),
         "COMMIT_TIMEOUT": (settings.COMMIT_TIMEOUT, 0.001, "a number of seconds > 0"),
+        "READ_TIMEOUT": (settings.READ_TIMEOUT, 0.001, "a number of seconds > 0"),
         "BREAKER_COOLDOWN": (settings.BREAKER_COOLDOWN, 0, "a number of seconds >= 0"),
         "BULK_CHUNK_SECONDS": (settings.BULK_CHUNK_SECONDS, 0.001, "a number of seconds > 0"),
         "MAX_ATTEMPTS": (settings.MAX_ATTEMPTS, 1, "a whole number >= 1"),

@@ -24,7 +24,13 @@ if TYPE_CHECKING:
 
 RECENT_JOBS = 5
 # Status names of the cache counters, and the fields of the stats hash they read.
-CACHE_COUNTERS = {"hits": "hits", "misses": "misses", "stores": "stores", "invalidations": "rows"}
+CACHE_COUNTERS = {
+    "hits": "hits",
+    "misses": "misses",
+    "stores": "stores",
+    "uncached": "uncached",
+    "invalidations": "rows",
+}
 UNDELIVERED = ("pending", "claimed", "failed")
 SHOWN_WORKERS = 5  # workers named in a problem; the JSON lists them all
 
@@ -69,8 +75,11 @@ def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
                 "triggers": triggers.get(label),
                 "last_flush": _float(stats.get(label, {}).get("last_flush")),
                 "cache": {
-                    name: int(stats.get(label, {}).get(field, 0))
-                    for name, field in CACHE_COUNTERS.items()
+                    **{
+                        name: int(stats.get(label, {}).get(field, 0))
+                        for name, field in CACHE_COUNTERS.items()
+                    },
+                    "uncached_by_reason": _uncached(stats.get(label, {})),
                 },
                 "change_log": counts,
                 "oldest_undelivered_age": age,
@@ -270,6 +279,16 @@ def _stats(labels: list[str]) -> dict[str, dict[str, str]]:
     except (redis.RedisError, OSError):
         return {}
     return dict(zip(labels, replies, strict=True))
+
+
+def _uncached(counters: dict[str, str]) -> dict[str, int]:
+    """Reads that went to the database uncached, by reason (docs/design.md, "Reads that
+    are never stored")."""
+    return {
+        field.partition(":")[2]: int(value)
+        for field, value in sorted(counters.items())
+        if field.startswith("uncached:")
+    }
 
 
 def _float(value: str | None) -> float | None:

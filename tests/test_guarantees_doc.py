@@ -1,11 +1,14 @@
-"""docs/guarantees.md names only tests that exist."""
+"""docs/guarantees.md and docs/design.md name only tests that exist."""
 
 import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 GUARANTEES = ROOT / "docs" / "guarantees.md"
+DESIGN = ROOT / "docs" / "design.md"
 
 # tests/<file>.py::<name>, or tests/<file>.py::<Class>::<name>
 REFERENCE = re.compile(r"\b(tests/[\w/]+\.py)::(?:(\w+)::)?(\w+)")
@@ -25,9 +28,10 @@ def defined_functions(path: Path) -> set[tuple[str | None, str]]:
     return functions
 
 
-def test_every_test_named_in_the_guarantees_exists():
-    references = REFERENCE.findall(GUARANTEES.read_text())
-    assert len(references) >= 20, "docs/guarantees.md names hardly any test"
+@pytest.mark.parametrize("doc", [GUARANTEES, DESIGN], ids=["guarantees", "design"])
+def test_every_test_named_in_the_doc_exists(doc: Path):
+    references = REFERENCE.findall(doc.read_text())
+    assert len(references) >= 20, f"{doc.name} names hardly any test"
     missing = []
     parsed: dict[str, set[tuple[str | None, str]]] = {}
     for file, cls, name in references:
@@ -44,4 +48,4 @@ def test_every_test_named_in_the_guarantees_exists():
             found = any(defined == name for _, defined in functions)
         if not name.startswith("test") or not found:
             missing.append(f"{file}::{cls + '::' if cls else ''}{name}")
-    assert missing == [], "named in docs/guarantees.md but not defined: " + ", ".join(missing)
+    assert missing == [], f"named in {doc.name} but not defined: " + ", ".join(missing)

@@ -73,13 +73,19 @@ class Command(BaseCommand):
                 f"{'-' if age is None else f'{age:,.0f} s':>9}  {status.ago(model['last_flush'])}"
             )
         out.write("")
-        out.write(f"{'model':<24} {'hits':>10} {'misses':>10} {'stores':>10} {'invalidations':>14}")
+        out.write(
+            f"{'model':<24} {'hits':>10} {'misses':>10} {'stores':>10} {'uncached':>10} "
+            f"{'invalidations':>14}"
+        )
         for model in report["models"]:
             c = model["cache"]
             out.write(
                 f"{model['model']:<24} {c['hits']:>10,} {c['misses']:>10,} {c['stores']:>10,} "
-                f"{c['invalidations']:>14,}"
+                f"{c['uncached']:>10,} {c['invalidations']:>14,}"
             )
+            if c["uncached_by_reason"]:
+                reasons = ", ".join(f"{k} {v:,}" for k, v in c["uncached_by_reason"].items())
+                out.write(f"{'':<24} uncached: {reasons}")
         if report["jobs"]:
             out.write("")
             out.write("resync jobs:")
