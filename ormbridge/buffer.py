@@ -320,6 +320,26 @@ _BY_PK = re.compile(
 
 
 @functools.lru_cache(maxsize=1024)
+def may_write(sql: str) -> bool:
+    """Whether ``sql`` may change rows of any table (captured or not): it is not one of
+    the statements that never do (``SELECT``, ``SET``, ``SAVEPOINT``, a ``WITH`` holding
+    no data-modifying statement, ``EXPLAIN`` without ``ANALYZE``...)."""
+    text = _trimmed(sql)
+    word = _WORD.match(text)
+    keyword = word.group().upper() if word is not None else ""
+    if ";" in text:
+        return True
+    if keyword in _READS:
+        return False
+    if keyword in _EXPLAINS:
+        head = _EXPLAIN.match(text)
+        return head is not None and bool(_ANALYZE.search(text)) and may_write(text[head.end() :])
+    if keyword == "WITH":
+        return bool(_MODIFIES.search(_LOCKING.sub(" ", text)))
+    return True
+
+
+@functools.lru_cache(maxsize=1024)
 def _parse(sql: str) -> tuple[_Write, ...]:
     """The writes of ``sql`` to captured tables (cached: Django repeats its SQL)."""
     return _classify(sql, _catalog())

@@ -65,7 +65,6 @@ else:
 logger = logging.getLogger("ormbridge")
 
 STREAM_EMITTER = "ormbridge.broadcast.RedisStreamEmitter"
-_WRITES = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "REPLACE", "MERGE", "WITH", "COPY")
 
 
 class DeliveryError(RuntimeError):
@@ -208,7 +207,8 @@ class Harness:
         if self._delivering:  # the relay's own statements
             return execute(sql, params, many, context)
         connection: BaseDatabaseWrapper = context["connection"]
-        statement = sql.lstrip()[:12].upper() if isinstance(sql, str) else ""
+        text = sql if isinstance(sql, str) else str(sql)
+        statement = text.lstrip()[:12].upper()
         if statement.startswith("ROLLBACK"):
             # Django drops a rolled-back savepoint's on_commit callbacks after
             # this statement; the RELEASE that follows settles.
@@ -216,13 +216,15 @@ class Harness:
         if connection.alias in self._unfinished:
             self._settle(connection)  # the write before is done now
         result = execute(sql, params, many, context)
-        if statement.startswith(_WRITES):
+        from ormbridge.buffer import may_write  # imports models: not at plugin load
+
+        if may_write(text):
             self._wrote(connection)
             # SQLite runs a RETURNING statement's changes at once but keeps it
             # in progress until its rows are read, and refuses a savepoint or a
             # commit (the relay's) until then: deliver before the next
             # statement, cached read or assertion instead.
-            if connection.vendor == "sqlite" and "RETURNING" in sql.upper():
+            if connection.vendor == "sqlite" and "RETURNING" in text.upper():
                 self._unfinished.add(connection.alias)
                 return result
         self._settle(connection)

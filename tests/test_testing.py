@@ -13,7 +13,7 @@ from decimal import Decimal
 
 import pytest
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.test.utils import override_settings
 
 import ormbridge
@@ -50,6 +50,14 @@ class DeliveryAtCommit:
         with transaction.atomic():
             Product.objects.filter(pk=product.pk).update(stock=4)
             assert_events("shop.product", 0, type="update")
+        assert_events("shop.product", 1, type="update", pk=product.pk)
+
+    def test_a_raw_write_behind_a_comment_is_delivered(self, no_relay, ormbridge_testing):
+        [product] = make_products(1)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "/* by hand */ UPDATE shop_product SET stock = 9 WHERE id = %s", [product.pk]
+            )
         assert_events("shop.product", 1, type="update", pk=product.pk)
 
     def test_a_rolled_back_block_delivers_nothing(self, no_relay, ormbridge_testing):
