@@ -13,6 +13,7 @@ import datetime
 import decimal
 import enum
 import gc
+import json
 import zoneinfo
 from typing import Any
 
@@ -301,8 +302,28 @@ SCALARS = st.one_of(
     st.uuids(),
     st.sampled_from(Colour),
 )
+JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=40)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=40), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+MODELS = st.builds(
+    lambda model, pk: model(pk=pk),
+    st.sampled_from([Product, Category, Customer]),
+    st.integers(1, 3),
+)
+
+
+def jsonb(value: Any) -> Any:
+    from psycopg.types.json import Jsonb
+
+    return Jsonb(value)
+
+
 VALUES = st.recursive(
-    SCALARS,
+    st.one_of(SCALARS, MODELS, JSON.map(jsonb)),
     lambda inner: st.one_of(
         st.lists(inner, max_size=4),
         st.lists(inner, max_size=4).map(tuple),
@@ -318,6 +339,10 @@ def identity(value: Any) -> Any:
     digits, a datetime's offset) and, for containers, their items in order."""
     if isinstance(value, enum.Enum):
         return ("enum", type(value), value.value)
+    if isinstance(value, Product | Category | Customer):
+        return ("model", type(value), value.pk)
+    if type(value).__name__ == "Jsonb":
+        return ("jsonb", json.dumps(value.obj))  # the JSON text the driver sends
     if isinstance(value, list | tuple):
         return (type(value), tuple(identity(item) for item in value))
     if isinstance(value, dict):
