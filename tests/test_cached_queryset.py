@@ -242,7 +242,14 @@ def test_status_shows_the_hits_and_misses_of_a_scripted_sequence_of_reads(no_rel
     products().count()  # miss, stored
     stats.counts.send()  # hits reach Redis at most a second late; the test does not wait
     figures = cache_figures("shop.product")
-    assert figures == {"hits": 3, "misses": 4, "stores": 4, "invalidations": 2}
+    assert figures == {
+        "hits": 3,
+        "misses": 4,
+        "stores": 4,
+        "uncached": 0,
+        "uncached_by_reason": {},
+        "invalidations": 2,
+    }
 
 
 def test_cache_with_a_timeout_gives_its_entry_that_lifetime(no_relay):

@@ -6,7 +6,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from ormbridge import relay, resync
+from ormbridge import registry, relay, resync
 from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch, ResyncJob
 from shop.models import Product
@@ -262,11 +262,5 @@ def test_resync_all_covers_every_registered_model(no_relay):
     resync_command("--all", "--sync")
     assert set(replays.saves()) == {p.pk for p in products}
     assert set(ResyncJob.objects.get().labels) == {
-        "shop.category",
-        "shop.customer",
-        "shop.digitalproduct",
-        "shop.note",
-        "shop.order",
-        "shop.product",
-        "shop.tag",
-    }
+        model._meta.label_lower for model in registry.registered_models()
+    } >= {"shop.category", "shop.digitalproduct", "shop.product", "testapp.project"}

@@ -33,7 +33,7 @@ from django.db import transaction
 from django.db.models import Max
 from tqdm import tqdm
 
-from ormbridge import broadcast, registry, store
+from ormbridge import broadcast, registry, stats, store
 from ormbridge.cache import cached_instance, instance_key
 from ormbridge.conf import settings
 from ormbridge.models import ChangeBatch
@@ -239,6 +239,7 @@ class Command(BaseCommand):
         figures.rollback_events = sum(event.get("model") == label for event in events)
         hits = _counter([label], "hits")
         figures.rollback_read = cached_instance(Category, category.pk).name
+        stats.counts.send()  # hits reach Redis within a second: now, for the count
         figures.rollback_hit = _counter([label], "hits") > hits
 
         fresh = Product.objects.filter(pk__in=[p.pk for p in products]).values_list("pk", "stock")
