@@ -435,7 +435,7 @@ def _variant(base: models.QuerySet[Any]) -> tuple[str, set[str]]:
     query_key = compiled.compile_queryset(base)
     if query_key is None:
         return _key_digest(("empty", kind, extra)), set()
-    return _key_digest(("query", *query_key.key)), set(query_key.labels)
+    return _key_digest(("query", query_key.digest)), set(query_key.labels)
 
 
 def _key_digest(parts: Sequence[object]) -> str:

@@ -73,16 +73,16 @@ class Compiled:
 
     def __init__(self, queryset: models.QuerySet[Any], depends_on: Sequence[str] = ()) -> None:
         query = queryset.query
-        raw = _raw_fragment(query)
-        if raw is not None and not depends_on:
+        # Compiled in place, as evaluating the queryset (or str(queryset.query)) does.
+        self.sql, self.params = query.get_compiler(using=queryset.db).as_sql()
+        raw = _raw_of(self.sql, query)
+        if raw and not depends_on:
             raise Uncacheable(
                 "raw_sql",
                 f"a query on {queryset.model._meta.label} holds {raw}, whose tables ormbridge "
                 "cannot know: pass the models it reads, .cache(depends_on=[...]) or "
                 "cached_queryset(..., depends_on=[...])",
             )
-        # Compiled in place, as evaluating the queryset (or str(queryset.query)) does.
-        self.sql, self.params = query.get_compiler(using=queryset.db).as_sql()
         prefetched = [_prefetch_key(lookup) for lookup in queryset._prefetch_related_lookups]  # type: ignore[attr-defined]
         iterable = queryset._iterable_class
         self.key: tuple[object, ...] = (
@@ -96,7 +96,7 @@ class Compiled:
             state_of(queryset),
         )
         try:
-            keys.encode(self.key)
+            self.digest = keys.digest(*self.key)
         except keys.Unkeyable as exc:
             raise Uncacheable(
                 "unkeyable", f"a query on {queryset.model._meta.label}: {exc}"
@@ -184,6 +184,21 @@ def aggregate_key(
     return tuple(parts), tables.covering(read, "cached aggregates")
 
 
+_raw_by_sql: dict[str, str] = {}
+
+
+def _raw_of(sql: str, query: Query) -> str:
+    """What raw SQL the query compiled to ``sql`` holds ('' for none), remembered per SQL
+    text: two queries of one text read the same tables, whichever way they were built."""
+    raw = _raw_by_sql.get(sql)
+    if raw is None:
+        raw = _raw_fragment(query) or ""
+        if len(_raw_by_sql) > 4096:
+            _raw_by_sql.clear()
+        _raw_by_sql[sql] = raw
+    return raw
+
+
 def _raw_fragment(query: Query) -> str | None:
     """What raw SQL ``query`` (with its subqueries and combined queries) holds, or None."""
     queries: list[Query] = [query]
@@ -263,7 +278,7 @@ def _prefetch_key(lookup: Any) -> tuple[object, ...]:
             f"Prefetch({lookup.prefetch_through!r}) locks rows or reads in random order",
         )
     compiled = compile_queryset(inner)
-    key = compiled.key if compiled is not None else ("empty", inner.model._meta.label_lower)
+    key = compiled.digest if compiled is not None else ("empty", inner.model._meta.label_lower)
     return ("prefetch", lookup.prefetch_through, lookup.prefetch_to, key)
 
 

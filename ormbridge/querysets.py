@@ -252,7 +252,7 @@ def _cached(
     if query_key is None:
         return load()
     return cache.read_through(
-        (kind, *query_key.key),
+        (kind, query_key.digest),
         {*query_key.labels, *more},
         load,
         cache.timeout_of(queryset.model) if timeout is DEFAULT else timeout,

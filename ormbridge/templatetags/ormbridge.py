@@ -97,7 +97,7 @@ def _source_key(source: Any) -> object:
             raise Uncacheable(
                 "fragment", f"a queryset of the fragment is not cached: {source.query!r}"
             )
-        return ("queryset", *query_key.key)
+        return ("queryset", query_key.digest)
     return ("model", label_of(source))
 
 
