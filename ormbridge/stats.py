@@ -6,6 +6,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 
@@ -23,7 +24,9 @@ class Counts:
     to Redis within ``every`` seconds by a timer thread, and at exit.
 
     A hit is one MGET: counting it there would cost a second command. Misses
-    and stores are counted by the scripts they run anyway.
+    and stores are counted by the scripts they run anyway. Where threads do
+    not run (uWSGI without ``enable-threads``), the first count after
+    ``every`` seconds sends them instead.
     """
 
     def __init__(self, every: float = 1.0) -> None:
@@ -31,19 +34,24 @@ class Counts:
         self._lock = threading.Lock()
         self._counts: Counter[tuple[str, str]] = Counter()
         self._timer: threading.Timer | None = None
+        self._sent = time.monotonic()
 
     def add(self, labels: Iterable[str], field: str) -> None:
         with self._lock:
             self._counts.update((label, field) for label in labels)
-            if self._timer is None:
+            due = time.monotonic() - self._sent >= self.every
+            if self._timer is None and not due:
                 self._timer = threading.Timer(self.every, self.send)
                 self._timer.daemon = True
                 self._timer.start()
+        if due:
+            self.send()
 
     def send(self) -> None:
         """Add the counts so far to Redis now (the status command reads them there)."""
         with self._lock:
             counted, self._counts = self._counts, Counter()
+            self._sent = time.monotonic()
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -62,6 +70,7 @@ class Counts:
         self._lock = threading.Lock()
         self._counts = Counter()
         self._timer = None
+        self._sent = time.monotonic()
 
 
 counts = Counts()
