@@ -37,7 +37,15 @@ from ormbridge.models import ChangeBatch
 
 logger = logging.getLogger("ormbridge")
 
-_WRITE = re.compile(r'\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+"?([^\s"(]+)"?', re.IGNORECASE)
+# SQLite spells an insert that ignores conflicts (``bulk_create(ignore_conflicts=True)``,
+# every m2m ``add()``) ``INSERT OR IGNORE INTO``; ``OR REPLACE`` and the others may follow
+# INSERT or UPDATE too.
+_WRITE = re.compile(
+    r"\s*(INSERT(?:\s+OR\s+(?:IGNORE|REPLACE|ABORT|FAIL|ROLLBACK))?\s+INTO"
+    r"|UPDATE(?:\s+OR\s+(?:IGNORE|REPLACE|ABORT|FAIL|ROLLBACK))?"
+    r'|DELETE\s+FROM)\s+"?([^\s"(]+)"?',
+    re.IGNORECASE,
+)
 _BY_PK = re.compile(r'WHERE\s+"?[^\s"]+"?\."?([^\s"]+)"?\s*=\s*%s\s*$', re.IGNORECASE)
 _IN_PKS = re.compile(r'WHERE\s+"?[^\s"]+"?\."?([^\s"]+)"?\s+IN\s+\((?:%s(?:,\s*)?)+\)\s*$', re.I)
 
@@ -205,7 +213,8 @@ def _parse(sql: str) -> _Write | None:
     verb = match.group(1)[0].upper()
     labels = tuple(target.label for target in table.targets)
     pk = registry.get_model(labels[0])._meta.pk
-    instances = not table.through and (verb != "I" or "ON CONFLICT" in sql.upper())
+    replaces = "ON CONFLICT" in sql.upper() or "REPLACE" in match.group(1).upper()
+    instances = not table.through and (verb != "I" or replaces)
     # WHERE pk = %s or WHERE pk IN (%s, …) ending the statement: its last parameters
     exact = None if verb == "I" else _BY_PK.search(sql) or _IN_PKS.search(sql)
     pk_params = None
