@@ -110,17 +110,38 @@ def compile_queryset(
     queryset: models.QuerySet[Any], depends_on: Sequence[str] = ()
 ) -> Compiled | None:
     """The queryset's key and dependencies; None when it matches nothing by construction
-    (``filter(pk__in=[])``), locks rows or is in random order: such reads are not cached.
+    (``filter(pk__in=[])``, ``none()``: Django runs no query for it).
 
     Raises:
-        Uncacheable: see :class:`Compiled`.
+        Uncacheable: see :class:`Compiled`; or the query locks rows
+            (``select_for_update()``) or is in random order (``order_by("?")``): such
+            reads always go to the database.
     """
-    if queryset.query.select_for_update or "?" in queryset.query.order_by:
-        return None
+    refusal = _never_cached(queryset)
+    if refusal is not None:
+        raise refusal
     try:
         return Compiled(queryset, depends_on)
     except EmptyResultSet:
         return None
+
+
+def _never_cached(queryset: models.QuerySet[Any]) -> Uncacheable | None:
+    """Why ``queryset`` is never cached, whatever it reads; None if it may be."""
+    model = queryset.model._meta.label
+    if queryset.query.select_for_update:
+        return Uncacheable(
+            "select_for_update",
+            f"select_for_update() on {model} locks rows, which a cached read would not: "
+            "it always goes to the database (drop .cache() there)",
+        )
+    if "?" in queryset.query.order_by:
+        return Uncacheable(
+            "random_order",
+            f'order_by("?") on {model} asks for another order each time: it always goes '
+            "to the database (cache the rows and shuffle them in Python instead)",
+        )
+    return None
 
 
 def queryset_dependencies(queryset: models.QuerySet[Any]) -> set[str]:
@@ -257,12 +278,12 @@ def _prefetch_key(lookup: Any) -> tuple[object, ...]:
     inner = lookup.queryset
     if inner is None:
         return ("prefetch", lookup.prefetch_through, lookup.prefetch_to, None)
-    if inner.query.select_for_update or "?" in inner.query.order_by:
+    try:
+        compiled = compile_queryset(inner)
+    except Uncacheable as refused:
         raise Uncacheable(
-            "prefetch",
-            f"Prefetch({lookup.prefetch_through!r}) locks rows or reads in random order",
-        )
-    compiled = compile_queryset(inner)
+            refused.reason, f"Prefetch({lookup.prefetch_through!r}): {refused.message}"
+        ) from None
     key = compiled.key if compiled is not None else ("empty", inner.model._meta.label_lower)
     return ("prefetch", lookup.prefetch_through, lookup.prefetch_to, key)
 

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 from django.apps import apps
 from django.contrib.contenttypes.models import ContentType
-from django.db import connection, models
+from django.db import connection, models, transaction
 from django.db.models import (
     Case,
     Count,
@@ -1011,6 +1011,42 @@ def test_cached_queryset_serves_a_read_from_the_cache(world, shape):
     expected = shape.read(plain, world)
     assert read_twice(lambda: shape.read(cached, world)) == expected
     assert_served_from_the_cache(shape, world, expected)
+
+
+# -- refused: always read from the database, counted with the reason
+
+
+def sql_of(queries: CaptureQueriesContext) -> list[str]:
+    return [query["sql"] for query in queries.captured_queries]
+
+
+def test_select_for_update_always_reads_the_database(world):
+    with transaction.atomic():
+        for _ in range(2):
+            with CaptureQueriesContext(connection) as queries:
+                assert len(Product.objects.cache().select_for_update().order_by("pk")) == 4
+            assert len(queries.captured_queries) == 1
+            assert not POSTGRESQL or "FOR UPDATE" in sql_of(queries)[0]
+    assert stats("shop.product")["uncached:select_for_update"] == "2"
+
+
+def test_a_get_by_pk_with_select_for_update_locks_the_row_every_time(world):
+    with transaction.atomic():
+        for _ in range(3):
+            with CaptureQueriesContext(connection) as queries:
+                product = Product.objects.cache().select_for_update().get(pk=world.apple.pk)
+            assert product.name == "apple"
+            assert len(queries.captured_queries) == 1, "served from the cache: no lock taken"
+            assert not POSTGRESQL or "FOR UPDATE" in sql_of(queries)[0]
+    assert stats("shop.product")["uncached:select_for_update"] == "3"
+
+
+def test_a_random_order_always_reads_the_database(world):
+    for _ in range(2):
+        with CaptureQueriesContext(connection) as queries:
+            assert len(Product.objects.cache().order_by("?")) == 4
+        assert len(queries.captured_queries) == 1
+    assert stats("shop.product")["uncached:random_order"] == "2"
 
 
 # -- errors: Django's own
