@@ -83,7 +83,8 @@ class Compiled:
             )
         # Compiled in place, as evaluating the queryset (or str(queryset.query)) does.
         self.sql, self.params = query.get_compiler(using=queryset.db).as_sql()
-        prefetched = [_prefetch_key(lookup) for lookup in queryset._prefetch_related_lookups]  # type: ignore[attr-defined]
+        lookups = queryset._prefetch_related_lookups  # type: ignore[attr-defined]
+        prefetched = [_prefetch_key(lookup, depends_on) for lookup in lookups]
         iterable = queryset._iterable_class
         self.key: tuple[object, ...] = (
             queryset.db,
@@ -271,15 +272,16 @@ def _labels_of(queryset: models.QuerySet[Any], sql: str, shape: str) -> tuple[st
     return labels
 
 
-def _prefetch_key(lookup: Any) -> tuple[object, ...]:
-    """A prefetch lookup as key parts: its path, and the key of a ``Prefetch`` queryset."""
+def _prefetch_key(lookup: Any, depends_on: Sequence[str]) -> tuple[object, ...]:
+    """A prefetch lookup as key parts: its path, and the key of a ``Prefetch`` queryset
+    (whose raw SQL may read the models of ``depends_on``, the read's declared ones)."""
     if not isinstance(lookup, models.Prefetch):
         return ("path", str(lookup))
     inner = lookup.queryset
     if inner is None:
         return ("prefetch", lookup.prefetch_through, lookup.prefetch_to, None)
     try:
-        compiled = compile_queryset(inner)
+        compiled = compile_queryset(inner, depends_on)
     except Uncacheable as refused:
         raise Uncacheable(
             refused.reason, f"Prefetch({lookup.prefetch_through!r}): {refused.message}"

@@ -52,12 +52,15 @@ from django.db.models import (
     When,
     Window,
 )
+from django.db.models.expressions import RawSQL
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Cast, Coalesce, Lower, Rank, RowNumber
 from django.test.utils import CaptureQueriesContext
 
 import ormbridge
 from ormbridge import relay, store
+from ormbridge.compiled import compile_queryset
+from ormbridge.loads import Uncacheable
 from ormbridge.querysets import CachedQuerySet
 from shop.models import Category, Customer, DiscountedProduct, Note, Order, Product, Tag
 from tests.testapp.models import Document, Profile
@@ -1047,6 +1050,42 @@ def test_a_random_order_always_reads_the_database(world):
             assert len(Product.objects.cache().order_by("?")) == 4
         assert len(queries.captured_queries) == 1
     assert stats("shop.product")["uncached:random_order"] == "2"
+
+
+RAW_USES = RawSQL(
+    'SELECT COUNT(*) FROM "shop_product_tags" WHERE "shop_product_tags"."tag_id" = "shop_tag"."id"',
+    (),
+)
+
+
+def tags_with_raw_sql(queryset: models.QuerySet[Any]) -> list[Any]:
+    inner = Tag.objects.annotate(uses=RAW_USES).order_by("pk")
+    rows = queryset.prefetch_related(Prefetch("tags", queryset=inner)).order_by("pk")
+    return [(p.name, [(t.name, t.uses) for t in p.tags.all()]) for p in rows]
+
+
+def test_a_prefetch_holding_raw_sql_is_refused_and_says_what_to_pass(world):
+    for _ in range(2):
+        with CaptureQueriesContext(connection) as queries:
+            tags_with_raw_sql(Product.objects.cache())
+        assert len(queries.captured_queries) == 2
+    assert stats("shop.product")["uncached:raw_sql"] == "2"
+    inner = Tag.objects.annotate(uses=RAW_USES)
+    with pytest.raises(Uncacheable, match=r"Prefetch\('tags'\): .*RawSQL.*depends_on=") as refused:
+        compile_queryset(Product.objects.prefetch_related(Prefetch("tags", queryset=inner)))
+    assert refused.value.reason == "raw_sql"
+
+
+def test_a_prefetch_holding_raw_sql_with_declared_dependencies_is_cached_and_fresh(world):
+    def read() -> list[Any]:
+        return tags_with_raw_sql(Product.objects.cache(depends_on=[Tag]))
+
+    assert read_twice(read) == tags_with_raw_sql(Product.objects.all())
+    with CaptureQueriesContext(connection) as queries:
+        read()
+    assert queries.captured_queries == []
+    CHANGES["tag_added"](world)  # read by the raw SQL alone: the red tag is used once more
+    assert read() == tags_with_raw_sql(Product.objects.all())
 
 
 # -- errors: Django's own
