@@ -359,6 +359,12 @@ def uncached(refused: loads.Uncacheable, labels: Iterable[str], load: Callable[[
     return load()
 
 
+def count_uncached(refused: loads.Uncacheable, labels: Iterable[str]) -> None:
+    """Count (and log once per process) a read that goes to the database for ``refused``'s
+    reason, in the statistics of ``labels``."""
+    _count_uncached(refused, labels)
+
+
 # Refusals that are a setup's normal business (a transaction, a replica): counted, not logged.
 _QUIET = frozenset({"bypassed", "snapshot", "replica", "manual_transaction", "redis", "learning"})
 _warned: set[tuple[str, str]] = set()

@@ -1052,6 +1052,31 @@ def test_a_random_order_always_reads_the_database(world):
     assert stats("shop.product")["uncached:random_order"] == "2"
 
 
+def test_iterator_always_reads_the_database(world):
+    for _ in range(2):
+        with CaptureQueriesContext(connection) as queries:
+            assert len(list(Product.objects.cache().iterator())) == 4
+        assert len(queries.captured_queries) == 1
+    assert stats("shop.product")["uncached:iterator"] == "2"
+
+
+RAW_PRODUCTS = 'SELECT * FROM "shop_product" ORDER BY "id"'
+
+
+def test_a_raw_query_always_reads_the_database(world):
+    for _ in range(2):
+        with CaptureQueriesContext(connection) as queries:
+            assert names(Product.objects.cache().raw(RAW_PRODUCTS))[0] == "apple"
+            assert names(ormbridge.cached_queryset(Product.objects.raw(RAW_PRODUCTS)))[0] == "apple"
+        assert len(queries.captured_queries) == 2
+    assert stats("shop.product")["uncached:raw_query"] == "4"
+
+
+def test_cached_queryset_of_something_else_than_a_queryset_says_what_it_takes():
+    with pytest.raises(TypeError, match=r"cached_queryset\(\) takes a QuerySet, not .*Product"):
+        ormbridge.cached_queryset(Product)
+
+
 RAW_USES = RawSQL(
     'SELECT COUNT(*) FROM "shop_product_tags" WHERE "shop_product_tags"."tag_id" = "shop_tag"."id"',
     (),
