@@ -235,6 +235,11 @@ class Shape:
     marks: tuple[Any, ...] = field(default=())
 
 
+def related(o: Objects, manager: Any) -> models.QuerySet[Any]:
+    """The rows of a related manager, read through the cache (``o`` is ``cached``) or not."""
+    return manager.cache() if o is cached else manager.all()
+
+
 def names(products: Any) -> list[str]:
     return [p.name for p in products]
 
@@ -358,6 +363,27 @@ SHAPES = [
             for order in o(Order).select_related("customer__profile").order_by("pk")
         ],
         ("order_given_a_customer", "profile_changed", "profile_added"),
+    ),
+    Shape(
+        "select_related_without_fields",  # every non-null foreign key, and theirs
+        lambda o, w: [
+            (order.quantity, order.product.name, order.product.category.name)
+            for order in o(Order).select_related().order_by("pk")
+        ],
+        ("order_changed", "product_renamed", "category_renamed"),
+    ),
+    Shape(
+        "select_related_filtered_relation",  # Django sets no attribute for a missing row
+        lambda o, w: [
+            (order.quantity, getattr(order, "buyer", None) and order.buyer.email)
+            for order in o(Order)
+            .annotate(
+                buyer=FilteredRelation("customer", condition=Q(customer__email__startswith="a"))
+            )
+            .select_related("buyer")
+            .order_by("pk")
+        ],
+        ("order_changed", "customer_changed"),
     ),
     # only() / defer()
     Shape(
@@ -591,6 +617,41 @@ SHAPES = [
         ("order_changed", "product_renamed", "tag_renamed"),
     ),
     Shape(
+        "prefetch_forward_nullable_fk",
+        lambda o, w: [
+            (order.pk, order.customer and order.customer.email)
+            for order in o(Order).prefetch_related("customer").order_by("pk")
+        ],
+        ("order_given_a_customer", "customer_changed"),
+    ),
+    Shape(
+        "prefetch_reverse_one_to_one",
+        lambda o, w: [
+            (customer.email, profile_of(customer))
+            for customer in o(Customer).prefetch_related("profile").order_by("pk")
+        ],
+        ("customer_changed", "profile_changed", "profile_added"),
+    ),
+    Shape(
+        "prefetch_with_select_related_inside",
+        lambda o, w: [
+            (
+                p.name,
+                [(order.quantity, order.customer and order.customer.email) for order in p.in_order],
+            )
+            for p in o(Product)
+            .prefetch_related(
+                Prefetch(
+                    "orders",
+                    queryset=Order.objects.select_related("customer").order_by("pk"),
+                    to_attr="in_order",
+                )
+            )
+            .order_by("pk")
+        ],
+        ("product_renamed", "order_changed", "customer_changed"),
+    ),
+    Shape(
         "prefetch_on_a_values_queryset",  # Django leaves it out for dicts: so does the cache
         lambda o, w: list(o(Product).values("name").prefetch_related("tags").order_by("pk")),
         ("product_renamed",),
@@ -634,6 +695,63 @@ SHAPES = [
         # Under an OR, the price is tested after the ranking (as a window's own condition).
         lambda o, w: ranked(o).filter(Q(rank=1, price__gte=5) | Q(rank__lt=0)).exists(),
         ("product_repriced",),
+    ),
+    Shape(
+        "contains",
+        lambda o, w: o(Product).filter(tags__name="red").contains(w.damson),
+        ("tag_added",),
+    ),
+    # grouping, reversing, DISTINCT ON, subqueries in filters
+    Shape(
+        "values_annotate_group_by",
+        lambda o, w: list(o(Order).values("status").annotate(n=Sum("quantity")).order_by("status")),
+        ("order_changed", "order_added"),
+    ),
+    Shape(
+        "reverse",
+        lambda o, w: list(o(Product).order_by("price").reverse().values_list("name", flat=True)),
+        ("product_repriced", "product_renamed"),
+    ),
+    Shape(
+        "distinct_on",
+        lambda o, w: list(
+            o(Order)
+            .order_by("product", "-quantity")
+            .distinct("product")
+            .values_list("product__name", "quantity")
+        ),
+        ("order_changed", "product_renamed"),
+        (pytest.mark.skipif(not POSTGRESQL, reason="DISTINCT ON is PostgreSQL's"),),
+    ),
+    Shape(
+        "exists_filter_through_a_join",
+        lambda o, w: names_of(
+            o(Product).filter(
+                Exists(
+                    Order.objects.filter(product=OuterRef("pk"), customer__email__startswith="a")
+                )
+            )
+        ),
+        ("product_renamed", "customer_changed"),
+    ),
+    Shape(
+        "values_list_over_a_generic_relation",
+        lambda o, w: list(o(Product).values_list("name", "notes__text").order_by("pk")),
+        ("note_edited", "product_renamed"),
+    ),
+    # related managers (whose model's default manager is a CachedManager)
+    Shape(
+        "reverse_fk_related_manager",
+        lambda o, w: [
+            (p.name, p.price, p.category is w.books)
+            for p in related(o, w.books.products).order_by("pk")
+        ],
+        ("product_renamed", "product_repriced"),
+    ),
+    Shape(
+        "m2m_related_manager",
+        lambda o, w: names(related(o, w.red.products).order_by("pk")),
+        ("tag_added", "tag_removed", "product_renamed"),
     ),
     # get() on a unique field that is not the pk
     Shape(
