@@ -12,13 +12,14 @@ relations tell (the rest is learnt from the load's statements).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from django.core.exceptions import EmptyResultSet, FieldDoesNotExist
 from django.db import models
 from django.db.models.constants import LOOKUP_SEP
-from django.db.models.expressions import RawSQL
+from django.db.models.expressions import Func, RawSQL
 from django.db.models.sql import Query
 from django.db.models.sql.where import ExtraWhere
 
@@ -130,6 +131,9 @@ def compile_queryset(
 def _never_cached(queryset: models.QuerySet[Any]) -> Uncacheable | None:
     """Why ``queryset`` is never cached, whatever it reads; None if it may be."""
     model = queryset.model._meta.label
+    volatile = _volatile_fragment([queryset.query])
+    if volatile is not None:
+        return _volatile_refusal(f"a query on {model}", volatile)
     if queryset.query.select_for_update:
         return Uncacheable(
             "select_for_update",
@@ -143,6 +147,15 @@ def _never_cached(queryset: models.QuerySet[Any]) -> Uncacheable | None:
             "to the database (cache the rows and shuffle them in Python instead)",
         )
     return None
+
+
+def _volatile_refusal(what: str, volatile: str) -> Uncacheable:
+    return Uncacheable(
+        "volatile",
+        f"{what} holds {volatile}, whose value changes with each read, not with the data: "
+        "it always goes to the database (pass the value it stands for instead, such as "
+        "timezone.now() rounded to the minute)",
+    )
 
 
 def queryset_dependencies(queryset: models.QuerySet[Any]) -> set[str]:
@@ -182,6 +195,9 @@ def aggregate_key(
             to the database, which raises Django's own error if it is wrong).
     """
     named = dict(kwargs)
+    volatile = _volatile_fragment([*args, *kwargs.values()])
+    if volatile is not None:
+        raise _volatile_refusal(f"aggregate() on {queryset.model._meta.label}", volatile)
     try:
         for arg in args:
             named[arg.default_alias] = arg
@@ -208,44 +224,89 @@ def aggregate_key(
 
 def _raw_fragment(query: Query) -> str | None:
     """What raw SQL ``query`` (with its subqueries and combined queries) holds, or None."""
-    queries: list[Query] = [query]
-    seen: set[int] = set()
-    while queries:
-        current = queries.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if current.extra or current.extra_tables or current.extra_order_by:
+    for node in _walk([query]):
+        if isinstance(node, Query) and (node.extra or node.extra_tables or node.extra_order_by):
             return "extra()"
-        queries.extend(current.combined_queries)
-        nodes: list[Any] = [current.where, *current.annotations.values()]
-        nodes += [o for o in current.order_by if not isinstance(o, str)]
-        if isinstance(current.group_by, tuple):
-            nodes += current.group_by
-        nodes += current.select
-        while nodes:
-            node = nodes.pop()
-            if node is None or isinstance(node, str | int | float | bool):
-                continue
-            if isinstance(node, RawSQL):
-                return "RawSQL"
-            if isinstance(node, ExtraWhere):
-                return "extra(where=...)"
-            inner = node if isinstance(node, Query) else getattr(node, "query", None)
-            if isinstance(inner, Query):
-                queries.append(inner)
-                if inner is node:
-                    continue
-            nodes.extend(getattr(node, "children", ()))
-            for side in ("lhs", "rhs"):
-                value = getattr(node, side, None)
-                if value is not None and not isinstance(value, list | tuple | set):
-                    nodes.append(value)
-                elif isinstance(value, list | tuple | set):
-                    nodes.extend(value)
-            if hasattr(node, "get_source_expressions"):
-                nodes.extend(node.get_source_expressions())
+        if isinstance(node, RawSQL):
+            return "RawSQL"
+        if isinstance(node, ExtraWhere):
+            return "extra(where=...)"
     return None
+
+
+# SQL functions whose value changes from one read to the next whatever the data:
+# Django's Now(), Random(), and PostgreSQL's RandomUUID(), TransactionNow() among them.
+_VOLATILE = re.compile(
+    r"\b(CURRENT_TIMESTAMP|CURRENT_DATE|CURRENT_TIME|LOCALTIMESTAMP|LOCALTIME|NOW|"
+    r"CLOCK_TIMESTAMP|STATEMENT_TIMESTAMP|TRANSACTION_TIMESTAMP|TIMEOFDAY|RANDOM|RAND|"
+    r"RANDOMBLOB|GEN_RANDOM_UUID|UUID_GENERATE_V[0-9A-Z]*)\b",
+    re.IGNORECASE,
+)
+
+
+def _volatile_fragment(roots: list[Any]) -> str | None:
+    """A function in ``roots`` (queries, expressions) whose value changes with each read,
+    not with the data (``Now()``, ``Random()``...), or None."""
+    for node in _walk(roots):
+        texts: list[str] = []
+        if isinstance(node, Func):
+            extra = getattr(node, "extra", {})
+            texts = [str(extra.get("function", node.function) or "")]
+            texts.append(str(extra.get("template", node.template) or ""))
+        elif isinstance(node, RawSQL):
+            texts = [node.sql]
+        elif isinstance(node, ExtraWhere):
+            texts = list(node.sqls)
+        elif isinstance(node, Query):
+            texts = [sql for sql, _ in node.extra.values()] + list(node.extra_order_by)
+        for text in texts:
+            found = _VOLATILE.search(text)
+            if found is not None:
+                return f"{type(node).__name__} ({found.group(0)})"
+    return None
+
+
+def _walk(roots: list[Any]) -> Iterator[Any]:
+    """Every query, expression, lookup and value reachable from ``roots``: their
+    subqueries, combined queries and filtered relations' conditions included."""
+    queries: list[Query] = []
+    nodes: list[Any] = list(roots)
+    seen: set[int] = set()
+    while nodes or queries:
+        if not nodes:
+            current = queries.pop()
+            if id(current) in seen:
+                continue
+            seen.add(id(current))
+            yield current
+            queries.extend(current.combined_queries)
+            nodes = [current.where, *current.annotations.values()]
+            filtered = current._filtered_relations.values()  # type: ignore[attr-defined]
+            nodes += [relation.condition for relation in filtered]
+            nodes += [o for o in current.order_by if not isinstance(o, str)]
+            if isinstance(current.group_by, tuple):
+                nodes += current.group_by
+            nodes += current.select
+            continue
+        node = nodes.pop()
+        if node is None or isinstance(node, str | int | float | bool | models.Model):
+            continue  # a model instance (a lookup's value) holds no SQL
+        inner = node if isinstance(node, Query) else getattr(node, "query", None)
+        if isinstance(inner, Query):
+            queries.append(inner)
+            if inner is node:
+                continue
+        yield node
+        if isinstance(node, list | tuple | set | frozenset):
+            nodes.extend(node)
+            continue
+        nodes.extend(getattr(node, "children", ()))
+        for side in ("lhs", "rhs"):
+            value = getattr(node, side, None)
+            if value is not None:
+                nodes.append(value)
+        if hasattr(node, "get_source_expressions"):
+            nodes.extend(node.get_source_expressions())
 
 
 _labels_by_sql: dict[tuple[str, str], tuple[str, ...]] = {}

@@ -54,7 +54,7 @@ from django.db.models import (
 )
 from django.db.models.expressions import RawSQL
 from django.db.models.fields.json import KeyTextTransform
-from django.db.models.functions import Cast, Coalesce, Lower, Rank, RowNumber
+from django.db.models.functions import Cast, Coalesce, Lower, Now, Random, Rank, RowNumber
 from django.test.utils import CaptureQueriesContext
 
 import ormbridge
@@ -1178,6 +1178,40 @@ def test_iterator_always_reads_the_database(world):
     assert stats("shop.product")["uncached:iterator"] == "2"
 
 
+VOLATILE_READS = {
+    "annotate_now": lambda: len(Product.objects.cache().annotate(at=Now())),
+    "filter_now": lambda: len(Product.objects.cache().filter(updated_at__lte=Now())),
+    "order_by_random": lambda: len(Product.objects.cache().order_by(Random())),
+    "aggregate_filter_now": lambda: Product.objects.cache().aggregate(
+        n=Count("pk", filter=Q(updated_at__lte=Now()))
+    ),
+    "prefetch_filter_now": lambda: len(
+        Product.objects.cache().prefetch_related(
+            Prefetch("orders", queryset=Order.objects.filter(created_at__lte=Now()))
+        )
+    ),
+    "get_by_pk_filter_now": lambda: (
+        Product.objects.cache()
+        .filter(updated_at__lte=Now())
+        .get(pk=Product.objects.order_by("pk")[0].pk)
+    ),
+    "filtered_relation_now": lambda: len(
+        Product.objects.cache().annotate(
+            past=FilteredRelation("orders", condition=Q(orders__created_at__lte=Now()))
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("read", VOLATILE_READS.values(), ids=VOLATILE_READS.keys())
+def test_a_read_whose_sql_changes_its_value_with_time_always_reads_the_database(world, read):
+    for _ in range(3):
+        with CaptureQueriesContext(connection) as queries:
+            read()
+        assert len(queries.captured_queries) >= 1, "served from the cache: the time stands still"
+    assert stats("shop.product")["uncached:volatile"] == "3"
+
+
 RAW_PRODUCTS = 'SELECT * FROM "shop_product" ORDER BY "id"'
 
 
@@ -1229,6 +1263,16 @@ def test_a_prefetch_holding_raw_sql_with_declared_dependencies_is_cached_and_fre
     assert queries.captured_queries == []
     CHANGES["tag_added"](world)  # read by the raw SQL alone: the red tag is used once more
     assert read() == tags_with_raw_sql(Product.objects.all())
+
+
+def test_raw_sql_in_a_filtered_relations_condition_is_refused_as_anywhere_else(world):
+    condition = Q(orders__quantity__gte=RawSQL("SELECT 2", ()))
+    query = big_orders(cached).annotate(big2=FilteredRelation("orders", condition=condition))
+    for _ in range(2):
+        with CaptureQueriesContext(connection) as queries:
+            assert len(query.filter(big2__isnull=False)) == 2
+        assert len(queries.captured_queries) == 1
+    assert stats("shop.product")["uncached:raw_sql"] == "2"
 
 
 # -- errors: Django's own
