@@ -652,6 +652,20 @@ SHAPES = [
         ("product_renamed", "order_changed", "customer_changed"),
     ),
     Shape(
+        "prefetch_sliced",  # Django filters on a window function per product
+        lambda o, w: [
+            (p.name, [order.quantity for order in p.top])
+            for p in o(Product)
+            .prefetch_related(
+                Prefetch(
+                    "orders", queryset=Order.objects.order_by("-quantity", "pk")[:1], to_attr="top"
+                )
+            )
+            .order_by("pk")
+        ],
+        ("order_changed", "order_added", "product_renamed"),
+    ),
+    Shape(
         "prefetch_on_a_values_queryset",  # Django leaves it out for dicts: so does the cache
         lambda o, w: list(o(Product).values("name").prefetch_related("tags").order_by("pk")),
         ("product_renamed",),
@@ -765,6 +779,11 @@ SHAPES = [
             o(Order).select_related("customer").get(pk=w.orders[0].pk)
         ),
         ("order_changed", "customer_changed"),
+    ),
+    Shape(
+        "get_by_pk_of_values_across_a_join",
+        lambda o, w: o(Product).values("name", "category__name").get(pk=w.apple.pk),
+        ("product_renamed", "category_renamed"),
     ),
     # slicing and distinct()
     Shape(
