@@ -1,22 +1,24 @@
 """Django's ORM read surface through the cache (issue 16, item 10).
 
 Every shape of read Django's ORM offers is either cached correctly or refused with a
-reason. *Cached correctly* means three things, each a test below, for every shape of
-``SHAPES`` (one ``Shape`` per kind of read, named by its id):
+reason. *Cached correctly* is one test per shape of ``SHAPES`` (a ``Shape`` per kind of
+read, named by its id):
 
 - after two reads (the first may only learn which tables its load reads) a third is
   served without a query, and equals what plain Django returns for the same read;
-- after a committed change to a row of each model the read depends on (the main model,
-  the joined, related, prefetched or filtered-relation model, an m2m table through
-  ``add()``/``remove()``), the read through the cache equals plain Django's again; each
-  change is chosen to show in the result, which the test checks first;
-- two reads that differ only in a parameter (a window's partition, a JSON key, an array
-  value, a time zone) each get their own rows (``PARAMETERS``).
+- then, one after the other, a committed change to a row of each model the read depends
+  on (the main model, the joined, related, prefetched or filtered-relation model, an m2m
+  table through ``add()``/``remove()``): each is chosen to show in the result, which the
+  test checks first; the next read through the cache equals plain Django's, and the one
+  after it is served from the cache again.
+
+Reads that differ only in a parameter (a window's partition, a JSON key, an array value,
+a time zone, a slice) each get their own rows: one test per case of ``PARAMETERS``.
 
 *Refused* reads go to the database every time and are counted ``uncached:<reason>`` in
-the model's statistics, with a message that says what to do. No relay runs: the setup's
-change log is delivered by ``relay.drain()`` before the first cached read, so only the
-commit-time invalidation of the change under test can make a read miss.
+the model's statistics, with a message that says why and what to do. No relay runs: the
+setup's change log is delivered by ``relay.drain()`` before the first cached read, so only
+the commit-time invalidation of the change under test can make a read miss.
 """
 
 from __future__ import annotations
