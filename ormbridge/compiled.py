@@ -67,14 +67,17 @@ class Compiled:
     """A queryset's key and what it depends on, computed once per read.
 
     Raises:
-        Uncacheable: a parameter or the queryset's state cannot be keyed, or the
-            query holds raw SQL (``RawSQL``, ``extra()``) and no declared dependencies.
+        Uncacheable: a parameter or the queryset's state cannot be keyed, the query
+            holds raw SQL (``RawSQL``, ``extra()``) and no declared dependencies, or a
+            function whose value changes with each read (``Now()``, ``Random()``).
         EmptyResultSet: it matches nothing by construction.
     """
 
     def __init__(self, queryset: models.QuerySet[Any], depends_on: Sequence[str] = ()) -> None:
         query = queryset.query
-        raw = _raw_fragment(query)
+        raw, volatile = _fragments([query])
+        if volatile is not None:
+            raise _volatile_refusal(f"a query on {queryset.model._meta.label}", volatile)
         if raw is not None and not depends_on:
             raise Uncacheable(
                 "raw_sql",
@@ -116,7 +119,7 @@ def compile_queryset(
 
     Raises:
         Uncacheable: see :class:`Compiled`; or the query locks rows
-            (``select_for_update()``) or is in random order (``order_by("?")``): such
+            (``select_for_update()``) or is in random order (``order_by("?")``). Such
             reads always go to the database.
     """
     refusal = _never_cached(queryset)
@@ -131,9 +134,6 @@ def compile_queryset(
 def _never_cached(queryset: models.QuerySet[Any]) -> Uncacheable | None:
     """Why ``queryset`` is never cached, whatever it reads; None if it may be."""
     model = queryset.model._meta.label
-    volatile = _volatile_fragment([queryset.query])
-    if volatile is not None:
-        return _volatile_refusal(f"a query on {model}", volatile)
     if queryset.query.select_for_update:
         return Uncacheable(
             "select_for_update",
@@ -195,7 +195,7 @@ def aggregate_key(
             to the database, which raises Django's own error if it is wrong).
     """
     named = dict(kwargs)
-    volatile = _volatile_fragment([*args, *kwargs.values()])
+    _, volatile = _fragments([*args, *kwargs.values()])
     if volatile is not None:
         raise _volatile_refusal(f"aggregate() on {queryset.model._meta.label}", volatile)
     try:
@@ -222,18 +222,6 @@ def aggregate_key(
     return tuple(parts), tables.covering(read, "cached aggregates")
 
 
-def _raw_fragment(query: Query) -> str | None:
-    """What raw SQL ``query`` (with its subqueries and combined queries) holds, or None."""
-    for node in _walk([query]):
-        if isinstance(node, Query) and (node.extra or node.extra_tables or node.extra_order_by):
-            return "extra()"
-        if isinstance(node, RawSQL):
-            return "RawSQL"
-        if isinstance(node, ExtraWhere):
-            return "extra(where=...)"
-    return None
-
-
 # SQL functions whose value changes from one read to the next whatever the data:
 # Django's Now(), Random(), and PostgreSQL's RandomUUID(), TransactionNow() among them.
 _VOLATILE = re.compile(
@@ -244,9 +232,12 @@ _VOLATILE = re.compile(
 )
 
 
-def _volatile_fragment(roots: list[Any]) -> str | None:
-    """A function in ``roots`` (queries, expressions) whose value changes with each read,
-    not with the data (``Now()``, ``Random()``...), or None."""
+def _fragments(roots: list[Any]) -> tuple[str | None, str | None]:
+    """What raw SQL ``roots`` (queries, expressions) hold, with their subqueries and
+    combined queries, and a function among them whose value changes with each read, not
+    with the data (``Now()``, ``Random()``...); None for either they lack. One walk."""
+    raw: str | None = None
+    volatile: str | None = None
     for node in _walk(roots):
         texts: list[str] = []
         if isinstance(node, Func):
@@ -254,16 +245,22 @@ def _volatile_fragment(roots: list[Any]) -> str | None:
             texts = [str(extra.get("function", node.function) or "")]
             texts.append(str(extra.get("template", node.template) or ""))
         elif isinstance(node, RawSQL):
+            raw = raw or "RawSQL"
             texts = [node.sql]
         elif isinstance(node, ExtraWhere):
+            raw = raw or "extra(where=...)"
             texts = list(node.sqls)
         elif isinstance(node, Query):
+            if node.extra or node.extra_tables or node.extra_order_by:
+                raw = raw or "extra()"
             texts = [sql for sql, _ in node.extra.values()] + list(node.extra_order_by)
-        for text in texts:
-            found = _VOLATILE.search(text)
+        if volatile is None:
+            found = next(filter(None, map(_VOLATILE.search, texts)), None)
             if found is not None:
-                return f"{type(node).__name__} ({found.group(0)})"
-    return None
+                volatile = f"{type(node).__name__} ({found.group(0)})"
+        if volatile is not None and raw is not None:
+            break
+    return raw, volatile
 
 
 def _walk(roots: list[Any]) -> Iterator[Any]:
