@@ -216,9 +216,6 @@ def default_timeout(labels: Iterable[str]) -> int | None:
 bypass: list[Callable[[str | None], bool]] = []
 
 
-bypass.append(loads.in_manual_transaction)
-
-
 class _Dependencies:
     """The tokens an entry is read and stored under, and the models they cover.
 
@@ -258,9 +255,14 @@ def _read(
     """A hit is one MGET of the tokens and the entry; a miss runs the load and two scripts."""
     if timeout is not None and timeout <= 0:
         return load()  # a timeout of 0 caches nothing, as in Django
+    if loads.in_manual_transaction(using):
+        refused = loads.Uncacheable(
+            "manual_transaction", "a manual transaction (set_autocommit(False)) is open"
+        )
+        return uncached(refused, labels, load)
     if any(check(using) for check in bypass):
-        loads.note_nested(dependencies.covered, "bypassed")
-        return load()
+        refused = loads.Uncacheable("bypassed", "the open transaction has written")
+        return uncached(refused, labels, load)
     dependencies = dependencies.learnt(shape)
     loads.note_nested(dependencies.covered, None)
     if store.read_breaker.open:
@@ -357,6 +359,12 @@ def uncached(refused: loads.Uncacheable, labels: Iterable[str], load: Callable[[
     loads.note_nested(set(), refused.reason)
     _count_uncached(refused, labels)
     return load()
+
+
+def count_uncached(refused: loads.Uncacheable, labels: Iterable[str]) -> None:
+    """Count (and log once per process) a read that goes to the database for ``refused``'s
+    reason, in the statistics of ``labels``."""
+    _count_uncached(refused, labels)
 
 
 # Refusals that are a setup's normal business (a transaction, a replica): counted, not logged.

@@ -12,13 +12,14 @@ relations tell (the rest is learnt from the load's statements).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from django.core.exceptions import EmptyResultSet, FieldDoesNotExist
 from django.db import models
 from django.db.models.constants import LOOKUP_SEP
-from django.db.models.expressions import RawSQL
+from django.db.models.expressions import Func, RawSQL
 from django.db.models.sql import Query
 from django.db.models.sql.where import ExtraWhere
 
@@ -66,8 +67,9 @@ class Compiled:
     """A queryset's key and what it depends on, computed once per read.
 
     Raises:
-        Uncacheable: a parameter or the queryset's state cannot be keyed, or the
-            query holds raw SQL (``RawSQL``, ``extra()``) and no declared dependencies.
+        Uncacheable: a parameter or the queryset's state cannot be keyed, the query
+            holds raw SQL (``RawSQL``, ``extra()``) and no declared dependencies, or a
+            function whose value changes with each read (``Now()``, ``Random()``).
         EmptyResultSet: it matches nothing by construction.
     """
 
@@ -75,15 +77,18 @@ class Compiled:
         query = queryset.query
         # Compiled in place, as evaluating the queryset (or str(queryset.query)) does.
         self.sql, self.params = query.get_compiler(using=queryset.db).as_sql()
-        raw = _raw_of(self.sql, query)
-        if raw and not depends_on:
+        raw, volatile = _fragments_of(self.sql, query)
+        if volatile is not None:
+            raise _volatile_refusal(f"a query on {queryset.model._meta.label}", volatile)
+        if raw is not None and not depends_on:
             raise Uncacheable(
                 "raw_sql",
                 f"a query on {queryset.model._meta.label} holds {raw}, whose tables ormbridge "
                 "cannot know: pass the models it reads, .cache(depends_on=[...]) or "
                 "cached_queryset(..., depends_on=[...])",
             )
-        prefetched = [_prefetch_key(lookup) for lookup in queryset._prefetch_related_lookups]  # type: ignore[attr-defined]
+        lookups = queryset._prefetch_related_lookups  # type: ignore[attr-defined]
+        prefetched = [_prefetch_key(lookup, depends_on) for lookup in lookups]
         iterable = queryset._iterable_class
         self.key: tuple[object, ...] = (
             queryset.db,
@@ -110,17 +115,47 @@ def compile_queryset(
     queryset: models.QuerySet[Any], depends_on: Sequence[str] = ()
 ) -> Compiled | None:
     """The queryset's key and dependencies; None when it matches nothing by construction
-    (``filter(pk__in=[])``), locks rows or is in random order: such reads are not cached.
+    (``filter(pk__in=[])``, ``none()``: Django runs no query for it).
 
     Raises:
-        Uncacheable: see :class:`Compiled`.
+        Uncacheable: see :class:`Compiled`; or the query locks rows
+            (``select_for_update()``) or is in random order (``order_by("?")``). Such
+            reads always go to the database.
     """
-    if queryset.query.select_for_update or "?" in queryset.query.order_by:
-        return None
+    refusal = _never_cached(queryset)
+    if refusal is not None:
+        raise refusal
     try:
         return Compiled(queryset, depends_on)
     except EmptyResultSet:
         return None
+
+
+def _never_cached(queryset: models.QuerySet[Any]) -> Uncacheable | None:
+    """Why ``queryset`` is never cached, whatever it reads; None if it may be."""
+    model = queryset.model._meta.label
+    if queryset.query.select_for_update:
+        return Uncacheable(
+            "select_for_update",
+            f"select_for_update() on {model} locks rows, which a cached read would not: "
+            "it always goes to the database (drop .cache() there)",
+        )
+    if "?" in queryset.query.order_by:
+        return Uncacheable(
+            "random_order",
+            f'order_by("?") on {model} asks for another order each time: it always goes '
+            "to the database (cache the rows and shuffle them in Python instead)",
+        )
+    return None
+
+
+def _volatile_refusal(what: str, volatile: str) -> Uncacheable:
+    return Uncacheable(
+        "volatile",
+        f"{what} holds {volatile}, whose value changes with each read, not with the data: "
+        "it always goes to the database (pass the value it stands for instead, such as "
+        "timezone.now() rounded to the minute)",
+    )
 
 
 def queryset_dependencies(queryset: models.QuerySet[Any]) -> set[str]:
@@ -160,6 +195,9 @@ def aggregate_key(
             to the database, which raises Django's own error if it is wrong).
     """
     named = dict(kwargs)
+    _, volatile = _fragments([*args, *kwargs.values()])
+    if volatile is not None:
+        raise _volatile_refusal(f"aggregate() on {queryset.model._meta.label}", volatile)
     try:
         for arg in args:
             named[arg.default_alias] = arg
@@ -184,61 +222,103 @@ def aggregate_key(
     return tuple(parts), tables.covering(read, "cached aggregates")
 
 
-_raw_by_sql: dict[str, str] = {}
+_fragments_by_sql: dict[str, tuple[str | None, str | None]] = {}
 
 
-def _raw_of(sql: str, query: Query) -> str:
-    """What raw SQL the query compiled to ``sql`` holds ('' for none), remembered per SQL
-    text: two queries of one text read the same tables, whichever way they were built."""
-    raw = _raw_by_sql.get(sql)
-    if raw is None:
-        raw = _raw_fragment(query) or ""
-        if len(_raw_by_sql) > 4096:
-            _raw_by_sql.clear()
-        _raw_by_sql[sql] = raw
-    return raw
+def _fragments_of(sql: str, query: Query) -> tuple[str | None, str | None]:
+    """:func:`_fragments` of the query compiled to ``sql``, remembered per SQL text: two
+    queries of one text read the same tables and the same functions, however built."""
+    found = _fragments_by_sql.get(sql)
+    if found is None:
+        found = _fragments([query])
+        if len(_fragments_by_sql) > 4096:
+            _fragments_by_sql.clear()
+        _fragments_by_sql[sql] = found
+    return found
 
 
-def _raw_fragment(query: Query) -> str | None:
-    """What raw SQL ``query`` (with its subqueries and combined queries) holds, or None."""
-    queries: list[Query] = [query]
+# SQL functions whose value changes from one read to the next whatever the data:
+# Django's Now(), Random(), and PostgreSQL's RandomUUID(), TransactionNow() among them.
+_VOLATILE = re.compile(
+    r"\b(CURRENT_TIMESTAMP|CURRENT_DATE|CURRENT_TIME|LOCALTIMESTAMP|LOCALTIME|NOW|"
+    r"CLOCK_TIMESTAMP|STATEMENT_TIMESTAMP|TRANSACTION_TIMESTAMP|TIMEOFDAY|RANDOM|RAND|"
+    r"RANDOMBLOB|GEN_RANDOM_UUID|UUID_GENERATE_V[0-9A-Z]*)\b",
+    re.IGNORECASE,
+)
+
+
+def _fragments(roots: list[Any]) -> tuple[str | None, str | None]:
+    """What raw SQL ``roots`` (queries, expressions) hold, with their subqueries and
+    combined queries, and a function among them whose value changes with each read, not
+    with the data (``Now()``, ``Random()``...); None for either they lack. One walk."""
+    raw: str | None = None
+    volatile: str | None = None
+    for node in _walk(roots):
+        texts: list[str] = []
+        if isinstance(node, Func):
+            extra = getattr(node, "extra", {})
+            texts = [str(extra.get("function", node.function) or "")]
+            texts.append(str(extra.get("template", node.template) or ""))
+        elif isinstance(node, RawSQL):
+            raw = raw or "RawSQL"
+            texts = [node.sql]
+        elif isinstance(node, ExtraWhere):
+            raw = raw or "extra(where=...)"
+            texts = list(node.sqls)
+        elif isinstance(node, Query):
+            if node.extra or node.extra_tables or node.extra_order_by:
+                raw = raw or "extra()"
+            texts = [sql for sql, _ in node.extra.values()] + list(node.extra_order_by)
+        if volatile is None:
+            found = next(filter(None, map(_VOLATILE.search, texts)), None)
+            if found is not None:
+                volatile = f"{type(node).__name__} ({found.group(0)})"
+        if volatile is not None and raw is not None:
+            break
+    return raw, volatile
+
+
+def _walk(roots: list[Any]) -> Iterator[Any]:
+    """Every query, expression, lookup and value reachable from ``roots``: their
+    subqueries, combined queries and filtered relations' conditions included."""
+    queries: list[Query] = []
+    nodes: list[Any] = list(roots)
     seen: set[int] = set()
-    while queries:
-        current = queries.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if current.extra or current.extra_tables or current.extra_order_by:
-            return "extra()"
-        queries.extend(current.combined_queries)
-        nodes: list[Any] = [current.where, *current.annotations.values()]
-        nodes += [o for o in current.order_by if not isinstance(o, str)]
-        if isinstance(current.group_by, tuple):
-            nodes += current.group_by
-        nodes += current.select
-        while nodes:
-            node = nodes.pop()
-            if node is None or isinstance(node, str | int | float | bool):
+    while nodes or queries:
+        if not nodes:
+            current = queries.pop()
+            if id(current) in seen:
                 continue
-            if isinstance(node, RawSQL):
-                return "RawSQL"
-            if isinstance(node, ExtraWhere):
-                return "extra(where=...)"
-            inner = node if isinstance(node, Query) else getattr(node, "query", None)
-            if isinstance(inner, Query):
-                queries.append(inner)
-                if inner is node:
-                    continue
-            nodes.extend(getattr(node, "children", ()))
-            for side in ("lhs", "rhs"):
-                value = getattr(node, side, None)
-                if value is not None and not isinstance(value, list | tuple | set):
-                    nodes.append(value)
-                elif isinstance(value, list | tuple | set):
-                    nodes.extend(value)
-            if hasattr(node, "get_source_expressions"):
-                nodes.extend(node.get_source_expressions())
-    return None
+            seen.add(id(current))
+            yield current
+            queries.extend(current.combined_queries)
+            nodes = [current.where, *current.annotations.values()]
+            filtered = current._filtered_relations.values()  # type: ignore[attr-defined]
+            nodes += [relation.condition for relation in filtered]
+            nodes += [o for o in current.order_by if not isinstance(o, str)]
+            if isinstance(current.group_by, tuple):
+                nodes += current.group_by
+            nodes += current.select
+            continue
+        node = nodes.pop()
+        if node is None or isinstance(node, str | int | float | bool | models.Model):
+            continue  # a model instance (a lookup's value) holds no SQL
+        inner = node if isinstance(node, Query) else getattr(node, "query", None)
+        if isinstance(inner, Query):
+            queries.append(inner)
+            if inner is node:
+                continue
+        yield node
+        if isinstance(node, list | tuple | set | frozenset):
+            nodes.extend(node)
+            continue
+        nodes.extend(getattr(node, "children", ()))
+        for side in ("lhs", "rhs"):
+            value = getattr(node, side, None)
+            if value is not None:
+                nodes.append(value)
+        if hasattr(node, "get_source_expressions"):
+            nodes.extend(node.get_source_expressions())
 
 
 _labels_by_sql: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -265,19 +345,20 @@ def _labels_of(queryset: models.QuerySet[Any], sql: str, shape: str) -> tuple[st
     return labels
 
 
-def _prefetch_key(lookup: Any) -> tuple[object, ...]:
-    """A prefetch lookup as key parts: its path, and the key of a ``Prefetch`` queryset."""
+def _prefetch_key(lookup: Any, depends_on: Sequence[str]) -> tuple[object, ...]:
+    """A prefetch lookup as key parts: its path, and the key of a ``Prefetch`` queryset
+    (whose raw SQL may read the models of ``depends_on``, the read's declared ones)."""
     if not isinstance(lookup, models.Prefetch):
         return ("path", str(lookup))
     inner = lookup.queryset
     if inner is None:
         return ("prefetch", lookup.prefetch_through, lookup.prefetch_to, None)
-    if inner.query.select_for_update or "?" in inner.query.order_by:
+    try:
+        compiled = compile_queryset(inner, depends_on)
+    except Uncacheable as refused:
         raise Uncacheable(
-            "prefetch",
-            f"Prefetch({lookup.prefetch_through!r}) locks rows or reads in random order",
-        )
-    compiled = compile_queryset(inner)
+            refused.reason, f"Prefetch({lookup.prefetch_through!r}): {refused.message}"
+        ) from None
     key = compiled.digest if compiled is not None else ("empty", inner.model._meta.label_lower)
     return ("prefetch", lookup.prefetch_through, lookup.prefetch_to, key)
 

@@ -12,11 +12,12 @@ goes to the database and is counted as ``uncached`` in ``ormbridge_status``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Self, TypeVar
 
 from django.core.exceptions import ValidationError
 from django.db import models
+from django.db.models.query import RawQuerySet
 
 from ormbridge import cache, compiled
 from ormbridge.loads import Uncacheable
@@ -46,8 +47,9 @@ class CachedQuerySet(models.QuerySet[M]):
     ``class ProductQuerySet(CachedQuerySet, MyQuerySet)`` and use
     ``ProductQuerySet.as_manager()``, or :class:`CachedManager`.
 
-    ``iterator()``, ``update()``, ``delete()`` and ``select_for_update()``
-    reads always go to the database.
+    ``update()`` and ``delete()`` always go to the database, and so do reads through
+    ``iterator()``, ``raw()``, ``select_for_update()`` or ``order_by("?")``: after
+    ``.cache()`` they are counted ``uncached:<reason>`` in ``ormbridge_status``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -136,6 +138,31 @@ class CachedQuerySet(models.QuerySet[M]):
         except (ValidationError, TypeError, ValueError):
             return None
 
+    def iterator(self, chunk_size: int | None = None) -> Iterator[M]:
+        """Rows streamed from the database: never cached, counted ``uncached:iterator``
+        after ``.cache()``."""
+        if self._ormbridge_on:
+            label = self.model._meta.label
+            refused = Uncacheable(
+                "iterator",
+                f"iterator() on {label} streams rows from the database and is never cached: "
+                "iterate the queryset itself (or use cached_queryset()) for a cached read",
+            )
+            cache.count_uncached(refused, [label_of(self.model)])
+        return super().iterator(chunk_size)
+
+    def raw(
+        self,
+        raw_query: Any,
+        params: Any = (),
+        translations: dict[str, str] | None = None,
+        using: str | None = None,
+    ) -> RawQuerySet[M]:
+        """Django's ``raw()``: never cached, counted ``uncached:raw_query`` after ``.cache()``."""
+        if self._ormbridge_on:
+            cache.count_uncached(_raw_refusal(self.model), [label_of(self.model)])
+        return super().raw(raw_query, params, translations, using)
+
     def count(self) -> int:
         if self._result_cache is not None or not self._ormbridge_on:
             return super().count()
@@ -196,15 +223,36 @@ def cached_queryset(
     ``depends_on``: models a raw SQL fragment of the query (``RawSQL``,
     ``extra()``) reads; without them such a query is not cached.
 
+    A ``raw()`` queryset is read from the database and counted ``uncached:raw_query``.
+
     Raises:
         LookupError: the query reads a model that is not registered with ormbridge.
-        TypeError: ``depends_on`` holds something other than a model.
+        TypeError: ``queryset`` is not a queryset, or ``depends_on`` holds something
+            other than a model.
     """
+    if isinstance(queryset, RawQuerySet):
+        cache.count_uncached(_raw_refusal(queryset.model), [label_of(queryset.model)])
+        raw = queryset._clone()
+        raw._fetch_all()
+        return raw
+    if not isinstance(queryset, models.QuerySet):
+        raise TypeError(
+            f"cached_queryset() takes a QuerySet, not {queryset!r} ({type(queryset).__name__})."
+        )
     labels = _declared(depends_on)
     clone = queryset._chain()  # type: ignore[attr-defined]
     rows = _cached(queryset, "rows", lambda: list(_plain(queryset)), timeout, labels)
     clone._result_cache, clone._prefetch_done = _with_known_related(queryset, rows), True
     return clone  # type: ignore[no-any-return]
+
+
+def _raw_refusal(model: type[models.Model]) -> Uncacheable:
+    return Uncacheable(
+        "raw_query",
+        f"raw() on {model._meta.label}: ormbridge neither keys nor follows the tables of a "
+        "raw query, so it always goes to the database; cache a function returning its rows "
+        "with @ormbridge.cached_as(<the models it reads>), or write it as a queryset",
+    )
 
 
 def _plain(queryset: models.QuerySet[Any]) -> models.QuerySet[Any]:

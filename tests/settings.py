@@ -60,6 +60,9 @@ from example.settings import *  # noqa: E402, F403
 from example.settings import CACHES, DATABASES, INSTALLED_APPS, ORMBRIDGE  # noqa: E402
 
 INSTALLED_APPS = [*INSTALLED_APPS, "polymorphic", "tests.testapp"]
+if DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    # ArrayField and HStoreField (tests.pgapp): PostgreSQL's own.
+    INSTALLED_APPS += ["django.contrib.postgres", "tests.pgapp"]
 
 CACHES["default"]["LOCATION"] = f"unix://{RUN_DIR}/cache.sock"
 CACHES["default"]["KEY_PREFIX"] = "test"

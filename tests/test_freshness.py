@@ -21,12 +21,13 @@ from decimal import Decimal
 
 import pytest
 from django.db import connection, transaction
+from django.db.models import Q
 
 from ormbridge import store
 from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch
 from ormbridge.querysets import cached_queryset
-from shop.models import Category, Product
+from shop.models import Category, Product, Tag
 from tests import emitters
 from tests.conftest import ROOT, wait_until
 from tests.factories import cached_entry, make_products
@@ -211,6 +212,29 @@ def test_a_cached_queryset_sees_a_save_in_another_process_at_once(no_relay, read
     products[1].price = Decimal("5.10")
     products[1].save()
     assert reader.queryset(pks) == ["1.00", "5.10", "1.00"]
+
+
+def add_tag(product: Product, tag: Tag) -> None:
+    product.tags.add(tag)  # SQLite: INSERT OR IGNORE INTO
+
+
+def create_ignoring_conflicts(product: Product, tag: Tag) -> None:
+    copy = Product(sku="copy", name="copy", category=product.category, price=product.price)
+    Product.objects.bulk_create([copy], ignore_conflicts=True)  # SQLite: INSERT OR IGNORE
+
+
+@pytest.mark.parametrize(
+    "write", [add_tag, create_ignoring_conflicts], ids=["m2m-add", "bulk-create-ignore-conflicts"]
+)
+def test_an_insert_ignoring_conflicts_is_read_fresh_at_once(no_relay, write):
+    [product] = make_products(1)
+    tag = Tag.objects.create(name="sale")
+    query = Product.objects.filter(Q(tags__name="sale") | Q(sku="copy")).values_list("name")
+    for _ in range(2):  # the second read is stored
+        assert list(cached_queryset(query)) == []
+    write(product, tag)
+    assert list(cached_queryset(query)) == list(query.all())
+    assert list(query.all()) != []
 
 
 # -- 2. rolled-back work leaves the cache alone -----------------------------------

@@ -261,6 +261,8 @@ def test_resync_all_covers_every_registered_model(no_relay):
     products = make_products(5)
     resync_command("--all", "--sync")
     assert set(replays.saves()) == {p.pk for p in products}
-    assert set(ResyncJob.objects.get().labels) == {
-        model._meta.label_lower for model in registry.registered_models()
-    } >= {"shop.category", "shop.digitalproduct", "shop.product", "testapp.project"}
+    assert (
+        set(ResyncJob.objects.get().labels)
+        == {model._meta.label_lower for model in registry.registered_models()}
+        >= {"shop.category", "shop.digitalproduct", "shop.product", "testapp.project"}
+    )

@@ -120,3 +120,16 @@ class Unwatched(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+@ormbridge.register
+class Profile(models.Model):
+    """A reverse one-to-one: ``customer.profile``, which a customer may lack."""
+
+    customer = models.OneToOneField(
+        "shop.Customer", on_delete=models.CASCADE, related_name="profile"
+    )
+    nickname = models.CharField(max_length=100)
+
+    def __str__(self) -> str:
+        return self.nickname
