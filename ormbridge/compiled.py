@@ -77,7 +77,7 @@ class Compiled:
         query = queryset.query
         # Compiled in place, as evaluating the queryset (or str(queryset.query)) does.
         self.sql, self.params = query.get_compiler(using=queryset.db).as_sql()
-        raw, volatile = _fragments_of(self.sql, query)
+        raw, volatile = _fragments([query])
         if volatile is not None:
             raise _volatile_refusal(f"a query on {queryset.model._meta.label}", volatile)
         if raw is not None and not depends_on:
@@ -220,21 +220,6 @@ def aggregate_key(
             "aggregate", f"aggregate() on {queryset.model._meta.label} could not be keyed: {exc!r}"
         ) from None
     return tuple(parts), tables.covering(read, "cached aggregates")
-
-
-_fragments_by_sql: dict[str, tuple[str | None, str | None]] = {}
-
-
-def _fragments_of(sql: str, query: Query) -> tuple[str | None, str | None]:
-    """:func:`_fragments` of the query compiled to ``sql``, remembered per SQL text: two
-    queries of one text read the same tables and the same functions, however built."""
-    found = _fragments_by_sql.get(sql)
-    if found is None:
-        found = _fragments([query])
-        if len(_fragments_by_sql) > 4096:
-            _fragments_by_sql.clear()
-        _fragments_by_sql[sql] = found
-    return found
 
 
 # SQL functions whose value changes from one read to the next whatever the data:
