@@ -55,14 +55,16 @@ class Counts:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-        if not counted:
-            return
+        if not counted or store.read_breaker.open:
+            return  # a Redis that just failed a read is not waited for: the counts go
         try:
-            pipe = store.get_redis().pipeline(transaction=False)
+            # The cached reads' client: READ_TIMEOUT at most, whoever sends.
+            pipe = store.entries_redis().pipeline(transaction=False)
             for (label, field), n in counted.items():
                 pipe.hincrby(store.stats_key(label), field, n)
             pipe.execute()
         except (redis.RedisError, OSError) as exc:
+            store.read_breaker.trip(exc, quiet=True)  # the next read says so, if it fails too
             logger.debug("ormbridge: counts not sent: %s", exc)
 
     def forget(self) -> None:

@@ -234,9 +234,10 @@ class Breaker:
     def open(self) -> bool:
         return time.monotonic() < self._open_until
 
-    def trip(self, error: BaseException) -> None:
+    def trip(self, error: BaseException, quiet: bool = False) -> None:
+        """Open for ``BREAKER_COOLDOWN`` seconds; say so once (unless ``quiet``)."""
         with self._lock:
-            if not self.open:
+            if not self.open and not quiet:
                 logger.warning(
                     "ormbridge: Redis failed (%s); %s skip it for %s s: %s",
                     error,
