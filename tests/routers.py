@@ -35,3 +35,19 @@ class SecondDatabaseRouter:
 
 def _is_item(model: type[Model]) -> bool:
     return (model._meta.app_label, model._meta.model_name) == ITEM
+
+
+class LogOnDefaultRouter:
+    """A misconfiguration: ``seconddb.Item``'s table and rows in "other", ormbridge's change
+    log in "default" only, so writes to Item are never captured (``ormbridge.W006``)."""
+
+    def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
+        return OTHER if _is_item(model) else None
+
+    def db_for_write(self, model: type[Model], **hints: Any) -> str | None:
+        return OTHER if _is_item(model) else None
+
+    def allow_migrate(
+        self, db: str, app_label: str, model_name: str | None = None, **hints: Any
+    ) -> bool | None:
+        return (app_label, model_name) == ITEM if db == OTHER else None
