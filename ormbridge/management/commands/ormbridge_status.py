@@ -13,11 +13,12 @@ MAX_WORKER_TIMEOUT = 60.0
 
 class Command(BaseCommand):
     help = (
-        "Show ormbridge's pipeline: pending invalidations, the change log, resync jobs, and "
-        "whether Redis, the broker and a worker consuming ORMBRIDGE['QUEUE'] answer. Exits "
-        "non-zero, naming the problem and its fix, when no worker consumes the queue, "
-        "change-log rows failed, or the oldest undelivered one or the oldest delivery in "
-        "flight is older than STATUS_MAX_PENDING_AGE, so it can serve as a health check. "
+        "Show ormbridge's pipeline: pending invalidations, the change log of every database, "
+        "resync jobs, and whether Redis, the broker and a worker consuming ORMBRIDGE['QUEUE'] "
+        "answer. Exits non-zero, naming the problem and its fix, when no worker consumes the "
+        "queue, change-log rows failed, the oldest undelivered one or the oldest delivery in "
+        "flight is older than STATUS_MAX_PENDING_AGE, or a database holding registered models "
+        "has no change log, so it can serve as a health check. "
         "Example: manage.py ormbridge_status --json"
     )
 
@@ -61,6 +62,21 @@ class Command(BaseCommand):
             f"{_seconds(delivery['oldest_pending_age'])}; oldest in flight "
             f"{_seconds(delivery['oldest_in_flight_age'])}"
         )
+        out.write("")
+        out.write(f"{'database':<24} {'log p/c/f':<16} {'oldest':>9} {'in flight':>10}")
+        for alias, database in report["databases"].items():
+            if database["log"]:
+                log = database["change_log"]
+                counts = f"{log['pending']}/{log['claimed']}/{log['failed']}"
+            else:
+                counts = "-"
+            line = (
+                f"{alias:<24} {counts:<16} {_seconds(database['oldest_undelivered_age']):>9} "
+                f"{_seconds(database['oldest_in_flight_age']):>10}"
+            )
+            if database["error"]:
+                line += f"  {style.ERROR(database['error'])}"
+            out.write(line)
         out.write("")
         out.write(f"{'model':<24} {'triggers':<10} {'log p/c/f':<16} {'oldest':>9}  last flush")
         for model in report["models"]:
