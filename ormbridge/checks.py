@@ -18,6 +18,7 @@ CLUSTER_SCHEMES = {"redis", "rediss"}  # cluster nodes announce TCP addresses
 
 def register_checks() -> None:
     checks.register(check_settings, "ormbridge")
+    checks.register(check_databases, "ormbridge")
     checks.register(check_triggers, "ormbridge", checks.Tags.database)
 
 
@@ -268,13 +269,32 @@ def _pickles(value: object) -> bool:
     return any(isinstance(name, str) and name.lower() in PICKLE for name in names)
 
 
+def check_databases(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Databases holding registered models that the router keeps the change log out of:
+    the capture triggers of a database write to its own log, so writes there are never
+    captured (``W006``). From the routers alone: no database is queried."""
+    from ormbridge import relay
+
+    return [
+        checks.Warning(
+            f"Database {using!r} holds registered models ({', '.join(labels)}) but no "
+            "change log: the database routers keep ormbridge's tables out of it, so writes "
+            "to those models there are never captured and their caches go stale.",
+            hint=f"Let your router's allow_migrate() put the 'ormbridge' app in {using!r} "
+            f"too, then run: manage.py migrate --database {using}",
+            id="ormbridge.W006",
+        )
+        for using, labels in relay.unlogged_databases().items()
+    ]
+
+
 def check_triggers(
     app_configs: Any = None, databases: Any = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """Registered models whose tables lack their capture triggers (database checks only)."""
     from django.db import DatabaseError, connections, router
 
-    from ormbridge import capture
+    from ormbridge import capture, relay
     from ormbridge.models import ChangeBatch
 
     messages: list[checks.CheckMessage] = []
@@ -298,7 +318,8 @@ def check_triggers(
         try:
             tables = set(connection.introspection.table_names())
             if ChangeBatch._meta.db_table not in tables:
-                continue  # not migrated yet: migrate installs the triggers
+                messages.extend(_no_log_table(using, tables, relay.model_databases()))
+                continue  # migrate creates it, then installs the triggers
             states = capture.status(using)
         except DatabaseError:
             continue
@@ -314,6 +335,28 @@ def check_triggers(
                 )
             )
     return messages
+
+
+def _no_log_table(
+    using: str, tables: set[str], held: dict[str, list[str]]
+) -> list[checks.CheckMessage]:
+    """``W007``: tables of registered models in ``using``, and not its change-log table
+    (``migrate`` has not created it there yet): writes to them are not captured."""
+    from django.apps import apps
+
+    present = [
+        label for label in held.get(using, []) if apps.get_model(label)._meta.db_table in tables
+    ]
+    if not present:
+        return []  # nothing to capture yet: a database migrate has not reached
+    return [
+        checks.Warning(
+            f"Database {using!r} holds tables of registered models ({', '.join(present)}) "
+            "but not the change-log table: writes to them are not captured.",
+            hint=f"Run: manage.py migrate --database {using}",
+            id="ormbridge.W007",
+        )
+    ]
 
 
 def _check_capture() -> list[checks.CheckMessage]:
