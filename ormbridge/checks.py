@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -51,6 +52,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         )
     errors += _check_redis_url() + _check_numbers() + _check_names()
     errors += _check_models() + _check_emitters() + _check_serializer() + _check_capture()
+    errors += _check_beat_schedule()
     return errors
 
 
@@ -300,6 +302,7 @@ def check_triggers(
     messages: list[checks.CheckMessage] = []
     for using in databases or ():
         connection = connections[using]
+        messages.extend(_check_periodic_tasks(using))
         if not router.allow_migrate_model(using, ChangeBatch):
             continue
         if not capture.supports(connection) or settings.CAPTURE == "signals":
@@ -357,6 +360,116 @@ def _no_log_table(
             id="ormbridge.W007",
         )
     ]
+
+
+def _refused_by_workers(task: object, kwargs: object) -> dict[str, Any] | None:
+    """What a scheduled call of ``task`` with ``kwargs`` lacks for this project's workers
+    to run it (as :func:`ormbridge.schedule.beat_schedule` sends it), or None: not one of
+    ormbridge's scheduled tasks, or nothing lacking."""
+    from ormbridge import schedule
+
+    wanted = schedule.beat_schedule().get(task) if isinstance(task, str) else None
+    if wanted is None:
+        return None
+    given = kwargs if isinstance(kwargs, dict) else {}
+    lacking = {k: v for k, v in wanted["kwargs"].items() if given.get(k) != v}
+    return lacking or None
+
+
+def _refused_entry(
+    source: str, name: str, task: object, lacking: dict[str, Any], hint: str
+) -> checks.CheckMessage:
+    return checks.Warning(
+        f"{source} {name!r} sends {task} without {lacking!r} in its kwargs: every worker "
+        "refuses it and drops it (ormbridge_status shows the refusals), so it never runs.",
+        hint=hint,
+        id="ormbridge.W008",
+    )
+
+
+def _check_beat_schedule() -> list[checks.CheckMessage]:
+    """``W008``: entries of the beat schedule (``CELERY_BEAT_SCHEDULE``, the Celery app's
+    ``beat_schedule``) that send ormbridge's tasks without what workers need to run them."""
+    from celery import current_app
+    from celery.exceptions import ImproperlyConfigured
+
+    entries: dict[str, Any] = {}
+    sources = [getattr(django_settings, "CELERY_BEAT_SCHEDULE", None)]
+    # A configuration Celery cannot load: Celery itself says so.
+    with contextlib.suppress(ImportError, ImproperlyConfigured):
+        sources.append(current_app.conf.get("beat_schedule"))
+    for source in sources:
+        if isinstance(source, dict):
+            entries.update({name: entry for name, entry in source.items() if name not in entries})
+    messages = []
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            continue
+        task = entry.get("task")
+        lacking = _refused_by_workers(task, entry.get("kwargs"))
+        if lacking is not None:
+            messages.append(
+                _refused_entry(
+                    "The beat schedule entry",
+                    name,
+                    task,
+                    lacking,
+                    f'Give it "kwargs": {_kwargs(task)!r}, or build the schedule with '
+                    "ormbridge.schedule.beat_schedule() in the Celery app's module "
+                    '(docs/operations.md, "Periodic work").',
+                )
+            )
+    return messages
+
+
+def _kwargs(task: object) -> dict[str, Any]:
+    from ormbridge import schedule
+
+    kwargs: dict[str, Any] = schedule.beat_schedule()[str(task)]["kwargs"]
+    return kwargs
+
+
+def _check_periodic_tasks(using: str) -> list[checks.CheckMessage]:
+    """``W008``: django-celery-beat's enabled rows in ``using`` that send ormbridge's
+    tasks without what workers need (written by an older ``ormbridge_schedule``, or by
+    hand)."""
+    import json
+
+    from django.db import DatabaseError, connections, router
+
+    if not apps.is_installed("django_celery_beat"):
+        return []
+    from django_celery_beat.models import PeriodicTask
+
+    from ormbridge import schedule
+
+    if not router.allow_migrate_model(using, PeriodicTask):
+        return []
+    try:
+        if PeriodicTask._meta.db_table not in connections[using].introspection.table_names():
+            return []  # not migrated yet
+        rows = list(
+            PeriodicTask.objects.using(using)
+            .filter(enabled=True, task__in=list(schedule.PERIODIC_TASKS))
+            .values_list("name", "task", "kwargs")
+        )
+    except DatabaseError:
+        return []  # the database checks of check_triggers say what is wrong with it
+    messages = []
+    for name, task, text in rows:
+        try:
+            kwargs = json.loads(text or "{}")
+        except ValueError:
+            kwargs = None
+        lacking = _refused_by_workers(task, kwargs)
+        if lacking is None:
+            continue
+        hint = "Run: manage.py ormbridge_schedule"
+        if schedule.PERIODIC_TASKS.get(task) != name:
+            hint += f" (it writes a row of its own), and delete or disable {name!r}"
+        where = f"The periodic task (django-celery-beat, database {using!r})"
+        messages.append(_refused_entry(where, name, task, lacking, hint))
+    return messages
 
 
 def _check_capture() -> list[checks.CheckMessage]:

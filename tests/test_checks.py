@@ -9,7 +9,9 @@ from django.core.checks import run_checks
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.db import connections
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
+from ormbridge import schedule
 from ormbridge.checks import check_settings, check_triggers
 
 
@@ -248,3 +250,51 @@ def test_a_database_with_registered_tables_and_no_change_log_table_is_w007(secon
             if other.vendor == "sqlite":
                 cursor.execute("PRAGMA legacy_alter_table = OFF")
     assert check_triggers(databases=[second_database]) == []
+
+
+# The entry docs/operations.md showed before issue 17 (item 10): no kwargs, no KEY_PREFIX.
+OLD_SNIPPET = {
+    "ormbridge.sweep": {
+        "task": "ormbridge.sweep",
+        "schedule": 60.0,
+        "options": {"queue": "ormbridge"},
+    }
+}
+
+
+@pytest.mark.parametrize("kwargs", [None, {}, {"key_prefix": "another"}])
+def test_a_beat_schedule_sending_the_sweep_without_this_key_prefix_is_w008(settings, kwargs):
+    """Issue 17, item 10: every worker refuses such a sweep and the log is never pruned."""
+    entry = dict(OLD_SNIPPET["ormbridge.sweep"])
+    if kwargs is not None:
+        entry["kwargs"] = kwargs
+    settings.CELERY_BEAT_SCHEDULE = {"prune the log": entry}
+    [message] = check_settings()
+    assert message.id == "ormbridge.W008"
+    assert "'prune the log'" in message.msg and "ormbridge.sweep" in message.msg
+    assert "'key_prefix': 'ormbridge'" in message.hint
+
+
+def test_a_beat_schedule_in_the_celery_apps_conf_is_checked_too(settings, celery_app):
+    celery_app.conf.beat_schedule = OLD_SNIPPET
+    assert ids(settings) == ["ormbridge.W008"]
+    celery_app.conf.beat_schedule = {**schedule.beat_schedule(), "other": {"task": "x.y"}}
+    assert check_settings() == []
+
+
+@pytest.mark.django_db
+def test_a_periodic_task_row_without_this_key_prefix_is_w008_until_ormbridge_schedule(settings):
+    """A row an older ormbridge_schedule wrote (no kwargs), or one written by hand."""
+    every = IntervalSchedule.objects.create(every=60, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.create(name=schedule.PERIODIC_TASKS["ormbridge.sweep"],
+                                task="ormbridge.sweep", interval=every)  # fmt: skip
+    messages = check_triggers(databases=["default"])
+    assert [message.id for message in messages] == ["ormbridge.W008"]
+    assert "manage.py ormbridge_schedule" in messages[0].hint
+    schedule.install()
+    assert check_triggers(databases=["default"]) == []
+    PeriodicTask.objects.filter(task="ormbridge.sweep").update(enabled=False)
+    PeriodicTask.objects.create(name="by hand", task="ormbridge.sweep", interval=every,
+                                kwargs='{"key_prefix": "another"}')  # fmt: skip
+    [message] = check_triggers(databases=["default"])
+    assert message.id == "ormbridge.W008" and "'by hand'" in message.msg
