@@ -104,6 +104,7 @@ def _check_numbers() -> list[checks.CheckMessage]:
         "RETRY_BACKOFF_MAX": (settings.RETRY_BACKOFF_MAX, 0, "a number of seconds >= 0"),
         "SWEEP_INTERVAL": (settings.SWEEP_INTERVAL, 1, "a whole number of seconds >= 1"),
         "STATUS_MAX_PENDING_AGE": (settings.STATUS_MAX_PENDING_AGE, 1, "a number of seconds >= 1"),
+        "STATUS_REFUSAL_WINDOW": (settings.STATUS_REFUSAL_WINDOW, 1, "a number of seconds >= 1"),
         "EVENTS_REAUTH": (settings.EVENTS_REAUTH, 0.1, "a number of seconds >= 0.1"),
         "EVENTS_MAX_AGE": (settings.EVENTS_MAX_AGE, 1, "a number of seconds >= 1"),
         "EVENTS_MAX_NAMESPACES": (settings.EVENTS_MAX_NAMESPACES, 1, "a whole number >= 1"),

@@ -18,7 +18,7 @@ from django.db.models import Count, Min
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from ormbridge import capture, registry, relay, resync, store
+from ormbridge import capture, registry, relay, resync, stats, store
 from ormbridge.conf import settings
 
 if TYPE_CHECKING:
@@ -193,6 +193,8 @@ def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
         )
     problems.extend(_log_problems(logs, now))
     problems.extend(_worker_problems(services, worker_timeout))
+    refusals = _refusals() if services["redis"]["ok"] else None
+    problems.extend(_refusal_problems(refusals))
     ages = [age for log in logs if (age := log.oldest_age(now)) is not None]
     claims = [age for log in logs if (age := log.claim_age(now)) is not None]
     return {
@@ -209,6 +211,7 @@ def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
         "models": models,
         "jobs": _jobs(),
         "refused_tasks": _refused() if services["redis"]["ok"] else {},
+        "recent_refusals": refusals,
     }
 
 
@@ -239,6 +242,28 @@ def _log_problems(logs: list[_Log], now: datetime) -> list[str]:
             "(see that worker's log)"
         )
     return problems
+
+
+def _refusals() -> dict[str, Any] | None:
+    """The recent refusals (``stats.recent_refusals``); None when Redis does not answer."""
+    try:
+        return stats.recent_refusals()
+    except (redis.RedisError, OSError):
+        return None
+
+
+def _refusal_problems(refusals: dict[str, Any] | None) -> list[str]:
+    """Task messages refused within ``STATUS_REFUSAL_WINDOW``, whatever the reason: each was
+    dropped, not run (a sweep refused at every run, and the change log is never pruned)."""
+    if not refusals or not refusals["count"]:
+        return []
+    count, last = refusals["count"], refusals["last"][0]
+    tasks = ", ".join(f"{task} {n:,}" for task, n in refusals["by_task"].items())
+    return [
+        f"{count:,} task message{'' if count == 1 else 's'} refused by the workers in the "
+        f"last {refusals['window']:g} s ({tasks}), the last {last['age']:.0f} s ago: "
+        f"{last['task']}[{last['id']}]: {last['reason']}; they were dropped, not run"
+    ]
 
 
 def _refused() -> dict[str, int]:

@@ -17,8 +17,9 @@ class Command(BaseCommand):
         "resync jobs, and whether Redis, the broker and a worker consuming ORMBRIDGE['QUEUE'] "
         "answer. Exits non-zero, naming the problem and its fix, when no worker consumes the "
         "queue, change-log rows failed, the oldest undelivered one or the oldest delivery in "
-        "flight is older than STATUS_MAX_PENDING_AGE, or a database holding registered models "
-        "has no change log, so it can serve as a health check. "
+        "flight is older than STATUS_MAX_PENDING_AGE, a database holding registered models "
+        "has no change log, or a worker refused a task message within "
+        "STATUS_REFUSAL_WINDOW, so it can serve as a health check. "
         "Example: manage.py ormbridge_status --json"
     )
 
@@ -56,6 +57,7 @@ class Command(BaseCommand):
         workers = report["services"]["workers"]
         for worker, queues in workers["queues"].items():
             out.write(f"         {worker} consumes {', '.join(queues) or 'nothing'}")
+        self._print_refusals(report)
         delivery = report["delivery"]
         out.write(
             f"backlog  {delivery['backlog']:,} rows; oldest pending "
@@ -113,6 +115,27 @@ class Command(BaseCommand):
             )
         out.write("")
         out.write(style.SUCCESS("healthy") if report["healthy"] else style.ERROR("unhealthy"))
+
+    def _print_refusals(self, report: dict[str, Any]) -> None:
+        """Task messages the workers refused: recently (then unhealthy), and since Redis
+        started; the reason of the newest recent one."""
+        out, style = self.stdout, self.style
+        recent, total = report["recent_refusals"], report["refused_tasks"]
+        if recent is None:
+            out.write("refused  unknown (Redis does not answer)")
+            return
+        since = ", ".join(f"{task} {n:,}" for task, n in total.items())
+        since = f" ({since} since Redis started)" if since else ""
+        if not recent["count"]:
+            out.write(f"refused  none in the last {recent['window']:g} s{since}")
+            return
+        now = ", ".join(f"{task}: {n:,}" for task, n in recent["by_task"].items())
+        out.write(style.ERROR(f"refused  {now} in the last {recent['window']:g} s") + since)
+        last = recent["last"][0]
+        out.write(
+            f"         last {last['age']:,.0f} s ago: {last['task']}[{last['id']}]: "
+            f"{last['reason']}"
+        )
 
 
 def _seconds_option(value: str) -> float:
