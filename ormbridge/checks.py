@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,6 +19,7 @@ CLUSTER_SCHEMES = {"redis", "rediss"}  # cluster nodes announce TCP addresses
 
 def register_checks() -> None:
     checks.register(check_settings, "ormbridge")
+    checks.register(check_databases, "ormbridge")
     checks.register(check_triggers, "ormbridge", checks.Tags.database)
 
 
@@ -50,6 +52,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         )
     errors += _check_redis_url() + _check_numbers() + _check_names()
     errors += _check_models() + _check_emitters() + _check_serializer() + _check_capture()
+    errors += _check_beat_schedule()
     return errors
 
 
@@ -101,6 +104,7 @@ def _check_numbers() -> list[checks.CheckMessage]:
         "RETRY_BACKOFF_MAX": (settings.RETRY_BACKOFF_MAX, 0, "a number of seconds >= 0"),
         "SWEEP_INTERVAL": (settings.SWEEP_INTERVAL, 1, "a whole number of seconds >= 1"),
         "STATUS_MAX_PENDING_AGE": (settings.STATUS_MAX_PENDING_AGE, 1, "a number of seconds >= 1"),
+        "STATUS_REFUSAL_WINDOW": (settings.STATUS_REFUSAL_WINDOW, 1, "a number of seconds >= 1"),
         "EVENTS_REAUTH": (settings.EVENTS_REAUTH, 0.1, "a number of seconds >= 0.1"),
         "EVENTS_MAX_AGE": (settings.EVENTS_MAX_AGE, 1, "a number of seconds >= 1"),
         "EVENTS_MAX_NAMESPACES": (settings.EVENTS_MAX_NAMESPACES, 1, "a whole number >= 1"),
@@ -268,18 +272,38 @@ def _pickles(value: object) -> bool:
     return any(isinstance(name, str) and name.lower() in PICKLE for name in names)
 
 
+def check_databases(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Databases holding registered models that the router keeps the change log out of:
+    the capture triggers of a database write to its own log, so writes there are never
+    captured (``W006``). From the routers alone: no database is queried."""
+    from ormbridge import relay
+
+    return [
+        checks.Warning(
+            f"Database {using!r} holds registered models ({', '.join(labels)}) but no "
+            "change log: the database routers keep ormbridge's tables out of it, so writes "
+            "to those models there are never captured and their caches go stale.",
+            hint=f"Let your router's allow_migrate() put the 'ormbridge' app in {using!r} "
+            f"too, then run: manage.py migrate --database {using}",
+            id="ormbridge.W006",
+        )
+        for using, labels in relay.unlogged_databases().items()
+    ]
+
+
 def check_triggers(
     app_configs: Any = None, databases: Any = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """Registered models whose tables lack their capture triggers (database checks only)."""
     from django.db import DatabaseError, connections, router
 
-    from ormbridge import capture
+    from ormbridge import capture, relay
     from ormbridge.models import ChangeBatch
 
     messages: list[checks.CheckMessage] = []
     for using in databases or ():
         connection = connections[using]
+        messages.extend(_check_periodic_tasks(using))
         if not router.allow_migrate_model(using, ChangeBatch):
             continue
         if not capture.supports(connection) or settings.CAPTURE == "signals":
@@ -298,7 +322,8 @@ def check_triggers(
         try:
             tables = set(connection.introspection.table_names())
             if ChangeBatch._meta.db_table not in tables:
-                continue  # not migrated yet: migrate installs the triggers
+                messages.extend(_no_log_table(using, tables, relay.model_databases()))
+                continue  # migrate creates it, then installs the triggers
             states = capture.status(using)
         except DatabaseError:
             continue
@@ -313,6 +338,138 @@ def check_triggers(
                     id="ormbridge.W005",
                 )
             )
+    return messages
+
+
+def _no_log_table(
+    using: str, tables: set[str], held: dict[str, list[str]]
+) -> list[checks.CheckMessage]:
+    """``W007``: tables of registered models in ``using``, and not its change-log table
+    (``migrate`` has not created it there yet): writes to them are not captured."""
+    from django.apps import apps
+
+    present = [
+        label for label in held.get(using, []) if apps.get_model(label)._meta.db_table in tables
+    ]
+    if not present:
+        return []  # nothing to capture yet: a database migrate has not reached
+    return [
+        checks.Warning(
+            f"Database {using!r} holds tables of registered models ({', '.join(present)}) "
+            "but not the change-log table: writes to them are not captured.",
+            hint=f"Run: manage.py migrate --database {using}",
+            id="ormbridge.W007",
+        )
+    ]
+
+
+def _refused_by_workers(task: object, kwargs: object) -> dict[str, Any] | None:
+    """What a scheduled call of ``task`` with ``kwargs`` lacks for this project's workers
+    to run it (as :func:`ormbridge.schedule.beat_schedule` sends it), or None: not one of
+    ormbridge's scheduled tasks, or nothing lacking."""
+    from ormbridge import schedule
+
+    wanted = schedule.beat_schedule().get(task) if isinstance(task, str) else None
+    if wanted is None:
+        return None
+    given = kwargs if isinstance(kwargs, dict) else {}
+    lacking = {k: v for k, v in wanted["kwargs"].items() if given.get(k) != v}
+    return lacking or None
+
+
+def _refused_entry(
+    source: str, name: str, task: object, lacking: dict[str, Any], hint: str
+) -> checks.CheckMessage:
+    return checks.Warning(
+        f"{source} {name!r} sends {task} without {lacking!r} in its kwargs: every worker "
+        "refuses it and drops it (ormbridge_status shows the refusals), so it never runs.",
+        hint=hint,
+        id="ormbridge.W008",
+    )
+
+
+def _check_beat_schedule() -> list[checks.CheckMessage]:
+    """``W008``: entries of the beat schedule (``CELERY_BEAT_SCHEDULE``, the Celery app's
+    ``beat_schedule``) that send ormbridge's tasks without what workers need to run them."""
+    from celery import current_app
+    from celery.exceptions import ImproperlyConfigured
+
+    entries: dict[str, Any] = {}
+    sources = [getattr(django_settings, "CELERY_BEAT_SCHEDULE", None)]
+    # A configuration Celery cannot load: Celery itself says so.
+    with contextlib.suppress(ImportError, ImproperlyConfigured):
+        sources.append(current_app.conf.get("beat_schedule"))
+    for source in sources:
+        if isinstance(source, dict):
+            entries.update({name: entry for name, entry in source.items() if name not in entries})
+    messages = []
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            continue
+        task = entry.get("task")
+        lacking = _refused_by_workers(task, entry.get("kwargs"))
+        if lacking is not None:
+            messages.append(
+                _refused_entry(
+                    "The beat schedule entry",
+                    name,
+                    task,
+                    lacking,
+                    f'Give it "kwargs": {_kwargs(task)!r}, or build the schedule with '
+                    "ormbridge.schedule.beat_schedule() in the Celery app's module "
+                    '(docs/operations.md, "Periodic work").',
+                )
+            )
+    return messages
+
+
+def _kwargs(task: object) -> dict[str, Any]:
+    from ormbridge import schedule
+
+    kwargs: dict[str, Any] = schedule.beat_schedule()[str(task)]["kwargs"]
+    return kwargs
+
+
+def _check_periodic_tasks(using: str) -> list[checks.CheckMessage]:
+    """``W008``: django-celery-beat's enabled rows in ``using`` that send ormbridge's
+    tasks without what workers need (written by an older ``ormbridge_schedule``, or by
+    hand)."""
+    import json
+
+    from django.db import DatabaseError, connections, router
+
+    if not apps.is_installed("django_celery_beat"):
+        return []
+    from django_celery_beat.models import PeriodicTask
+
+    from ormbridge import schedule
+
+    if not router.allow_migrate_model(using, PeriodicTask):
+        return []
+    try:
+        if PeriodicTask._meta.db_table not in connections[using].introspection.table_names():
+            return []  # not migrated yet
+        rows = list(
+            PeriodicTask.objects.using(using)
+            .filter(enabled=True, task__in=list(schedule.PERIODIC_TASKS))
+            .values_list("name", "task", "kwargs")
+        )
+    except DatabaseError:
+        return []  # the database checks of check_triggers say what is wrong with it
+    messages = []
+    for name, task, text in rows:
+        try:
+            kwargs = json.loads(text or "{}")
+        except ValueError:
+            kwargs = None
+        lacking = _refused_by_workers(task, kwargs)
+        if lacking is None:
+            continue
+        hint = "Run: manage.py ormbridge_schedule"
+        if schedule.PERIODIC_TASKS.get(task) != name:
+            hint += f" (it writes a row of its own), and delete or disable {name!r}"
+        where = f"The periodic task (django-celery-beat, database {using!r})"
+        messages.append(_refused_entry(where, name, task, lacking, hint))
     return messages
 
 

@@ -53,6 +53,14 @@ def _default_queue(conf: Settings) -> str:
     return "ormbridge" if prefix == "ormbridge" else f"ormbridge.{prefix}"
 
 
+def _refusal_window(conf: Settings) -> float:
+    """600 s, or twice ``SWEEP_INTERVAL`` when that is longer (a bad value: 600 s)."""
+    interval = conf.SWEEP_INTERVAL
+    if isinstance(interval, bool) or not isinstance(interval, int | float):
+        return 600
+    return max(600, 2 * interval)
+
+
 class Settings:
     """Typed, lazily read view of ``settings.ORMBRIDGE``."""
 
@@ -186,6 +194,15 @@ class Settings:
         600,
         "``manage.py ormbridge_status`` exits non-zero when the oldest undelivered "
         "change-log row is older than this many seconds.",
+    )
+    STATUS_REFUSAL_WINDOW: _Setting[float] = _Setting(
+        600,
+        "Seconds a task message refused by a worker (sent under another ``KEY_PREFIX`` or "
+        "none, or refused for any other reason) counts as recent: ``manage.py "
+        "ormbridge_status`` exits non-zero while one is. Default: 600, or twice "
+        "``SWEEP_INTERVAL`` if that is longer, so that a sweep refused at every run stays "
+        "recent.",
+        derive=_refusal_window,
     )
     EMITTERS: _Setting[list[str]] = _Setting(
         ["ormbridge.broadcast.RedisStreamEmitter"],

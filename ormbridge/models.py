@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 
+from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import models
+from django.db import models, router
 from django.utils import timezone
 
 CHANNEL = "ormbridge"
@@ -101,6 +102,9 @@ class ChangeBatch(models.Model):
         on_delete=models.CASCADE,
         related_name="batches",
         db_index=False,  # indexed below for job rows only: captured rows have no job
+        # A job over models of several databases has chunks in each one's log, and the
+        # job itself in one of them (ResyncJob.database()): no constraint can span them.
+        db_constraint=False,
         help_text="The resync job this batch is a chunk of.",
     )
 
@@ -173,15 +177,33 @@ class ResyncJob(models.Model):
         return f"resync job {self.pk} ({', '.join(self.labels)}, {self.state})"
 
     @classmethod
+    def database(cls) -> str:
+        """The database jobs are written to, and read from: never a replica the router
+        sends reads to, whose answer may lag (a job done twice, or not found)."""
+        return router.db_for_write(cls)
+
+    @classmethod
     def finish_if_complete(cls, job_id: int) -> bool:
-        """Mark the job done if it is fully planned and every chunk delivered."""
-        if ChangeBatch.objects.filter(job_id=job_id).exclude(state=ChangeBatch.State.DONE).exists():
-            return False
+        """Mark the job done if it is fully planned and every chunk delivered.
+
+        A job's chunks are in the change log of each of its models' databases: every
+        one is asked, by name, so that no router sends the question to a replica.
+        """
+        for using in log_databases():
+            chunks = ChangeBatch.objects.using(using).filter(job_id=job_id)
+            if chunks.exclude(state=ChangeBatch.State.DONE).exists():
+                return False
         return bool(
-            cls.objects.filter(pk=job_id, planned=True, state=cls.State.RUNNING).update(
-                state=cls.State.DONE, finished_at=timezone.now()
-            )
+            cls.objects.using(cls.database())
+            .filter(pk=job_id, planned=True, state=cls.State.RUNNING)
+            .update(state=cls.State.DONE, finished_at=timezone.now())
         )
+
+
+def log_databases() -> list[str]:
+    """Aliases of the databases holding a change log: those the router lets ormbridge's
+    tables into (the capture triggers of a database write to its own log)."""
+    return [using for using in settings.DATABASES if router.allow_migrate_model(using, ChangeBatch)]
 
 
 class CapturePause(models.Model):

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -52,6 +52,7 @@ from django.utils import timezone
 from ormbridge import flush, registry, replay
 from ormbridge.conf import settings
 from ormbridge.models import CHANNEL, ChangeBatch, ResyncJob
+from ormbridge.models import log_databases as log_databases  # for the layers above
 
 logger = logging.getLogger("ormbridge")
 
@@ -76,11 +77,25 @@ class DrainResult:
         self.flush.add(other.flush)
 
 
-def log_databases() -> Iterator[str]:
-    """Aliases of the databases holding a change log."""
-    for using in django_settings.DATABASES:
-        if router.allow_migrate_model(using, ChangeBatch):
-            yield using
+def model_databases() -> dict[str, list[str]]:
+    """Per database alias, the registered models whose rows it holds: the router lets
+    their tables into it, or writes them there. Each needs a change log there: the
+    capture triggers of a database write to its own."""
+    held: dict[str, list[str]] = {}
+    for model in registry.registered_models():
+        writes_to = router.db_for_write(model)
+        for using in django_settings.DATABASES:
+            if using == writes_to or router.allow_migrate_model(using, model):
+                held.setdefault(using, []).append(model._meta.label_lower)
+    return held
+
+
+def unlogged_databases() -> dict[str, list[str]]:
+    """Databases holding registered models that the router keeps ormbridge's tables, the
+    change log, out of (``ormbridge.W006``): writes to those models there are never
+    captured. Per alias, those models."""
+    logs = set(log_databases())
+    return {using: labels for using, labels in model_databases().items() if using not in logs}
 
 
 def _due(now: Any) -> Q:
@@ -383,16 +398,18 @@ def drain(
     return result
 
 
-def receiver_errors(limit: int = 10, scanned: int = 1000) -> dict[str, list[dict[str, Any]]]:
+def receiver_errors(
+    limit: int = 10, scanned: int = 1000, databases: Iterable[str] | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """Per model label, the receiver errors of undelivered rows (retrying or failed).
 
     Newest rows first, at most ``limit`` errors per model, from the newest
-    ``scanned`` undelivered rows with errors of each database holding a log.
-    Each error: ``{"batch", "state", "attempts", "pk", "receiver", "error"}``.
+    ``scanned`` undelivered rows with errors of each database holding a log (or of
+    ``databases``). Each error: ``{"batch", "state", "attempts", "pk", "receiver", "error"}``.
     """
     found: dict[str, list[dict[str, Any]]] = defaultdict(list)
     undelivered = [ChangeBatch.State.PENDING, ChangeBatch.State.CLAIMED, ChangeBatch.State.FAILED]
-    for using in log_databases():
+    for using in log_databases() if databases is None else databases:
         rows = (
             ChangeBatch.objects.using(using)
             .filter(state__in=undelivered, errors__isnull=False)

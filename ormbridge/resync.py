@@ -7,6 +7,12 @@ progress, in one transaction. Chunks are delivered by workers, or by the
 calling process (``sync``). A job interrupted in any way is continued with
 :func:`run` again: chunks already written are not planned twice, chunks not
 delivered are delivered (again: at least once), finished chunks are left alone.
+
+Each model's chunks go to the change log of the database its rows are read from
+(``router.db_for_write``): a relay delivers a chunk from the database whose log
+holds it, and replays its rows from there. The job itself is in
+``ResyncJob.database()``. Both are always named, never left to the router's
+choice for reads, which may be a replica that lags.
 """
 
 from __future__ import annotations
@@ -68,6 +74,23 @@ class Selection:
         return queryset
 
 
+def log_database(model: type[Model]) -> str:
+    """The database whose change log takes the chunks of ``model``: the one its rows
+    are read from.
+
+    Raises:
+        ResyncError: that database holds no change log (``ormbridge.W006``).
+    """
+    using = router.db_for_write(model)
+    if using not in relay.log_databases():
+        raise ResyncError(
+            f"{model._meta.label}'s rows are in database {using!r}, which holds no change "
+            "log: the router keeps ormbridge's tables out of it (manage.py check says "
+            "ormbridge.W006)."
+        )
+    return using
+
+
 def select(
     labels: list[str],
     *,
@@ -93,6 +116,7 @@ def select(
         excludes=tuple(_split(text, "--exclude") for text in excludes),
     )
     for model in selection.models:
+        log_database(model)
         for option, pairs in (("--filter", selection.filters), ("--exclude", selection.excludes)):
             for key, raw in pairs:
                 _check_lookup(model, option, key, raw)
@@ -282,8 +306,9 @@ def start(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ResyncError(f"the chunk size must be a whole number >= 1, not {chunk_size!r}.")
     labels = [m._meta.label_lower for m in selection.models]
+    jobs = ResyncJob.objects.using(ResyncJob.database())
     if not force:
-        for job in ResyncJob.objects.filter(state=ResyncJob.State.RUNNING):
+        for job in jobs.filter(state=ResyncJob.State.RUNNING):
             shared = sorted(set(job.labels) & set(labels))
             if shared:
                 raise ResyncError(
@@ -292,7 +317,7 @@ def start(
                     f"--resume {job.pk}, or pass --force."
                 )
     totals = count(selection)
-    return ResyncJob.objects.create(
+    return jobs.create(
         labels=labels,
         filters=[list(pair) for pair in selection.filters],
         excludes=[list(pair) for pair in selection.excludes],
@@ -308,7 +333,7 @@ def get_job(job_id: int) -> ResyncJob:
     """The job to resume. Raises ``ResyncError`` if it does not exist or is done."""
     from ormbridge.models import ResyncJob
 
-    job = ResyncJob.objects.filter(pk=job_id).first()
+    job = ResyncJob.objects.using(ResyncJob.database()).filter(pk=job_id).first()
     if job is None:
         raise ResyncError(f"there is no resync job {job_id}.")
     if job.state == ResyncJob.State.DONE:
@@ -336,86 +361,132 @@ def run(job: ResyncJob, *, sync: bool | None = None, on_progress: OnProgress | N
     """
     from ormbridge.models import ChangeBatch, ResyncJob
 
+    job_db = ResyncJob.database()
     sync = job.sync if sync is None else sync
     if job.state != ResyncJob.State.RUNNING or job.sync != sync:
         job.state, job.sync, job.error = ResyncJob.State.RUNNING, sync, ""
-        job.save(update_fields=["state", "sync", "error"])
+        job.save(using=job_db, update_fields=["state", "sync", "error"])
     owner = relay.new_owner()
-    undone = ChangeBatch.objects.filter(job=job).exclude(state=ChangeBatch.State.DONE)
-    if sync:
-        for batch_id in undone.order_by("id").values_list("id", flat=True):
-            _deliver_here(batch_id, owner)
-            _tell(on_progress, job)
-    else:
-        undone.filter(state=ChangeBatch.State.FAILED).update(
-            state=ChangeBatch.State.PENDING, attempts=0
-        )
+    for using in relay.log_databases():
+        undone = _chunks(job, using).exclude(state=ChangeBatch.State.DONE)
+        if sync:
+            for batch_id in undone.order_by("id").values_list("id", flat=True):
+                _deliver_here(using, batch_id, owner)
+                _tell(on_progress, job)
+        else:
+            undone.filter(state=ChangeBatch.State.FAILED).update(
+                state=ChangeBatch.State.PENDING, attempts=0
+            )
     selection = selection_of(job)
     action = "update" if job.mode == ResyncJob.Mode.REPLAY else "invalidate"
     for model in selection.models:
         label = model._meta.label_lower
-        state = job.progress.get(label, {"last_pk": None, "planned": False})
+        using = log_database(model)
+        state = _caught_up(job, model, using)
         pk_field = model._meta.pk
         last = None if state["last_pk"] is None else pk_field.to_python(state["last_pk"])
         queryset = selection.queryset(model).order_by("pk")
         while not state["planned"]:
-            with transaction.atomic():
-                page = queryset if last is None else queryset.filter(pk__gt=last)
-                pks = list(page.values_list("pk", flat=True)[: job.chunk_size])
-                batch = None
-                if pks:
-                    batch = ChangeBatch.objects.create(
-                        model=label,
-                        action=action,
-                        pks=pks,
-                        rows=len(pks),
-                        replay=job.mode == ResyncJob.Mode.REPLAY,
-                        job=job,
-                        # A sync job's chunk is its own: no relay takes it meanwhile.
-                        state=ChangeBatch.State.CLAIMED if sync else ChangeBatch.State.PENDING,
-                        claimed_by=owner if sync else "",
-                        lease_until=_lease() if sync else None,
-                    )
-                    last = pks[-1]
+            # The chunk and the progress commit together when the model's log is in the
+            # job's database; otherwise the chunk commits first (see _caught_up).
+            with transaction.atomic(using=job_db):
+                with transaction.atomic(using=using):
+                    page = queryset if last is None else queryset.filter(pk__gt=last)
+                    pks = list(page.values_list("pk", flat=True)[: job.chunk_size])
+                    batch = None
+                    if pks:
+                        batch = ChangeBatch.objects.using(using).create(
+                            model=label,
+                            action=action,
+                            pks=pks,
+                            rows=len(pks),
+                            replay=job.mode == ResyncJob.Mode.REPLAY,
+                            job_id=job.pk,
+                            # A sync job's chunk is its own: no relay takes it meanwhile.
+                            state=ChangeBatch.State.CLAIMED if sync else ChangeBatch.State.PENDING,
+                            claimed_by=owner if sync else "",
+                            lease_until=_lease() if sync else None,
+                        )
+                        last = pks[-1]
+                        if not sync:
+                            capture.notify(using)
                 state = {"last_pk": last, "planned": len(pks) < job.chunk_size}
                 job.progress[label] = state
                 job.rows_planned += len(pks)
-                job.save(update_fields=["progress", "rows_planned"])
-                if batch is not None and not sync:
-                    capture.notify("default")
+                job.save(using=job_db, update_fields=["progress", "rows_planned"])
             if batch is not None:
                 if sync:
-                    _deliver_here(batch.pk, owner)
+                    _deliver_here(using, batch.pk, owner)
                 _tell(on_progress, job)
     job.planned = True
-    job.save(update_fields=["planned"])
+    job.save(using=job_db, update_fields=["planned"])
     ResyncJob.finish_if_complete(job.pk)
+
+
+def _chunks(job: ResyncJob, using: str) -> QuerySet[Any]:
+    """The job's chunks in the change log of ``using``."""
+    from ormbridge.models import ChangeBatch
+
+    return ChangeBatch.objects.using(using).filter(job_id=job.pk)
+
+
+def _caught_up(job: ResyncJob, model: type[Model], using: str) -> dict[str, Any]:
+    """The job's progress on ``model``, caught up with the newest chunk written for it.
+
+    When the model's change log is in another database than the job, a chunk commits
+    before the progress that names it: a job stopped between the two has one chunk
+    more than its progress says. Its last pk is then where planning goes on (the
+    newest chunk is the furthest: chunks are planned in pk order), and the progress
+    is saved at once, so that a second stop cannot lose it.
+    """
+    label = model._meta.label_lower
+    state: dict[str, Any] = job.progress.get(label, {"last_pk": None, "planned": False})
+    newest = _chunks(job, using).filter(model=label).order_by("-id").values_list("pks").first()
+    if newest is None or not newest[0]:
+        return state
+    pks = newest[0]
+    to_python = model._meta.pk.to_python
+    if state["last_pk"] is not None and to_python(state["last_pk"]) == to_python(pks[-1]):
+        return state
+    from ormbridge.models import ResyncJob
+
+    state = {"last_pk": pks[-1], "planned": len(pks) < job.chunk_size}
+    job.progress[label] = state
+    job.rows_planned += len(pks)
+    job.save(using=ResyncJob.database(), update_fields=["progress", "rows_planned"])
+    return state
 
 
 def _lease() -> Any:
     return timezone.now() + timedelta(seconds=float(settings.RELAY_LEASE))
 
 
-def _deliver_here(batch_id: int, owner: str) -> None:
-    """Deliver one chunk in this process, holding it against the relays meanwhile."""
+def _deliver_here(using: str, batch_id: int, owner: str) -> None:
+    """Deliver one chunk of the log of ``using`` in this process, holding it against the
+    relays meanwhile."""
     from ormbridge.models import ChangeBatch
 
-    ChangeBatch.objects.filter(id=batch_id).update(
+    log = ChangeBatch.objects.using(using)
+    log.filter(id=batch_id).update(
         state=ChangeBatch.State.CLAIMED, claimed_by=owner, lease_until=_lease()
     )
-    batches = list(ChangeBatch.objects.filter(id=batch_id))
-    result = relay.deliver(batches, "default")
+    batches = list(log.filter(id=batch_id))
+    result = relay.deliver(batches, using)
     if result.failed:
-        error = ChangeBatch.objects.filter(id=batch_id).values_list("last_error", flat=True)
+        error = log.filter(id=batch_id).values_list("last_error", flat=True)
         raise ResyncError(f"chunk {batch_id} could not be delivered: {error.first()}")
 
 
 def rows_done(job: ResyncJob) -> int:
-    """Rows of the job's delivered chunks, whichever run or relay delivered them."""
+    """Rows of the job's delivered chunks, whichever run or relay delivered them, in the
+    change logs of every database."""
     from ormbridge.models import ChangeBatch
 
-    done = ChangeBatch.objects.filter(job=job, state=ChangeBatch.State.DONE)
-    return done.aggregate(rows=Sum("rows"))["rows"] or 0
+    return sum(
+        _chunks(job, using).filter(state=ChangeBatch.State.DONE).aggregate(rows=Sum("rows"))["rows"]
+        or 0
+        for using in relay.log_databases()
+    )
 
 
 def progress(job: ResyncJob) -> tuple[int, int]:
@@ -430,9 +501,16 @@ def progress(job: ResyncJob) -> tuple[int, int]:
 def interrupt(job: ResyncJob, reason: str) -> None:
     from ormbridge.models import ResyncJob
 
-    ResyncJob.objects.filter(pk=job.pk, state=ResyncJob.State.RUNNING).update(
-        state=ResyncJob.State.INTERRUPTED, error=reason
-    )
+    ResyncJob.objects.using(ResyncJob.database()).filter(
+        pk=job.pk, state=ResyncJob.State.RUNNING
+    ).update(state=ResyncJob.State.INTERRUPTED, error=reason)
+
+
+def refresh(job: ResyncJob) -> None:
+    """Read ``job`` again from its database (not from a replica the router reads from)."""
+    from ormbridge.models import ResyncJob
+
+    job.refresh_from_db(using=ResyncJob.database())
 
 
 def wait(job: ResyncJob, *, poll: float = 0.5, on_progress: OnProgress | None = None) -> None:
@@ -440,7 +518,7 @@ def wait(job: ResyncJob, *, poll: float = 0.5, on_progress: OnProgress | None = 
     from ormbridge.models import ResyncJob
 
     while True:
-        job.refresh_from_db()
+        refresh(job)
         _tell(on_progress, job)
         if job.state == ResyncJob.State.DONE or ResyncJob.finish_if_complete(job.pk):
             _tell(on_progress, job)

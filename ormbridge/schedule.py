@@ -20,7 +20,12 @@ PERIODIC_TASKS = {
 
 def beat_schedule() -> dict[str, dict[str, Any]]:
     """The same schedule as a ``CELERY_BEAT_SCHEDULE`` dict, for projects without the
-    database scheduler."""
+    database scheduler.
+
+    It reads ormbridge's settings: call it where the Celery app is configured
+    (``app.conf.beat_schedule``), not in the settings module itself, which is not
+    loaded yet (docs/operations.md shows the dict to write there).
+    """
     return {
         task: {
             "task": task,

@@ -1,20 +1,29 @@
-"""Per-model counters of cached reads, kept in ormbridge's Redis for ``ormbridge_status``."""
+"""Counters kept in ormbridge's Redis for ``ormbridge_status``: per model, cached reads;
+per task, the messages workers refused."""
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 import redis
 
 from ormbridge import store
+from ormbridge.conf import settings
 
-__all__ = ["Counts", "counts"]
+__all__ = ["Counts", "counts", "recent_refusals", "record_refusal"]
+
+REFUSALS_KEPT = 1000
+"""Recent refusals kept (the newest); older ones are pruned as refusals come."""
+REFUSALS_SHOWN = 5
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +91,68 @@ atexit.register(counts.send)
 
 
 os.register_at_fork(after_in_child=counts.forget)
+
+
+def record_refusal(task: str, task_id: str | None, reason: str) -> None:
+    """Count a task message a worker refused, whatever the reason, and keep it as recent.
+
+    Two keys under the prefix: per task, how many were refused since Redis started
+    (``refused_tasks`` in the status), and a sorted set of the refusals themselves
+    scored by their time, from which ``ormbridge_status`` reads the recent ones
+    (``STATUS_REFUSAL_WINDOW``). Each call prunes the set of refusals older than the
+    window, and of all but the newest ``REFUSALS_KEPT``. A Redis failure is logged: the
+    worker's warning about the message stays.
+    """
+    now = time.time()
+    member = json.dumps({"task": task, "id": task_id, "reason": reason, "n": uuid.uuid4().hex})
+    try:
+        pipe = store.get_redis().pipeline(transaction=False)
+        pipe.hincrby(store.refused_key(), task, 1)
+        pipe.zadd(store.refusals_key(), {member: now})
+        pipe.zremrangebyscore(store.refusals_key(), "-inf", now - _window())
+        pipe.zremrangebyrank(store.refusals_key(), 0, -REFUSALS_KEPT - 1)
+        pipe.execute()
+    except (redis.RedisError, OSError):
+        logger.exception("ormbridge: could not count the refusal of %s", task)
+
+
+def recent_refusals() -> dict[str, Any]:
+    """The refusals of the last ``STATUS_REFUSAL_WINDOW`` seconds: how many, per task, and
+    the newest few, each with its age in seconds and the reason its worker gave.
+
+    Raises:
+        redis.RedisError: Redis did not answer.
+    """
+    now = time.time()
+    window = _window()
+    # redis-py types a reply as any of its shapes; WITHSCORES gives (member, score) pairs.
+    found: list[tuple[bytes, float]] = store.get_redis().zrevrangebyscore(  # type: ignore[assignment]
+        store.refusals_key(), "+inf", now - window, withscores=True
+    )
+    by_task: Counter[str] = Counter()
+    last: list[dict[str, Any]] = []
+    for raw, when in found:
+        try:
+            refusal = json.loads(raw)
+        except ValueError:
+            continue
+        by_task[str(refusal.get("task"))] += 1
+        if len(last) < REFUSALS_SHOWN:
+            last.append(
+                {
+                    "task": str(refusal.get("task")),
+                    "id": refusal.get("id"),
+                    "age": max(0.0, now - float(when)),
+                    "reason": str(refusal.get("reason", "")),
+                }
+            )
+    return {
+        "window": window,
+        "count": sum(by_task.values()),
+        "by_task": dict(sorted(by_task.items())),
+        "last": last,
+    }
+
+
+def _window() -> float:
+    return float(settings.STATUS_REFUSAL_WINDOW)

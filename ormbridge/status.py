@@ -7,16 +7,18 @@ its meaning in ``docs/operations.md``.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import current_app
+from django.db import DatabaseError, connections
 from django.db.models import Count, Min
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from ormbridge import capture, registry, relay, resync, store
+from ormbridge import capture, registry, relay, resync, stats, store
 from ormbridge.conf import settings
 
 if TYPE_CHECKING:
@@ -35,39 +37,135 @@ UNDELIVERED = ("pending", "claimed", "failed")
 SHOWN_WORKERS = 5  # workers named in a problem; the JSON lists them all
 
 
+@dataclass
+class _Log:
+    """What one database's change log holds, as read for the status."""
+
+    using: str
+    models: list[str]
+    tables: set[str] = field(default_factory=set)
+    """The database's tables: a model's capture triggers are looked for where its table is."""
+    by_state: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per model label, undelivered rows by state."""
+    oldest: dict[str, datetime] = field(default_factory=dict)
+    """Per model label, when its oldest pending or claimed row was written."""
+    claim: tuple[datetime, str] | None = None
+    """When the oldest claim still in flight was made, and by which relay."""
+    error: str | None = None
+    """Why the log could not be read (no log, no table, the database down)."""
+
+    def counts(self) -> dict[str, int]:
+        return {
+            state: sum(states.get(state, 0) for states in self.by_state.values())
+            for state in UNDELIVERED
+        }
+
+    def oldest_age(self, now: datetime) -> float | None:
+        if not self.oldest:
+            return None
+        return max(0.0, (now - min(self.oldest.values())).total_seconds())
+
+    def claim_age(self, now: datetime) -> float | None:
+        return None if self.claim is None else max(0.0, (now - self.claim[0]).total_seconds())
+
+    def as_dict(self, now: datetime) -> dict[str, Any]:
+        return {
+            "log": self.error is None,
+            "models": self.models,
+            "change_log": self.counts(),
+            "oldest_undelivered_age": self.oldest_age(now),
+            "oldest_in_flight_age": self.claim_age(now),
+            "error": self.error,
+        }
+
+
+def _logs() -> list[_Log]:
+    """The change log of every database holding one, and a log-less entry for each
+    database that holds registered models without one (their writes are not captured)."""
+    from ormbridge.models import ChangeBatch
+
+    held = relay.model_databases()
+    logs = []
+    for using in relay.log_databases():
+        log = _Log(using, held.get(using, []))
+        logs.append(log)
+        try:
+            log.tables = set(connections[using].introspection.table_names())
+            if ChangeBatch._meta.db_table not in log.tables:
+                log.error = (
+                    f"no change-log table: run manage.py migrate --database {using} "
+                    "(until then, writes to its registered models are not captured)"
+                )
+                continue
+            _read(log, ChangeBatch.objects.using(using))
+        except DatabaseError as exc:
+            log.error = f"could not be read: {type(exc).__name__}: {str(exc).strip()}"
+    for using, labels in relay.unlogged_databases().items():
+        logs.append(
+            _Log(
+                using,
+                labels,
+                error="no change log: the router keeps ormbridge's tables out of it, so "
+                "writes to its registered models are not captured (ormbridge.W006)",
+            )
+        )
+    return logs
+
+
+def _read(log: _Log, changes: Any) -> None:
+    """Fill ``log`` from its database. Only undelivered rows are counted: the (state, id)
+    index finds them, however many done rows wait for pruning."""
+    from ormbridge.models import ChangeBatch
+
+    undelivered = changes.filter(state__in=UNDELIVERED)
+    for row in undelivered.values("model", "state").annotate(n=Count("id")):
+        log.by_state.setdefault(row["model"], {})[row["state"]] = row["n"]
+    log.oldest = {
+        row["model"]: row["oldest"]
+        for row in undelivered.exclude(state=ChangeBatch.State.FAILED)
+        .values("model")
+        .annotate(oldest=Min("created_at"))
+    }
+    claim = (
+        changes.filter(state=ChangeBatch.State.CLAIMED, claimed_at__isnull=False)
+        .order_by("claimed_at")
+        .values_list("claimed_at", "claimed_by")
+        .first()
+    )
+    log.claim = None if claim is None or claim[0] is None else (claim[0], claim[1])
+
+
 def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
     """The status document. Never raises because a service is down: it reports it.
 
     Workers are asked which queues they consume, waiting ``worker_timeout`` seconds for
-    their answers; a broker that does not answer is not asked.
+    their answers; a broker that does not answer is not asked. Every database holding
+    registered models is read, each by name (never a replica the router reads from).
     """
-    from ormbridge.models import ChangeBatch
-
     now = timezone.now()
     services = {"redis": _redis(), "broker": _broker()}
     services["workers"] = (
         _workers(worker_timeout) if services["broker"]["ok"] else _no_workers("broker unreachable")
     )
     labels = [model._meta.label_lower for model in registry.registered_models()]
-    # Only undelivered rows are counted: the (state, id) index finds them, however
-    # many done rows wait for pruning.
-    undelivered = ChangeBatch.objects.filter(state__in=UNDELIVERED)
+    logs = _logs()
     by_state: dict[str, dict[str, int]] = {label: {} for label in labels}
-    for row in undelivered.values("model", "state").annotate(n=Count("id")):
-        by_state.setdefault(row["model"], {})[row["state"]] = row["n"]
-    oldest = {
-        row["model"]: row["oldest"]
-        for row in undelivered.exclude(state=ChangeBatch.State.FAILED)
-        .values("model")
-        .annotate(oldest=Min("created_at"))
-    }
-    triggers = _triggers()
-    receiver_errors = relay.receiver_errors()
+    oldest: dict[str, datetime] = {}
+    for log in logs:
+        for label, states in log.by_state.items():
+            for state, n in states.items():
+                by_state.setdefault(label, {})[state] = by_state[label].get(state, 0) + n
+        for label, written in log.oldest.items():
+            oldest[label] = min(written, oldest.get(label, written))
+    triggers = _triggers(logs)
+    receiver_errors = relay.receiver_errors(
+        databases=[log.using for log in logs if log.error is None]
+    )
     stats = _stats(labels) if services["redis"]["ok"] else {}
     models: list[dict[str, Any]] = []
     for label in sorted(by_state):
         counts = {state: by_state[label].get(state, 0) for state in UNDELIVERED}
-        age = (now - oldest[label]).total_seconds() if label in oldest else None
+        age = max(0.0, (now - oldest[label]).total_seconds()) if label in oldest else None
         models.append(
             {
                 "model": label,
@@ -86,9 +184,6 @@ def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
                 "receiver_errors": receiver_errors.get(label, []),
             }
         )
-    failed = sum(m["change_log"]["failed"] for m in models)
-    ages = [m["oldest_undelivered_age"] for m in models if m["oldest_undelivered_age"] is not None]
-    oldest_age = max(ages, default=None)
     problems = []
     uncaptured = sorted(m["model"] for m in models if m["triggers"] not in (None, "installed"))
     if uncaptured:
@@ -96,21 +191,12 @@ def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
             f"capture triggers not installed or outdated for {', '.join(uncaptured)} "
             "(run manage.py ormbridge_triggers install)"
         )
-    if failed:
-        problems.append(f"{failed} change-log rows failed")
-    if oldest_age is not None and oldest_age > settings.STATUS_MAX_PENDING_AGE:
-        problems.append(
-            f"oldest undelivered change-log row is {oldest_age:.0f} s old "
-            f"(limit {settings.STATUS_MAX_PENDING_AGE} s)"
-        )
-    in_flight = _oldest_claim(now)
-    if in_flight is not None and in_flight[0] > settings.STATUS_MAX_PENDING_AGE:
-        problems.append(
-            f"a delivery has been in flight for {in_flight[0]:.0f} s "
-            f"(limit {settings.STATUS_MAX_PENDING_AGE} s), claimed by {in_flight[1]}: "
-            "its relay is stuck or slow (see that worker's log)"
-        )
+    problems.extend(_log_problems(logs, now))
     problems.extend(_worker_problems(services, worker_timeout))
+    refusals = _refusals() if services["redis"]["ok"] else None
+    problems.extend(_refusal_problems(refusals))
+    ages = [age for log in logs if (age := log.oldest_age(now)) is not None]
+    claims = [age for log in logs if (age := log.claim_age(now)) is not None]
     return {
         "time": now.isoformat(),
         "healthy": not problems,
@@ -118,28 +204,66 @@ def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
         "services": services,
         "delivery": {
             "backlog": sum(m["change_log"]["pending"] + m["change_log"]["claimed"] for m in models),
-            "oldest_pending_age": oldest_age,
-            "oldest_in_flight_age": None if in_flight is None else in_flight[0],
+            "oldest_pending_age": max(ages, default=None),
+            "oldest_in_flight_age": max(claims, default=None),
         },
+        "databases": {log.using: log.as_dict(now) for log in logs},
         "models": models,
         "jobs": _jobs(),
         "refused_tasks": _refused() if services["redis"]["ok"] else {},
+        "recent_refusals": refusals,
     }
 
 
-def _oldest_claim(now: datetime) -> tuple[float, str] | None:
-    """Seconds since the oldest in-flight (claimed) change-log row was claimed, and by whom."""
-    from ormbridge.models import ChangeBatch
+def _log_problems(logs: list[_Log], now: datetime) -> list[str]:
+    """What is wrong with the change logs, each naming its database: no log where
+    registered models are, failed rows, deliveries overdue or stuck in flight."""
+    limit = settings.STATUS_MAX_PENDING_AGE
+    problems = []
+    for log in logs:
+        if log.error is not None:
+            problems.append(f"database {log.using!r}: {log.error}")
+        failed = log.counts()["failed"]
+        if failed:
+            problems.append(f"{failed} change-log rows failed in database {log.using!r}")
+    oldest = max(logs, key=lambda log: log.oldest_age(now) or -1.0, default=None)
+    age = None if oldest is None else oldest.oldest_age(now)
+    if oldest is not None and age is not None and age > limit:
+        problems.append(
+            f"oldest undelivered change-log row is {age:.0f} s old, in database "
+            f"{oldest.using!r} (limit {limit} s)"
+        )
+    stuck = max(logs, key=lambda log: log.claim_age(now) or -1.0, default=None)
+    age = None if stuck is None else stuck.claim_age(now)
+    if stuck is not None and stuck.claim is not None and age is not None and age > limit:
+        problems.append(
+            f"a delivery has been in flight for {age:.0f} s (limit {limit} s), claimed by "
+            f"{stuck.claim[1]} in database {stuck.using!r}: its relay is stuck or slow "
+            "(see that worker's log)"
+        )
+    return problems
 
-    claim = (
-        ChangeBatch.objects.filter(state=ChangeBatch.State.CLAIMED, claimed_at__isnull=False)
-        .order_by("claimed_at")
-        .values_list("claimed_at", "claimed_by")
-        .first()
-    )
-    if claim is None or claim[0] is None:
+
+def _refusals() -> dict[str, Any] | None:
+    """The recent refusals (``stats.recent_refusals``); None when Redis does not answer."""
+    try:
+        return stats.recent_refusals()
+    except (redis.RedisError, OSError):
         return None
-    return max(0.0, (now - claim[0]).total_seconds()), claim[1]
+
+
+def _refusal_problems(refusals: dict[str, Any] | None) -> list[str]:
+    """Task messages refused within ``STATUS_REFUSAL_WINDOW``, whatever the reason: each was
+    dropped, not run (a sweep refused at every run, and the change log is never pruned)."""
+    if not refusals or not refusals["count"]:
+        return []
+    count, last = refusals["count"], refusals["last"][0]
+    tasks = ", ".join(f"{task} {n:,}" for task, n in refusals["by_task"].items())
+    return [
+        f"{count:,} task message{'' if count == 1 else 's'} refused by the workers in the "
+        f"last {refusals['window']:g} s ({tasks}), the last {last['age']:.0f} s ago: "
+        f"{last['task']}[{last['id']}]: {last['reason']}; they were dropped, not run"
+    ]
 
 
 def _refused() -> dict[str, int]:
@@ -258,11 +382,16 @@ def _joined(queues: list[str]) -> str:
     return ",".join(dict.fromkeys(queues))
 
 
-def _triggers() -> dict[str, str]:
-    """Per model label, the state of its tables' capture triggers (databases with a log)."""
+def _triggers(logs: list[_Log]) -> dict[str, str]:
+    """Per model label, the state of its tables' capture triggers, in each database
+    with a log that holds the table (a model's rows may be in one database only)."""
     states: dict[str, str] = {}
-    for using in relay.log_databases():
-        for table in capture.status(using):
+    for log in logs:
+        if log.error is not None:
+            continue
+        for table in capture.status(log.using):
+            if table.table not in log.tables:
+                continue
             for label in table.models:
                 if states.get(label, "installed") == "installed":
                     states[label] = table.state
@@ -298,10 +427,9 @@ def _float(value: str | None) -> float | None:
 def _jobs() -> list[dict[str, Any]]:
     from ormbridge.models import ResyncJob
 
-    running = list(ResyncJob.objects.filter(state=ResyncJob.State.RUNNING).order_by("id"))
-    recent = list(
-        ResyncJob.objects.exclude(state=ResyncJob.State.RUNNING).order_by("-id")[:RECENT_JOBS]
-    )
+    jobs = ResyncJob.objects.using(ResyncJob.database())
+    running = list(jobs.filter(state=ResyncJob.State.RUNNING).order_by("id"))
+    recent = list(jobs.exclude(state=ResyncJob.State.RUNNING).order_by("-id")[:RECENT_JOBS])
     return [_job(job) for job in [*running, *recent]]
 
 

@@ -15,7 +15,8 @@ Per model (``label`` is ``app_label.modelname``):
 ``{prefix}:{label}:stats``            counters for status and the demo
 ``{prefix}:{label}:namespaces``       each row's last event namespaces
 ``{prefix}:events:<namespace>``       stream of a namespace's events
-``{prefix}:tasks:refused``            tasks refused for another prefix: task name -> count
+``{prefix}:tasks:refused``            tasks the workers refused: task name -> count
+``{prefix}:tasks:refusals``           the recent refusals (sorted set, scored by time)
 """
 
 from __future__ import annotations
@@ -269,6 +270,11 @@ def key(*parts: object) -> str:
 def refused_key() -> str:
     """Hash of the tasks this project's workers refused (sent under another ``KEY_PREFIX``)."""
     return key("tasks", "refused")
+
+
+def refusals_key() -> str:
+    """Sorted set of the recent refusals of task messages, scored by their Unix time."""
+    return key("tasks", "refusals")
 
 
 def token_key(label: str, pk: object) -> str:

@@ -10,7 +10,8 @@ Every message carries its sender's ``KEY_PREFIX`` (``key_prefix``): a worker
 refuses a task sent under another prefix, or sent with none, as another project
 sharing the broker (and, by misconfiguration, the queue) would send it. It logs a
 warning, acknowledges the message without doing anything and counts the refusal
-(``ormbridge_status`` shows the counts). A call in the worker's own process (a
+(``ormbridge_status`` shows the counts, and is unhealthy while a refusal is
+recent: ``stats.record_refusal``). A call in the worker's own process (a
 direct call or ``apply()``) needs no prefix.
 """
 
@@ -19,10 +20,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import redis
 from celery import Task, shared_task
 
-from ormbridge import relay, resync, store
+from ormbridge import relay, resync, stats
 from ormbridge.conf import settings
 
 logger = logging.getLogger("ormbridge")
@@ -73,10 +73,7 @@ def refused(task: Task[..., Any], key_prefix: str | None) -> bool:
             "leave QUEUE at its default)"
         )
     logger.warning("ormbridge: refused %s[%s]: %s; dropped.", task.name, task.request.id, why)
-    try:
-        store.get_redis().hincrby(store.refused_key(), task.name, 1)
-    except redis.RedisError:
-        logger.exception("ormbridge: could not count the refusal of %s", task.name)
+    stats.record_refusal(task.name, task.request.id, why)
     return True
 
 

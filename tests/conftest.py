@@ -23,6 +23,7 @@ from django.db.models import Model
 from ormbridge import capture, stats, store
 from ormbridge.models import ChangeBatch
 from tests import settings, sse
+from tests.routers import OTHER, SecondDatabaseRouter
 
 pytest_plugins = ["ormbridge.testing"]  # the ormbridge_testing fixture, as a project loads it
 
@@ -241,6 +242,38 @@ def redis_servers() -> Iterator[dict[str, RedisServer | RedisCluster]]:
     yield servers
     for server in servers.values():
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def one_database(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test sees one database, "default", unless it asks for the second
+    (``second_database``): the second database's router is off while it runs.
+
+    It is on whenever pytest-django sets the databases up, so that "other" gets its
+    tables (tests/routers.py).
+    """
+    if "django_db_setup" in request.fixturenames:
+        request.getfixturevalue("django_db_setup")
+    SecondDatabaseRouter.enabled = False
+    yield
+    SecondDatabaseRouter.enabled = True
+
+
+@pytest.fixture
+def second_database(monkeypatch: pytest.MonkeyPatch, one_database: None) -> str:
+    """The second database, "other", in view for this test; returns its alias.
+
+    ``seconddb.Item`` is read and written there, and it holds a change log of its own
+    (emptied first), as does "default" (tests/routers.py). The test names it in its
+    mark: ``@pytest.mark.django_db(transaction=True, databases=["default", "other"])``.
+    Workers and commands the test starts see it too; the session's worker does not.
+    """
+    SecondDatabaseRouter.enabled = True
+    other = connections[OTHER]
+    monkeypatch.setenv("ORMBRIDGE_TEST_OTHER_DB_NAME", other.settings_dict["NAME"])
+    with other.cursor() as cursor:
+        cursor.execute(f"DELETE FROM {ChangeBatch._meta.db_table}")
+    return OTHER
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ masters on free TCP ports of 127.0.0.1 instead (``REDIS_CLUSTER``), started by t
 run like the others (tests/conftest.py); the cache and the broker stay plain servers.
 """
 
+import copy
 import json
 import os
 import socket
@@ -58,8 +59,9 @@ os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 
 from example.settings import *  # noqa: E402, F403
 from example.settings import CACHES, DATABASES, INSTALLED_APPS, ORMBRIDGE  # noqa: E402
+from tests.routers import SecondDatabaseRouter  # noqa: E402
 
-INSTALLED_APPS = [*INSTALLED_APPS, "polymorphic", "tests.testapp"]
+INSTALLED_APPS = [*INSTALLED_APPS, "polymorphic", "tests.testapp", "tests.seconddb"]
 if DATABASES["default"]["ENGINE"].endswith("postgresql"):
     # ArrayField and HStoreField (tests.pgapp): PostgreSQL's own.
     INSTALLED_APPS += ["django.contrib.postgres", "tests.pgapp"]
@@ -81,6 +83,21 @@ if os.environ.get("ORMBRIDGE_TEST_DB_NAME"):
     DATABASES["default"]["NAME"] = os.environ["ORMBRIDGE_TEST_DB_NAME"]
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATABASES["default"]["TEST"] = {"NAME": str(RUN_DIR / "test.sqlite3")}
+
+# The second database, "other" (tests/routers.py): in the test run's own process always, so
+# that pytest-django creates it for the tests that ask for it; in a process a test starts
+# (ORMBRIDGE_TEST_DB_NAME set) only when that test uses it and names it.
+OTHER_DB_NAME = os.environ.get("ORMBRIDGE_TEST_OTHER_DB_NAME")
+if OTHER_DB_NAME or not os.environ.get("ORMBRIDGE_TEST_DB_NAME"):
+    DATABASES["other"] = copy.deepcopy(DATABASES["default"])
+    if DATABASES["other"]["ENGINE"].endswith("sqlite3"):
+        DATABASES["other"]["NAME"] = OTHER_DB_NAME or str(RUN_DIR / "other.sqlite3")
+        DATABASES["other"]["TEST"] = {"NAME": str(RUN_DIR / "test-other.sqlite3")}
+    else:
+        DATABASES["other"]["NAME"] = OTHER_DB_NAME or f"{DATABASES['default']['NAME']}_other"
+        DATABASES["other"]["TEST"] = {}
+DATABASE_ROUTERS = ["tests.routers.SecondDatabaseRouter"]
+SecondDatabaseRouter.enabled = "other" in DATABASES
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 LOGGING = {"version": 1, "disable_existing_loggers": False}

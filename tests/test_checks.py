@@ -5,9 +5,13 @@ from io import StringIO
 
 import pytest
 from celery import Celery, current_app
+from django.core.checks import run_checks
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.db import connections
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
+from ormbridge import schedule
 from ormbridge.checks import check_settings, check_triggers
 
 
@@ -202,3 +206,95 @@ def test_manage_py_check_database_warns_of_missing_triggers(product_triggers_uni
     out = StringIO()
     call_command("check", "--database", "default", stdout=out, stderr=out)
     assert "ormbridge.W005" in out.getvalue()
+
+
+def test_a_database_with_registered_models_that_the_router_keeps_the_log_out_of_is_w006(
+    settings,
+):
+    """Issue 17, item 9: nothing said that writes to "other" are never captured."""
+    settings.DATABASE_ROUTERS = ["tests.routers.LogOnDefaultRouter"]
+    messages = [message for message in run_checks() if message.id.startswith("ormbridge.")]
+    assert [message.id for message in messages] == ["ormbridge.W006"]
+    [message] = messages
+    assert "'other'" in message.msg and "seconddb.item" in message.msg
+    assert "allow_migrate" in message.hint and "migrate --database other" in message.hint
+
+
+def test_databases_that_hold_a_log_or_no_registered_model_are_clean(settings):
+    settings.DATABASE_ROUTERS = ["tests.routers.SecondDatabaseRouter"]  # a log in each
+    assert [m for m in run_checks() if m.id == "ormbridge.W006"] == []
+    settings.DATABASE_ROUTERS = []  # every table everywhere, the log too
+    assert [m for m in run_checks() if m.id == "ormbridge.W006"] == []
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_a_database_with_registered_tables_and_no_change_log_table_is_w007(second_database):
+    """A database the router gives a log to, but whose log table is not there (``migrate
+    --database other`` never ran for ormbridge): its writes are not captured."""
+    other = connections[second_database]
+    if other.vendor == "sqlite":  # renaming leaves the capture triggers' text alone
+        with other.cursor() as cursor:
+            cursor.execute("PRAGMA legacy_alter_table = ON")
+    with other.cursor() as cursor:
+        cursor.execute("ALTER TABLE ormbridge_changebatch RENAME TO ormbridge_changebatch_away")
+    try:
+        messages = check_triggers(databases=[second_database])
+        assert [message.id for message in messages] == ["ormbridge.W007"]
+        [message] = messages
+        assert "'other'" in message.msg and "seconddb.item" in message.msg
+        assert "manage.py migrate --database other" in message.hint
+        assert check_triggers(databases=["default"]) == []
+    finally:
+        with other.cursor() as cursor:
+            cursor.execute("ALTER TABLE ormbridge_changebatch_away RENAME TO ormbridge_changebatch")
+            if other.vendor == "sqlite":
+                cursor.execute("PRAGMA legacy_alter_table = OFF")
+    assert check_triggers(databases=[second_database]) == []
+
+
+# The entry docs/operations.md showed before issue 17 (item 10): no kwargs, no KEY_PREFIX.
+OLD_SNIPPET = {
+    "ormbridge.sweep": {
+        "task": "ormbridge.sweep",
+        "schedule": 60.0,
+        "options": {"queue": "ormbridge"},
+    }
+}
+
+
+@pytest.mark.parametrize("kwargs", [None, {}, {"key_prefix": "another"}])
+def test_a_beat_schedule_sending_the_sweep_without_this_key_prefix_is_w008(settings, kwargs):
+    """Issue 17, item 10: every worker refuses such a sweep and the log is never pruned."""
+    entry = dict(OLD_SNIPPET["ormbridge.sweep"])
+    if kwargs is not None:
+        entry["kwargs"] = kwargs
+    settings.CELERY_BEAT_SCHEDULE = {"prune the log": entry}
+    [message] = check_settings()
+    assert message.id == "ormbridge.W008"
+    assert "'prune the log'" in message.msg and "ormbridge.sweep" in message.msg
+    assert "'key_prefix': 'ormbridge'" in message.hint
+
+
+def test_a_beat_schedule_in_the_celery_apps_conf_is_checked_too(settings, celery_app):
+    celery_app.conf.beat_schedule = OLD_SNIPPET
+    assert ids(settings) == ["ormbridge.W008"]
+    celery_app.conf.beat_schedule = {**schedule.beat_schedule(), "other": {"task": "x.y"}}
+    assert check_settings() == []
+
+
+@pytest.mark.django_db
+def test_a_periodic_task_row_without_this_key_prefix_is_w008_until_ormbridge_schedule(settings):
+    """A row an older ormbridge_schedule wrote (no kwargs), or one written by hand."""
+    every = IntervalSchedule.objects.create(every=60, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.create(name=schedule.PERIODIC_TASKS["ormbridge.sweep"],
+                                task="ormbridge.sweep", interval=every)  # fmt: skip
+    messages = check_triggers(databases=["default"])
+    assert [message.id for message in messages] == ["ormbridge.W008"]
+    assert "manage.py ormbridge_schedule" in messages[0].hint
+    schedule.install()
+    assert check_triggers(databases=["default"]) == []
+    PeriodicTask.objects.filter(task="ormbridge.sweep").update(enabled=False)
+    PeriodicTask.objects.create(name="by hand", task="ormbridge.sweep", interval=every,
+                                kwargs='{"key_prefix": "another"}')  # fmt: skip
+    [message] = check_triggers(databases=["default"])
+    assert message.id == "ormbridge.W008" and "'by hand'" in message.msg

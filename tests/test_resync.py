@@ -13,6 +13,7 @@ from shop.models import Product
 from tests import commands, replays
 from tests.conftest import wait_until
 from tests.factories import cached_entry, log_mark, logged_since, make_products
+from tests.seconddb.models import Item
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -265,4 +266,101 @@ def test_resync_all_covers_every_registered_model(no_relay):
         set(ResyncJob.objects.get().labels)
         == {model._meta.label_lower for model in registry.registered_models()}
         >= {"shop.category", "shop.digitalproduct", "shop.product", "testapp.project"}
+    )
+
+
+TWO_DATABASES = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+
+
+@TWO_DATABASES
+def test_a_sync_resync_of_a_model_in_a_second_database_replays_its_rows(second_database, no_relay):
+    """Issue 17, item 9: the chunks went to "default"'s log and were replayed from there."""
+    items = Item.objects.bulk_create(Item(name=f"item {n}") for n in range(25))
+    assert Item.objects.db == "other"
+    output = resync_command("seconddb.Item", "--sync", "--chunk-size", "10")
+    assert "done: 25 rows" in output
+    assert replays.saves("seconddb.item") == {item.pk: 1 for item in items}
+    job = ResyncJob.objects.using("default").get()
+    assert (job.state, resync.progress(job)) == ("done", (25, 25))
+    chunks = ChangeBatch.objects.using("other").filter(job_id=job.pk)
+    assert sorted(chunks.values_list("state", "rows")) == [("done", 5), ("done", 10), ("done", 10)]
+    assert not ChangeBatch.objects.using("default").filter(job_id=job.pk).exists()
+
+
+@TWO_DATABASES
+def test_an_async_resync_over_both_databases_is_delivered_by_a_worker(
+    second_database, no_relay, start_worker
+):
+    products = make_products(30)
+    items = Item.objects.bulk_create(Item(name=f"item {n}") for n in range(30))
+    start_worker()  # it sees both databases
+    resync_command("shop.Product", "seconddb.Item", "--wait", "--chunk-size", "7")
+    assert replays.saves() == {p.pk: 1 for p in products}
+    assert replays.saves("seconddb.item") == {item.pk: 1 for item in items}
+    job = ResyncJob.objects.get()
+    assert (job.state, resync.progress(job)) == ("done", (60, 60))
+
+
+class StaleReplicaRouter:
+    """Reads of ormbridge's own tables go to "other", standing for a replica that lags:
+    it has none of "default"'s rows."""
+
+    def db_for_read(self, model, **hints):
+        return "other" if model._meta.app_label == "ormbridge" else None
+
+
+@pytest.fixture
+def stale_replica(second_database, settings):
+    settings.DATABASE_ROUTERS = [StaleReplicaRouter(), "tests.routers.SecondDatabaseRouter"]
+
+
+@TWO_DATABASES
+def test_finish_if_complete_reads_the_chunks_where_they_are_written(stale_replica, no_relay):
+    """Issue 17, item 9: a read replica answered the completion query: the job was done
+    while its chunk was still pending."""
+    job = ResyncJob.objects.create(labels=["shop.product"], chunk_size=10, planned=True)
+    chunk = ChangeBatch.objects.create(model="shop.product", action="update", pks=[1], rows=1,
+                                       replay=True, job=job)  # fmt: skip
+    assert (job._state.db, chunk._state.db) == ("default", "default")
+    assert ResyncJob.finish_if_complete(job.pk) is False
+    assert ResyncJob.objects.using("default").get(pk=job.pk).state == "running"
+    ChangeBatch.objects.filter(pk=chunk.pk).update(state="done")
+    assert ResyncJob.finish_if_complete(job.pk) is True
+    assert ResyncJob.objects.using("default").get(pk=job.pk).state == "done"
+
+
+@TWO_DATABASES
+def test_resume_and_wait_read_the_job_where_it_is_written(stale_replica, no_relay):
+    """The neighbours of finish_if_complete: the job to resume and its progress."""
+    products = make_products(12)
+    job = resync.start(resync.select(["shop.Product"]), chunk_size=5)
+    output = resync_command("--resume", str(job.pk), "--sync")
+    assert "done: 12 rows" in output
+    assert replays.saves() == {p.pk: 1 for p in products}
+    job = ResyncJob.objects.using("default").get(pk=job.pk)
+    assert (job.state, resync.progress(job)) == ("done", (12, 12))
+
+
+@TWO_DATABASES
+def test_a_chunk_written_before_its_progress_is_not_planned_again(second_database, no_relay):
+    """The model's log and the job are in two databases: a chunk commits before the
+    progress that names it. A job stopped in between is resumed from that chunk."""
+    items = Item.objects.bulk_create(Item(name=f"item {n}") for n in range(25))
+    job = resync.start(resync.select(["seconddb.Item"]), chunk_size=10)
+    first = sorted(item.pk for item in items)[:10]
+    ChangeBatch.objects.using("other").create(model="seconddb.item", action="update", pks=first,
+                                              rows=10, replay=True, job_id=job.pk)  # fmt: skip
+    assert job.progress == {} and job.rows_planned == 0  # the stop came here
+    resync_command("--resume", str(job.pk), "--sync")
+    assert replays.saves("seconddb.item") == {item.pk: 1 for item in items}
+    job = ResyncJob.objects.get(pk=job.pk)
+    assert (job.state, job.rows_planned, resync.progress(job)) == ("done", 25, (25, 25))
+
+
+def test_a_model_whose_database_holds_no_change_log_is_refused(settings):
+    settings.DATABASE_ROUTERS = ["tests.routers.LogOnDefaultRouter"]
+    with pytest.raises(resync.ResyncError) as refused:
+        resync.select(["seconddb.Item"])
+    assert "seconddb.Item's rows are in database 'other', which holds no change log" in str(
+        refused.value
     )

@@ -1,12 +1,15 @@
 """Periodic work: ormbridge_schedule installs it, beat with the database scheduler runs it."""
 
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
 from io import StringIO
 
 import pytest
+from celery import Celery, current_app
+from celery.beat import Scheduler
 from django.core.management import call_command
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
@@ -123,3 +126,53 @@ def test_sweep_prunes_old_delivered_rows_and_delivers_what_no_relay_took(no_rela
     }
     assert ChangeBatch.objects.get(pk=held.pk).claimed_by == "live relay"
     assert ChangeBatch.objects.get(pk=abandoned.pk).attempts == 2
+
+
+DOCS = ROOT / "docs"
+# Python blocks of the docs that give ormbridge's periodic tasks to beat without the
+# database scheduler, and how to read the schedule each one makes.
+DOCUMENTED_SCHEDULES = {
+    "operations.md: CELERY_BEAT_SCHEDULE in settings": (
+        DOCS / "operations.md",
+        "CELERY_BEAT_SCHEDULE",
+        lambda namespace: namespace["CELERY_BEAT_SCHEDULE"],
+    ),
+    "install.md: the Celery app's beat_schedule": (
+        DOCS / "install.md",
+        "app.conf.beat_schedule",
+        lambda namespace: namespace["app"].conf.beat_schedule,
+    ),
+}
+
+
+def documented_schedule(name: str) -> dict:
+    """Run the doc's one Python block that makes the schedule, as a project would paste it."""
+    path, marker, read = DOCUMENTED_SCHEDULES[name]
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", path.read_text(), re.S) if marker in b]
+    assert len(blocks) == 1, f"{path.name}: {len(blocks)} Python blocks hold {marker}"
+    namespace = {"app": Celery("proj", set_as_current=False)}
+    exec(compile(blocks[0], str(path), "exec"), namespace)
+    return read(namespace)
+
+
+@pytest.mark.parametrize("name", DOCUMENTED_SCHEDULES)
+def test_a_documented_beat_schedule_is_run_by_a_real_worker_not_refused(worker, name):
+    """Issue 17, item 10: the settings snippet sent the sweep without KEY_PREFIX: every
+    worker refused it, and the change log was never pruned."""
+    entries = documented_schedule(name)
+    old = ChangeBatch.objects.create(
+        model="shop.product", action="invalidate", pks=[1], state="done",
+        finished_at=timezone.now() - timedelta(days=2),
+    )  # fmt: skip
+    start = len(worker.log_text())
+    beat = Scheduler(app=current_app, lazy=True)  # what beat sends each entry with
+    beat.update_from_dict(entries)
+    for entry in beat.schedule.values():
+        beat.apply_async(entry, advance=False)
+    refused = lambda: "refused" in worker.log_text()[start:]  # noqa: E731
+    wait_until(
+        lambda: refused() or not ChangeBatch.objects.filter(pk=old.pk).exists(), 60, "the sweep"
+    )
+    assert not refused(), worker.log_text()[start:]
+    assert not ChangeBatch.objects.filter(pk=old.pk).exists()
+    assert entries == schedule.beat_schedule()  # the test settings' values are the defaults

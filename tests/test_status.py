@@ -7,8 +7,10 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from django.db import connections
 from django.utils import timezone
 
+from ormbridge import status
 from ormbridge.models import ChangeBatch
 from tests import commands
 from tests.factories import make_products, wait_delivered
@@ -90,7 +92,9 @@ def test_failed_rows_make_it_exit_non_zero(worker):
                                last_error="boom")  # fmt: skip
     done, report = status_json(*ANSWERED)
     assert done.returncode == 1
-    assert done.stderr.strip() == "CommandError: unhealthy: 1 change-log rows failed"
+    assert done.stderr.strip() == (
+        "CommandError: unhealthy: 1 change-log rows failed in database 'default'"
+    )
     assert report["healthy"] is False
 
 
@@ -119,3 +123,104 @@ def test_text_status_shows_models_services_and_pending_work(no_relay):
     line = next(line for line in done.stdout.splitlines() if line.startswith("shop.product"))
     assert line.split()[1:3] == ["installed", f"{pending}/0/0"]  # triggers, log p/c/f
     assert done.stdout.strip().splitlines()[-1] == "unhealthy"
+
+
+TWO_DATABASES = pytest.mark.django_db(transaction=True, databases=["default", "other"])
+
+
+@TWO_DATABASES
+def test_with_a_second_database_status_is_healthy_and_counts_both_logs(second_database, worker):
+    """Issue 17, item 9: the tables routed to one database are not "missing" in the other."""
+    now = timezone.now()
+    ChangeBatch.objects.using("other").create(model="seconddb.item", action="update", pks=[1],
+                                              state="claimed", claimed_by="a relay", claimed_at=now,
+                                              lease_until=now + timedelta(hours=1))  # fmt: skip
+    done, report = status_json(*ANSWERED)
+    jsonschema.validate(report, SCHEMA)
+    assert done.returncode == 0, done.stderr
+    assert {m["model"]: m["triggers"] for m in report["models"]}["shop.product"] == "installed"
+    item = next(m for m in report["models"] if m["model"] == "seconddb.item")
+    assert item["change_log"] == {"pending": 0, "claimed": 1, "failed": 0}
+    assert item["triggers"] == "installed"
+    assert report["delivery"]["backlog"] == 1
+    other = report["databases"]["other"]
+    assert other["change_log"] == {"pending": 0, "claimed": 1, "failed": 0}
+    assert other["log"] is True and "seconddb.item" in other["models"]
+    assert report["databases"]["default"]["change_log"]["pending"] == 0
+
+
+@TWO_DATABASES
+def test_a_failed_row_in_a_second_databases_log_makes_it_exit_1_naming_the_database(
+    second_database, worker
+):
+    """Issue 17, item 9: status read the "default" database's log alone and said healthy."""
+    ChangeBatch.objects.using("other").create(model="seconddb.item", action="update", pks=[1],
+                                              state="failed", last_error="boom")  # fmt: skip
+    done, report = status_json(*ANSWERED)
+    jsonschema.validate(report, SCHEMA)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (
+        "CommandError: unhealthy: 1 change-log rows failed in database 'other'"
+    )
+    item = next(m for m in report["models"] if m["model"] == "seconddb.item")
+    assert item["change_log"]["failed"] == 1
+    assert report["databases"]["other"]["change_log"]["failed"] == 1
+    text = commands.run("ormbridge_status", *ANSWERED)
+    line = next(line for line in text.stdout.splitlines() if line.startswith("other "))
+    assert line.split()[1] == "0/0/1", text.stdout  # the database's log p/c/f
+
+
+@TWO_DATABASES
+def test_an_old_row_in_a_second_databases_log_makes_it_exit_1_naming_the_database(
+    second_database, no_relay
+):
+    batch = ChangeBatch.objects.using("other").create(
+        model="seconddb.item", action="update", pks=[1]
+    )
+    ChangeBatch.objects.using("other").filter(pk=batch.pk).update(
+        created_at=timezone.now() - timedelta(hours=1)
+    )
+    done, report = status_json()
+    assert done.returncode == 1
+    problem = next(p for p in report["problems"] if "oldest undelivered" in p)
+    assert "database 'other'" in problem
+    assert report["delivery"]["oldest_pending_age"] >= 3600
+
+
+def test_a_database_with_registered_models_and_no_change_log_is_a_problem(no_relay, settings):
+    """The router keeps the log out of "other", where seconddb.Item's rows are (W006)."""
+    settings.DATABASE_ROUTERS = ["tests.routers.LogOnDefaultRouter"]
+    report = status.collect(0.1)
+    jsonschema.validate(report, SCHEMA)
+    other = report["databases"]["other"]
+    assert (other["log"], other["models"]) == (False, ["seconddb.item"])
+    assert "ormbridge.W006" in other["error"]
+    [problem] = [p for p in report["problems"] if "'other'" in p]
+    assert problem.startswith("database 'other': no change log: the router keeps")
+
+
+@TWO_DATABASES
+def test_a_database_whose_change_log_table_is_missing_makes_it_exit_1_naming_it(
+    second_database, worker
+):
+    other = connections[second_database]
+    if other.vendor == "sqlite":  # renaming leaves the capture triggers' text alone
+        with other.cursor() as cursor:
+            cursor.execute("PRAGMA legacy_alter_table = ON")
+    with other.cursor() as cursor:
+        cursor.execute("ALTER TABLE ormbridge_changebatch RENAME TO ormbridge_changebatch_away")
+    try:
+        done, report = status_json(*ANSWERED)
+    finally:
+        with other.cursor() as cursor:
+            cursor.execute("ALTER TABLE ormbridge_changebatch_away RENAME TO ormbridge_changebatch")
+            if other.vendor == "sqlite":
+                cursor.execute("PRAGMA legacy_alter_table = OFF")
+    jsonschema.validate(report, SCHEMA)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (
+        "CommandError: unhealthy: database 'other': no change-log table: run manage.py "
+        "migrate --database other (until then, writes to its registered models are not "
+        "captured)"
+    )
+    assert report["databases"]["other"]["log"] is False

@@ -3,6 +3,7 @@ the age of the oldest pending and in-flight deliveries (issue 10, operations 9).
 
 import json
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import jsonschema
 import pytest
 from django.utils import timezone
 
+from ormbridge import store, tasks
 from ormbridge.conf import settings
 from ormbridge.models import ChangeBatch
 from tests import commands
+from tests.conftest import wait_until
 from tests.factories import make_products, wait_delivered
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -148,3 +151,61 @@ def test_a_worker_timeout_out_of_range_is_refused_in_one_line(no_relay, value):
         "CommandError: --worker-timeout takes seconds, more than 0 and at most 60 "
         f"(e.g. --worker-timeout 5), not {value!r}."
     )
+
+
+def refused_by(worker, kwargs: dict, start: int) -> None:
+    """Send the sweep to the worker's queue with ``kwargs``; wait until it refused it."""
+    tasks.sweep.apply_async(kwargs=kwargs, queue=settings.QUEUE)
+    wait_until(lambda: "refused ormbridge.sweep" in worker.log_text()[start:], 30, "a refusal")
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"key_prefix": "another"}], ids=["no key_prefix", "another key_prefix"]
+)
+def test_a_refused_task_is_shown_and_makes_it_exit_1_while_recent(worker, kwargs):
+    """Issue 17, item 10: refusals were only counts in --json, and status said healthy."""
+    refused_by(worker, kwargs, len(worker.log_text()))
+    done = commands.run("ormbridge_status", *ANSWERED)
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    shown = next(line for line in lines if line.startswith("refused "))
+    assert shown.split(None, 1)[1] == (
+        "ormbridge.sweep: 1 in the last 600 s (ormbridge.sweep 1 since Redis started)"
+    )
+    last = lines[lines.index(shown) + 1].strip()
+    assert last.startswith("last ") and "ormbridge.sweep[" in last
+    assert ("no KEY_PREFIX" if not kwargs else "KEY_PREFIX 'another'") in last
+    [problem] = done.stderr.strip().splitlines()
+    assert problem.startswith(
+        "CommandError: unhealthy: 1 task message refused by the workers in the last 600 s "
+        "(ormbridge.sweep 1), the last "
+    ), problem
+    assert "dropped, not run" in problem
+    _, _, report = status_json(*ANSWERED)
+    recent = report["recent_refusals"]
+    assert (recent["window"], recent["count"]) == (600, 1)
+    assert recent["by_task"] == {"ormbridge.sweep": 1}
+    [last] = recent["last"]
+    assert last["task"] == "ormbridge.sweep" and last["age"] >= 0 and last["reason"]
+    assert report["refused_tasks"] == {"ormbridge.sweep": 1}
+
+
+def test_a_refusal_older_than_the_window_is_shown_but_healthy(worker):
+    refused_by(worker, {}, len(worker.log_text()))
+    time.sleep(1.5)
+    window = {"ORMBRIDGE_TEST_SETTINGS": json.dumps({"STATUS_REFUSAL_WINDOW": 1})}
+    done = commands.run("ormbridge_status", *ANSWERED, env=window)
+    assert done.returncode == 0, done.stderr
+    shown = next(line for line in done.stdout.splitlines() if line.startswith("refused "))
+    assert shown.split(None, 1)[1] == "none in the last 1 s (ormbridge.sweep 1 since Redis started)"
+
+
+def test_refusals_are_kept_under_the_prefix_pruned_to_the_window(worker, settings):
+    """The sorted set of refusal times: older ones go as new ones come, at most 1,000."""
+    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "STATUS_REFUSAL_WINDOW": 600}
+    client = store.get_redis()
+    old = json.dumps({"task": "ormbridge.sweep", "id": "old", "reason": "long ago"})
+    client.zadd(store.refusals_key(), {old: time.time() - 700})
+    refused_by(worker, {}, len(worker.log_text()))
+    members = client.zrange(store.refusals_key(), 0, -1)
+    assert len(members) == 1 and '"old"' not in members[0]

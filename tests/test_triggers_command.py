@@ -185,3 +185,32 @@ def test_bad_input_exits_with_one_line_and_changes_nothing(args, message):
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("CommandError: ") and line.endswith(message), line
     assert {state.state for state in capture.status("default")} == {"installed"}
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_without_database_it_covers_every_database_holding_a_change_log(second_database):
+    """Issue 17, item 9: only "default" was looked at; "other" holds seconddb.Item's rows
+    and a change log, and tables it does not hold are not "missing" there."""
+    capture.uninstall(second_database)
+    try:
+        done = triggers("status")
+        assert done.returncode == 1, done.stdout
+        assert done.stderr.strip().splitlines() == [
+            "CommandError: some captured tables lack their triggers; "
+            "run: manage.py ormbridge_triggers install --database other"
+        ]
+        lines = done.stdout.splitlines()
+        other = lines[lines.index("database other:") + 1 :]
+        assert states("\n".join(other)) == {"seconddb_item": "missing"}
+        done = triggers("install")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [
+            "default: installed triggers on 0 tables (all up to date)",
+            "other: installed triggers on 1 tables: seconddb_item",
+        ]
+        assert triggers("status").returncode == 0
+        assert triggers("status --database other").stdout.split() == [
+            "seconddb_item", "installed", "seconddb.item"
+        ]  # fmt: skip
+    finally:
+        capture.install(second_database)

@@ -8,3 +8,7 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATABASES["default"]["TEST"] = {"NAME": str(RUN_DIR / "sample.sqlite3")}
 else:
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_sample"}
+
+# One database: the sample runs are single-database projects.
+DATABASES.pop("other", None)
+DATABASE_ROUTERS: list[str] = []

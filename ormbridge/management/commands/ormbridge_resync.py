@@ -156,7 +156,7 @@ class Command(BaseCommand):
                             resync.wait(job, on_progress=ctrl_c.checked(show))
         except KeyboardInterrupt:
             raise _interrupted(job, sync) from None
-        job.refresh_from_db()
+        resync.refresh(job)
         if sync or wait:
             self.stdout.write(
                 self.style.SUCCESS(f"resync job {job.pk} done: {resync.rows_done(job):,} rows.")
@@ -183,7 +183,7 @@ def _interrupted(job: Any, sync: bool) -> CommandError:
     workers, they finish the job whatever this process does: Ctrl-C only
     stops watching, and the job is left running.
     """
-    job.refresh_from_db()
+    resync.refresh(job)
     if not sync and job.planned:
         return CommandError(
             f"stopped watching resync job {job.pk}; the job goes on on the workers. "

@@ -13,11 +13,13 @@ MAX_WORKER_TIMEOUT = 60.0
 
 class Command(BaseCommand):
     help = (
-        "Show ormbridge's pipeline: pending invalidations, the change log, resync jobs, and "
-        "whether Redis, the broker and a worker consuming ORMBRIDGE['QUEUE'] answer. Exits "
-        "non-zero, naming the problem and its fix, when no worker consumes the queue, "
-        "change-log rows failed, or the oldest undelivered one or the oldest delivery in "
-        "flight is older than STATUS_MAX_PENDING_AGE, so it can serve as a health check. "
+        "Show ormbridge's pipeline: pending invalidations, the change log of every database, "
+        "resync jobs, and whether Redis, the broker and a worker consuming ORMBRIDGE['QUEUE'] "
+        "answer. Exits non-zero, naming the problem and its fix, when no worker consumes the "
+        "queue, change-log rows failed, the oldest undelivered one or the oldest delivery in "
+        "flight is older than STATUS_MAX_PENDING_AGE, a database holding registered models "
+        "has no change log, or a worker refused a task message within "
+        "STATUS_REFUSAL_WINDOW, so it can serve as a health check. "
         "Example: manage.py ormbridge_status --json"
     )
 
@@ -55,12 +57,28 @@ class Command(BaseCommand):
         workers = report["services"]["workers"]
         for worker, queues in workers["queues"].items():
             out.write(f"         {worker} consumes {', '.join(queues) or 'nothing'}")
+        self._print_refusals(report)
         delivery = report["delivery"]
         out.write(
             f"backlog  {delivery['backlog']:,} rows; oldest pending "
             f"{_seconds(delivery['oldest_pending_age'])}; oldest in flight "
             f"{_seconds(delivery['oldest_in_flight_age'])}"
         )
+        out.write("")
+        out.write(f"{'database':<24} {'log p/c/f':<16} {'oldest':>9} {'in flight':>10}")
+        for alias, database in report["databases"].items():
+            if database["log"]:
+                log = database["change_log"]
+                counts = f"{log['pending']}/{log['claimed']}/{log['failed']}"
+            else:
+                counts = "-"
+            line = (
+                f"{alias:<24} {counts:<16} {_seconds(database['oldest_undelivered_age']):>9} "
+                f"{_seconds(database['oldest_in_flight_age']):>10}"
+            )
+            if database["error"]:
+                line += f"  {style.ERROR(database['error'])}"
+            out.write(line)
         out.write("")
         out.write(f"{'model':<24} {'triggers':<10} {'log p/c/f':<16} {'oldest':>9}  last flush")
         for model in report["models"]:
@@ -97,6 +115,27 @@ class Command(BaseCommand):
             )
         out.write("")
         out.write(style.SUCCESS("healthy") if report["healthy"] else style.ERROR("unhealthy"))
+
+    def _print_refusals(self, report: dict[str, Any]) -> None:
+        """Task messages the workers refused: recently (then unhealthy), and since Redis
+        started; the reason of the newest recent one."""
+        out, style = self.stdout, self.style
+        recent, total = report["recent_refusals"], report["refused_tasks"]
+        if recent is None:
+            out.write("refused  unknown (Redis does not answer)")
+            return
+        since = ", ".join(f"{task} {n:,}" for task, n in total.items())
+        since = f" ({since} since Redis started)" if since else ""
+        if not recent["count"]:
+            out.write(f"refused  none in the last {recent['window']:g} s{since}")
+            return
+        now = ", ".join(f"{task}: {n:,}" for task, n in recent["by_task"].items())
+        out.write(style.ERROR(f"refused  {now} in the last {recent['window']:g} s") + since)
+        last = recent["last"][0]
+        out.write(
+            f"         last {last['age']:,.0f} s ago: {last['task']}[{last['id']}]: "
+            f"{last['reason']}"
+        )
 
 
 def _seconds_option(value: str) -> float:
