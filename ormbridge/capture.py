@@ -81,6 +81,8 @@ def tables() -> list[Table]:
     found: dict[str, Table] = {}
     for model in registry.registered_models():
         meta = model._meta
+        if registry.composite_pk(model):
+            continue  # refused by register() and checks (E009): no column to log
         # django-stubs: Field.column is Optional; a primary key's column is always set.
         column: str = meta.pk.column  # type: ignore[assignment]
         found[meta.db_table] = Table(meta.db_table, (Target(meta.label_lower, column),))

@@ -159,7 +159,7 @@ def _check_names() -> list[checks.CheckMessage]:
 
 
 def _check_models() -> list[checks.CheckMessage]:
-    from ormbridge.registry import Options, _check_model, options_from_settings
+    from ormbridge.registry import Options, _check_model, composite_pk, options_from_settings
 
     entries = settings.MODELS
     if not isinstance(entries, list | tuple | dict):
@@ -173,7 +173,20 @@ def _check_models() -> list[checks.CheckMessage]:
     errors: list[checks.CheckMessage] = []
     for label in entries:
         try:
-            _check_model(apps.get_model(label))
+            model = apps.get_model(label)
+            if isinstance(model, type) and composite_pk(model):
+                errors.append(
+                    checks.Error(
+                        f"ORMBRIDGE['MODELS'] names {label!r}, whose model "
+                        f"{model._meta.label} has a composite primary key: ormbridge captures "
+                        "models with a single-column primary key only; it is not registered.",
+                        hint=f"Remove {label!r} from ORMBRIDGE['MODELS'] (its writes are not "
+                        "captured), or give the model a single-column primary key.",
+                        id="ormbridge.E009",
+                    )
+                )
+                continue
+            _check_model(model)
         except (LookupError, ValueError, TypeError, AttributeError) as exc:
             errors.append(
                 checks.Error(
