@@ -316,12 +316,32 @@ def check_triggers(
         except DatabaseError:
             continue
         for state in states:
-            if state.state == "installed" or state.table not in tables:
+            if state.state == "installed" or not state.exists:
                 continue
+            if state.state == "orphaned":
+                messages.append(
+                    checks.Warning(
+                        f"Table {state.table!r} of no registered model has ormbridge capture "
+                        f"triggers in database {using!r}: every write to it is logged for a "
+                        "model nobody watches, and breaks once its columns change.",
+                        hint=f"Run: manage.py ormbridge_triggers prune --database {using} "
+                        f"(or uninstall --table {state.table}); migrate drops them too.",
+                        id="ormbridge.W006",
+                    )
+                )
+                continue
+            where = f", a partition of {state.partition_of!r}," if state.partition_of else ""
+            if state.state == "stale":
+                what = (
+                    "has ormbridge triggers that are not its own (left by a rename): its "
+                    "writes are logged twice, or under another table's columns"
+                )
+            else:
+                what = f"has capture triggers {state.state}: changes to it are not all seen"
             messages.append(
                 checks.Warning(
-                    f"The capture triggers of table {state.table!r} ({', '.join(state.models)}) "
-                    f"are {state.state} in database {using!r}: changes to it are not seen.",
+                    f"Table {state.table!r}{where} ({', '.join(state.models)}) {what} "
+                    f"in database {using!r}.",
                     hint=f"Run: manage.py ormbridge_triggers install --database {using}",
                     id="ormbridge.W005",
                 )

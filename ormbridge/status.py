@@ -61,7 +61,7 @@ def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
         .values("model")
         .annotate(oldest=Min("created_at"))
     }
-    triggers = _triggers()
+    triggers, orphaned = _triggers()
     receiver_errors = relay.receiver_errors()
     stats = _stats(labels) if services["redis"]["ok"] else {}
     models: list[dict[str, Any]] = []
@@ -95,6 +95,11 @@ def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
         problems.append(
             f"capture triggers not installed or outdated for {', '.join(uncaptured)} "
             "(run manage.py ormbridge_triggers install)"
+        )
+    if orphaned:
+        problems.append(
+            f"capture triggers left on tables of no registered model: {', '.join(orphaned)} "
+            "(run manage.py ormbridge_triggers prune)"
         )
     if failed:
         problems.append(f"{failed} change-log rows failed")
@@ -258,15 +263,19 @@ def _joined(queues: list[str]) -> str:
     return ",".join(dict.fromkeys(queues))
 
 
-def _triggers() -> dict[str, str]:
-    """Per model label, the state of its tables' capture triggers (databases with a log)."""
+def _triggers() -> tuple[dict[str, str], list[str]]:
+    """Per model label, the state of its tables' capture triggers (partitions included),
+    and the tables of no registered model holding ormbridge triggers (databases with a log)."""
     states: dict[str, str] = {}
+    orphaned: list[str] = []
     for using in relay.log_databases():
         for table in capture.status(using):
+            if table.state == "orphaned":
+                orphaned.append(table.table if using == "default" else f"{using}:{table.table}")
             for label in table.models:
                 if states.get(label, "installed") == "installed":
                     states[label] = table.state
-    return states
+    return states, orphaned
 
 
 def _stats(labels: list[str]) -> dict[str, dict[str, str]]:

@@ -20,15 +20,27 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "action",
-            choices=["install", "uninstall", "status"],
-            help="install: create missing or outdated triggers; uninstall: drop them "
-            "(all of ormbridge's, without models); status: one line per captured table.",
+            choices=["install", "uninstall", "status", "prune"],
+            help="install: create missing or outdated triggers, drop stale ones; uninstall: "
+            "drop them (all of ormbridge's, without models or --table); status: one line per "
+            "captured table, partition and table with orphaned triggers; prune: drop the "
+            "triggers on tables of no registered model.",
         )
         parser.add_argument(
             "models",
             nargs="*",
             metavar="app_label.Model",
-            help="Limit to these registered models (default: every one).",
+            help="Limit to these models (default: every one): registered ones, except for "
+            "uninstall, which takes any model.",
+        )
+        parser.add_argument(
+            "--table",
+            action="append",
+            default=[],
+            dest="tables",
+            metavar="TABLE",
+            help="uninstall only: drop the triggers on this table (as status names it); "
+            "may be repeated.",
         )
         parser.add_argument(
             "--database",
@@ -37,7 +49,13 @@ class Command(BaseCommand):
         )
 
     def handle(
-        self, *args: Any, action: str, models: list[str], database: str, **options: Any
+        self,
+        *args: Any,
+        action: str,
+        models: list[str],
+        database: str,
+        tables: list[str],
+        **options: Any,
     ) -> None:
         if database not in connections:
             raise CommandError(f"unknown database {database!r}; known: {', '.join(connections)}.")
@@ -46,7 +64,11 @@ class Command(BaseCommand):
                 f"database {database!r} is {connections[database].vendor}: ormbridge has "
                 "capture triggers for PostgreSQL and SQLite only."
             )
-        labels = [self._label(text) for text in models] or None
+        if tables and action != "uninstall":
+            raise CommandError("--table goes with uninstall only.")
+        if tables and models:
+            raise CommandError("give models or --table, not both.")
+        labels = [self._label(text, registered=action != "uninstall") for text in models] or None
         if action == "install":
             tables = capture.install(database, labels)
             self.stdout.write(
@@ -54,26 +76,52 @@ class Command(BaseCommand):
                 + (f": {', '.join(tables)}" if tables else " (all up to date)")
             )
         elif action == "uninstall":
-            names = capture.uninstall(database, labels)
+            try:
+                names = capture.uninstall(database, labels, tables or None)
+            except LookupError as exc:
+                raise CommandError(str(exc)) from None
             self.stdout.write(self.style.SUCCESS(f"dropped {len(names)} triggers"))
+        elif action == "prune":
+            pruned = capture.prune(database)
+            where = sorted({trigger.table for trigger in pruned})
+            self.stdout.write(
+                self.style.SUCCESS(f"dropped {len(pruned)} triggers")
+                + (f" on {', '.join(where)}" if where else " (none left on unregistered tables)")
+            )
         else:
-            states = capture.status(database, labels)
-            for state in states:
-                style = self.style.SUCCESS if state.state == "installed" else self.style.ERROR
-                self.stdout.write(
-                    f"{state.table:<40} {style(f'{state.state:<10}')} {', '.join(state.models)}"
-                )
-            if any(state.state != "installed" for state in states):
-                raise CommandError(
-                    "some captured tables lack their triggers; run: "
-                    f"manage.py ormbridge_triggers install --database {database}"
-                )
+            self._status(database, labels)
 
-    def _label(self, text: str) -> str:
+    def _status(self, database: str, labels: list[str] | None) -> None:
+        states = capture.status(database, labels)
+        for state in states:
+            style = self.style.SUCCESS if state.state == "installed" else self.style.ERROR
+            if state.state == "orphaned":
+                what = "(no registered model)"
+            else:
+                what = ", ".join(state.models)
+                if state.partition_of:
+                    what += f" (partition of {state.partition_of})"
+            self.stdout.write(f"{state.table:<40} {style(f'{state.state:<10}')} {what}")
+        problems = []
+        if any(state.state not in ("installed", "orphaned") for state in states):
+            problems.append(
+                "some captured tables lack their triggers or have stale ones; run: "
+                f"manage.py ormbridge_triggers install --database {database}"
+            )
+        orphaned = [state.table for state in states if state.state == "orphaned"]
+        if orphaned:
+            problems.append(
+                f"tables of no registered model have ormbridge triggers ({', '.join(orphaned)}); "
+                f"run: manage.py ormbridge_triggers prune --database {database}"
+            )
+        if problems:
+            raise CommandError("; ".join(problems))
+
+    def _label(self, text: str, registered: bool = True) -> str:
         try:
             model: type[models.Model] = apps.get_model(text)
         except (LookupError, ValueError):
             raise CommandError(f"unknown model {text!r}; use app_label.ModelName.") from None
-        if not registry.is_registered(model):
+        if registered and not registry.is_registered(model):
             raise CommandError(f"{model._meta.label} is not registered with ormbridge.")
         return model._meta.label_lower
