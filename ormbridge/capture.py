@@ -13,8 +13,8 @@ programs are all seen, and the record commits or rolls back with the change.
 
 An update's ``fields`` is ``null`` (unknown): comparing every column of the
 transition tables would cost a join per statement. An update that changes
-rows' pks also logs their old pks as a ``delete`` (PostgreSQL: the old pks not
-among the new ones, one anti-join of the transition tables). A many-to-many
+rows' pks also logs their old pks as a ``delete`` (PostgreSQL: a row-level
+trigger whose ``WHEN`` compares the old pk with the new). A many-to-many
 change is an update of each registered end, with the relation's name as its
 field; a link moved to another row updates the old row and the new.
 
@@ -58,7 +58,9 @@ OPERATIONS = {
     "UPDATE": ("upd", "update"),
     "DELETE": ("del", "delete"),
     "TRUNCATE": ("trn", "invalidate"),  # PostgreSQL only: every row, pks unknown
+    "MOVE": ("mov", "delete"),  # PostgreSQL only: a row trigger of UPDATEs changing a pk
 }
+MOVE = "MOVE"
 
 
 @dataclass(frozen=True)
@@ -182,15 +184,19 @@ def definitions(table: Table, connection: BaseDatabaseWrapper, log: str) -> dict
     the functions are created in that schema.
     """
     if connection.vendor == "postgresql":
-        return {
+        found = {
             trigger_name(table.name, op): _postgresql(table, op, connection, log)
             for op in OPERATIONS
+            if op != MOVE
         }
+        if table.partition_of is None:  # a partitioned table's row trigger covers its partitions
+            found[trigger_name(table.name, MOVE)] = _postgresql_moved(table, connection, log)
+        return found
     # SQLite has no TRUNCATE: a DELETE without WHERE fires the row triggers.
     return {
         trigger_name(table.name, op): _sqlite(table, op, connection, log)
         for op in OPERATIONS
-        if op != "TRUNCATE"
+        if op not in ("TRUNCATE", MOVE)
     }
 
 
@@ -230,9 +236,7 @@ def _postgresql(
     function = _function(name, connection, log)
     columns = ", ".join(quote(column) for column in _COLUMNS)
     rows = "old_rows" if operation == "DELETE" else "new_rows"
-    if operation == "UPDATE":  # both: a changed pk is gone under its old value
-        referencing = "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
-    elif operation == "TRUNCATE":  # no transition table: every row, as an invalidation
+    if operation == "TRUNCATE":  # no transition table: every row, as an invalidation
         referencing = ""
     else:
         referencing = f"REFERENCING {'OLD' if operation == 'DELETE' else 'NEW'} TABLE AS {rows} "
@@ -245,28 +249,12 @@ def _postgresql(
         inserts = []
         if operation == "TRUNCATE":
             inserts.append(f"VALUES ({label}, {action}, NULL::jsonb, 0, {tail})")
-        elif table.through and operation == "UPDATE":
-            # A link moved from one row to another changes both ends: old and new.
-            source = (
-                f"(SELECT {column} FROM old_rows UNION ALL SELECT {column} FROM new_rows) AS ends"
-            )
-            inserts.append(
-                f"SELECT {label}, {action}, jsonb_agg(DISTINCT {column}), "
-                f"count(DISTINCT {column}), {tail} FROM {source} HAVING count(*) > 0"
-            )
         else:
             distinct = "DISTINCT " if table.through else ""
             inserts.append(
                 f"SELECT {label}, {action}, jsonb_agg({distinct}{column}), "
                 f"count({distinct}{column}), {tail} FROM {rows} HAVING count(*) > 0"
             )
-            if operation == "UPDATE":
-                # Rows whose pk changed: the old pk is gone, as if deleted.
-                inserts.append(
-                    f"SELECT {label}, 'delete', jsonb_agg(o.{column}), count(*), {tail} "
-                    f"FROM old_rows o WHERE NOT EXISTS (SELECT 1 FROM new_rows n "
-                    f"WHERE n.{column} = o.{column}) HAVING count(*) > 0"
-                )
         # Each end of an m2m table is paused on its own: a bulk helper that logs
         # one end itself leaves the other end to the trigger. strpos, not LIKE:
         # '_' in a label is no wildcard.
@@ -297,6 +285,63 @@ $$""",
         f"DROP TRIGGER IF EXISTS {quote(name)} ON {quoted_table}",
         f"CREATE TRIGGER {quote(name)} AFTER {operation} ON {quoted_table} "
         f"{referencing}FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
+    ]
+
+
+def _postgresql_moved(table: Table, connection: BaseDatabaseWrapper, log: str) -> list[str]:
+    """The row-level trigger of an UPDATE that changes a logged column's value.
+
+    A row whose pk changed is gone under its old pk: logged as a ``delete`` of it,
+    unless another row of the statement took that pk. A link of an m2m table moved
+    to another row: an ``update`` of the row it left. The trigger is ``UPDATE OF``
+    those columns, so it is skipped by UPDATEs that do not set them, and its ``WHEN``
+    queues nothing for rows whose value stayed: an ordinary UPDATE pays no join of
+    transition tables (whose plan, cached by PL/pgSQL after single-row updates,
+    made a 100,000-row UPDATE take minutes). A value changed by a ``BEFORE``
+    trigger while the statement did not set the column is not seen.
+    """
+    quote = connection.ops.quote_name
+    name = trigger_name(table.name, MOVE)
+    function = _function(name, connection, log)
+    columns = ", ".join(quote(column) for column in _COLUMNS)
+    steps, changed = [], []
+    for target in table.targets:
+        column = quote(target.column)
+        fields = "NULL" if target.field is None else f"jsonb_build_array({_literal(target.field)})"
+        moved = f"OLD.{column} IS DISTINCT FROM NEW.{column}"
+        changed.append(moved)
+        condition = f"strpos(paused, {_literal(',' + target.label + ',')}) = 0 AND {moved}"
+        if not table.through:
+            condition += (
+                f" AND NOT EXISTS (SELECT 1 FROM {quote(table.name)} WHERE {column} = OLD.{column})"
+            )
+        action = "'update'" if table.through else "'delete'"
+        steps.append(
+            f"IF {condition} THEN\n"
+            f"    INSERT INTO {log} ({columns}) VALUES ({_literal(target.label)}, {action}, "
+            f"jsonb_build_array(OLD.{column}), 1, {fields}, false, 'pending', 0, now(), '', '');\n"
+            "    logged := true;\n"
+            "  END IF;"
+        )
+    body = "\n  ".join(steps)
+    quoted_table = quote(table.name)
+    watched = ", ".join(dict.fromkeys(quote(target.column) for target in table.targets))
+    return [
+        f"""CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  paused text := coalesce(current_setting({_literal(PAUSE_SETTING)}, true), '');
+  logged boolean := false;
+BEGIN
+  {body}
+  IF logged THEN
+    PERFORM pg_notify({_literal(CHANNEL)}, '');
+  END IF;
+  RETURN NULL;
+END
+$$""",
+        f"DROP TRIGGER IF EXISTS {quote(name)} ON {quoted_table}",
+        f"CREATE TRIGGER {quote(name)} AFTER UPDATE OF {watched} ON {quoted_table} "
+        f"FOR EACH ROW WHEN ({' OR '.join(changed)}) EXECUTE FUNCTION {function}()",
     ]
 
 

@@ -579,6 +579,7 @@ def test_pks_shifted_by_one_statement_are_each_logged_deleted_under_the_old_valu
             ("shop.product", "update", None): [pks[1] + 1_000_000, pks[2] + 1_000_000],
             ("shop.product", "delete", None): pks[1:],
         },
+        statements={("shop.product", "delete", None): 2},  # a row trigger: one per moved row
     )
 
 
