@@ -614,8 +614,12 @@ def test_a_cached_instance_moved_to_another_pk_is_gone_under_the_old_one(no_rela
     relay.drain()
     assert cached_instance(Product, product.pk).sku == product.sku
     moved = product.pk + 1_000_000
+    index = len(emitters.recorded())
     other_process(f"UPDATE shop_product SET id = {moved} WHERE id = {product.pk}")
     relay.drain()
+    events = recorded_since(index)
+    assert product_events(events, "delete") == [product.pk]
+    assert product_events(events, "update") == [moved]
     with pytest.raises(Product.DoesNotExist):
         cached_instance(Product, product.pk)
     assert cached_instance(Product, moved).sku == product.sku
