@@ -20,7 +20,7 @@ class OrmbridgeConfig(AppConfig):
         from django.core.signals import setting_changed
         from django.db import connections
         from django.db.backends.signals import connection_created
-        from django.db.models.signals import post_migrate
+        from django.db.models.signals import post_migrate, pre_migrate
 
         from ormbridge import broadcast, buffer, checks, loads, receivers, registry, relay
 
@@ -36,6 +36,7 @@ class OrmbridgeConfig(AppConfig):
         for connection in connections.all(initialized_only=True):
             buffer.watch(connection)
             loads.watch(connection)
+        pre_migrate.connect(guard_triggers, sender=self, dispatch_uid="ormbridge-guard")
         post_migrate.connect(install_triggers, sender=self, dispatch_uid="ormbridge-triggers")
         worker_process_init.connect(relay.start_in_process, dispatch_uid="ormbridge-relay-process")
         worker_ready.connect(relay.start_in_worker, dispatch_uid="ormbridge-relay-start")
@@ -51,13 +52,39 @@ def _write_databases() -> set[str]:
     return {router.db_for_write(model) for model in registry.registered_models()}
 
 
-def install_triggers(using: str, **kwargs: Any) -> None:
-    """``post_migrate``: install (or bring up to date) the capture triggers of ``using``."""
+def _captures(using: str) -> bool:
     from django.db import router
 
-    from ormbridge import capture
     from ormbridge.conf import settings
     from ormbridge.models import ChangeBatch
 
-    if settings.CAPTURE == "triggers" and router.allow_migrate_model(using, ChangeBatch):
-        capture.install(using)
+    return settings.CAPTURE == "triggers" and router.allow_migrate_model(using, ChangeBatch)
+
+
+def guard_triggers(using: str, **kwargs: Any) -> None:
+    """``pre_migrate``: keep the triggers in line with each schema change of the run, so a
+    data migration after a renamed pk column or table writes (and is captured)."""
+    from ormbridge import capture
+
+    if _captures(using):
+        capture.guard_migration(using)
+
+
+def install_triggers(using: str, verbosity: int = 1, stdout: Any = None, **kwargs: Any) -> None:
+    """``post_migrate``: install (or bring up to date) the capture triggers of ``using``,
+    and drop the ones left on tables of no registered model, saying so."""
+    import sys
+
+    from ormbridge import capture
+
+    guard = capture.end_migration(using)
+    if not _captures(using):
+        return
+    _, pruned = capture.sync(using)
+    pruned = [*(guard.pruned if guard else []), *pruned]
+    if pruned and verbosity >= 1:
+        tables = sorted({trigger.table for trigger in pruned})
+        (stdout or sys.stdout).write(
+            f"ormbridge: dropped {len(pruned)} capture triggers left on tables of no "
+            f"registered model ({', '.join(tables)}) in database {using!r}.\n"
+        )

@@ -163,7 +163,7 @@ def _check_names() -> list[checks.CheckMessage]:
 
 
 def _check_models() -> list[checks.CheckMessage]:
-    from ormbridge.registry import Options, _check_model, options_from_settings
+    from ormbridge.registry import Options, _check_model, composite_pk, options_from_settings
 
     entries = settings.MODELS
     if not isinstance(entries, list | tuple | dict):
@@ -177,7 +177,20 @@ def _check_models() -> list[checks.CheckMessage]:
     errors: list[checks.CheckMessage] = []
     for label in entries:
         try:
-            _check_model(apps.get_model(label))
+            model = apps.get_model(label)
+            if isinstance(model, type) and composite_pk(model):
+                errors.append(
+                    checks.Error(
+                        f"ORMBRIDGE['MODELS'] names {label!r}, whose model "
+                        f"{model._meta.label} has a composite primary key: ormbridge captures "
+                        "models with a single-column primary key only; it is not registered.",
+                        hint=f"Remove {label!r} from ORMBRIDGE['MODELS'] (its writes are not "
+                        "captured), or give the model a single-column primary key.",
+                        id="ormbridge.E009",
+                    )
+                )
+                continue
+            _check_model(model)
         except (LookupError, ValueError, TypeError, AttributeError) as exc:
             errors.append(
                 checks.Error(
@@ -328,12 +341,32 @@ def check_triggers(
         except DatabaseError:
             continue
         for state in states:
-            if state.state == "installed" or state.table not in tables:
+            if state.state == "installed" or not state.exists:
                 continue
+            if state.state == "orphaned":
+                messages.append(
+                    checks.Warning(
+                        f"Table {state.table!r} of no registered model has ormbridge capture "
+                        f"triggers in database {using!r}: every write to it is logged for a "
+                        "model nobody watches, and breaks once its columns change.",
+                        hint=f"Run: manage.py ormbridge_triggers prune --database {using} "
+                        f"(or uninstall --table {state.table}); migrate drops them too.",
+                        id="ormbridge.W009",
+                    )
+                )
+                continue
+            where = f", a partition of {state.partition_of!r}," if state.partition_of else ""
+            if state.state == "stale":
+                what = (
+                    "has ormbridge triggers that are not its own (left by a rename): its "
+                    "writes are logged twice, or under another table's columns"
+                )
+            else:
+                what = f"has capture triggers {state.state}: changes to it are not all seen"
             messages.append(
                 checks.Warning(
-                    f"The capture triggers of table {state.table!r} ({', '.join(state.models)}) "
-                    f"are {state.state} in database {using!r}: changes to it are not seen.",
+                    f"Table {state.table!r}{where} ({', '.join(state.models)}) {what} "
+                    f"in database {using!r}.",
                     hint=f"Run: manage.py ormbridge_triggers install --database {using}",
                     id="ormbridge.W005",
                 )

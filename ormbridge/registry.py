@@ -60,7 +60,8 @@ def register(model: M | None = None, **options: Any) -> M | Callable[[M], M]:
     of its rows), with default options unless registered themselves.
 
     Raises:
-        TypeError: ``model`` is not a concrete Django model, or an option is unknown.
+        TypeError: ``model`` is not a concrete Django model, has a composite primary
+            key, or an option is unknown.
         ValueError: the model is already registered with other options.
     """
     if model is None:
@@ -106,6 +107,18 @@ def _check_model(model: object) -> None:
         )
     if meta.swapped:
         raise TypeError(f"ormbridge.register(): {meta.label} is swapped out for {meta.swapped}.")
+    if composite_pk(model):
+        raise TypeError(
+            f"ormbridge.register(): {meta.label} has a composite primary key "
+            f"({', '.join(f.name for f in meta.pk_fields)}); ormbridge logs, caches and "
+            "announces a row by one primary-key column, so it cannot capture this model."
+        )
+
+
+def composite_pk(model: type[models.Model]) -> bool:
+    """Whether ``model`` (or a parent holding part of its rows) has a composite primary key:
+    its rows have no single pk column for the change log to carry."""
+    return any(m._meta.is_composite_pk for m in (model, *model._meta.get_parent_list()))
 
 
 def is_registered(model: type[models.Model]) -> bool:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import current_app
-from django.db import DatabaseError, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.db.models import Count, Min
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
@@ -157,7 +157,7 @@ def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
                 by_state.setdefault(label, {})[state] = by_state[label].get(state, 0) + n
         for label, written in log.oldest.items():
             oldest[label] = min(written, oldest.get(label, written))
-    triggers = _triggers(logs)
+    triggers, orphaned = _triggers(logs)
     receiver_errors = relay.receiver_errors(
         databases=[log.using for log in logs if log.error is None]
     )
@@ -190,6 +190,11 @@ def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
         problems.append(
             f"capture triggers not installed or outdated for {', '.join(uncaptured)} "
             "(run manage.py ormbridge_triggers install)"
+        )
+    if orphaned:
+        problems.append(
+            f"capture triggers left on tables of no registered model: {', '.join(orphaned)} "
+            "(run manage.py ormbridge_triggers prune)"
         )
     problems.extend(_log_problems(logs, now))
     problems.extend(_worker_problems(services, worker_timeout))
@@ -382,20 +387,26 @@ def _joined(queues: list[str]) -> str:
     return ",".join(dict.fromkeys(queues))
 
 
-def _triggers(logs: list[_Log]) -> dict[str, str]:
-    """Per model label, the state of its tables' capture triggers, in each database
-    with a log that holds the table (a model's rows may be in one database only)."""
+def _triggers(logs: list[_Log]) -> tuple[dict[str, str], list[str]]:
+    """Per model label, the state of its tables' capture triggers (partitions included), in
+    each database with a log that holds the table (a model's rows may be in one database
+    only); and the tables of no registered model holding ormbridge triggers."""
     states: dict[str, str] = {}
+    orphaned: list[str] = []
     for log in logs:
         if log.error is not None:
             continue
         for table in capture.status(log.using):
-            if table.table not in log.tables:
+            if table.state == "orphaned":
+                where = "" if log.using == DEFAULT_DB_ALIAS else f"{log.using}:"
+                orphaned.append(f"{where}{table.table}")
+                continue
+            if not table.exists:
                 continue
             for label in table.models:
                 if states.get(label, "installed") == "installed":
                     states[label] = table.state
-    return states
+    return states, orphaned
 
 
 def _stats(labels: list[str]) -> dict[str, dict[str, str]]:

@@ -34,7 +34,7 @@ from django.test.utils import CaptureQueriesContext
 from django_celery_beat.models import IntervalSchedule
 
 import ormbridge
-from ormbridge import registry, relay, store
+from ormbridge import capture, registry, relay, store
 from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch
 from shop.models import Category, Customer, Order, Product, Tag
@@ -550,6 +550,107 @@ def test_the_other_bulk_helpers_log_one_row_per_chunk(no_relay):
         for chunk in (pks[:100], pks[100:])
     ]
     assert {row.model for row in rows} == {"shop.product"}
+
+
+# -- 8. a primary key changed by another writer ---------------------------------------------
+
+
+def test_a_pk_changed_by_another_writer_logs_the_new_pk_updated_and_the_old_one_deleted(no_relay):
+    _, _, pks = made("shop.product", 3)
+    moved = pks[0] + 1_000_000
+    mark = log_mark()
+    other_process(f"UPDATE shop_product SET id = {moved} WHERE id = {pks[0]}")
+    assert_logged(
+        mark,
+        {("shop.product", "update", None): [moved], ("shop.product", "delete", None): [pks[0]]},
+    )
+
+
+def test_pks_shifted_by_one_statement_are_each_logged_deleted_under_the_old_value(no_relay):
+    _, _, pks = made("shop.product", 3)
+    mark = log_mark()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE shop_product SET id = id + 1000000 WHERE id IN (%s, %s)", [pks[1], pks[2]]
+        )
+    assert_logged(
+        mark,
+        {
+            ("shop.product", "update", None): [pks[1] + 1_000_000, pks[2] + 1_000_000],
+            ("shop.product", "delete", None): pks[1:],
+        },
+        statements={("shop.product", "delete", None): 2},  # a row trigger: one per moved row
+    )
+
+
+def test_an_update_that_keeps_the_pks_logs_no_delete(no_relay):
+    _, _, pks = made("shop.product", 2)
+    mark = log_mark()
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE shop_product SET id = id, stock = stock + 1")
+    assert_logged(mark, {("shop.product", "update", None): pks})
+
+
+def test_an_m2m_link_moved_to_another_row_is_an_update_of_both_rows(no_relay):
+    product = _product()
+    old, new = Tag.objects.bulk_create(SPECS["shop.tag"].build(2))
+    product.tags.add(old)
+    mark = log_mark()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE shop_product_tags SET tag_id = %s WHERE tag_id = %s", [new.pk, old.pk]
+        )
+    rows = logged_since(mark)
+    tags = sorted(pk for row in rows if row.model == "shop.tag" for pk in row.pks)
+    assert tags == sorted([old.pk, new.pk])
+    assert {(row.model, row.action) for row in rows} == {
+        ("shop.tag", "update"),
+        ("shop.product", "update"),
+    }
+
+
+def test_a_cached_instance_moved_to_another_pk_is_gone_under_the_old_one(no_relay):
+    product = _product()
+    relay.drain()
+    assert cached_instance(Product, product.pk).sku == product.sku
+    moved = product.pk + 1_000_000
+    index = len(emitters.recorded())
+    other_process(f"UPDATE shop_product SET id = {moved} WHERE id = {product.pk}")
+    relay.drain()
+    events = recorded_since(index)
+    assert product_events(events, "delete") == [product.pk]
+    assert product_events(events, "update") == [moved]
+    with pytest.raises(Product.DoesNotExist):
+        cached_instance(Product, product.pk)
+    assert cached_instance(Product, moved).sku == product.sku
+
+
+# -- 9. pauses name models exactly ----------------------------------------------------------
+
+
+@pytest.fixture
+def interval_schedule_registered() -> Iterator[None]:
+    """django_celery_beat.IntervalSchedule (a label with '_') registered and captured."""
+    saved = dict(registry._registry)
+    ormbridge.register(IntervalSchedule)
+    capture.install("default")
+    try:
+        yield
+    finally:
+        capture.uninstall("default", ["django_celery_beat.intervalschedule"])
+        registry._registry.clear()
+        registry._registry.update(saved)
+        for listener in registry._listeners:
+            listener()
+
+
+def test_a_pause_stops_only_the_model_it_names_exactly(no_relay, interval_schedule_registered):
+    # '_' is a wildcard in LIKE: a pause of this label once matched django_celery_beat's too.
+    lookalike = "djangoxcelery_beat.intervalschedule"
+    mark = log_mark()
+    with transaction.atomic(), capture._pausing(connection, [lookalike]):
+        schedule = IntervalSchedule.objects.create(every=7, period=IntervalSchedule.SECONDS)
+    assert_logged(mark, {("django_celery_beat.intervalschedule", "create", None): [schedule.pk]})
 
 
 # -- 6. another process writes ----------------------------------------------------------------

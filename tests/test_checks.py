@@ -123,6 +123,15 @@ def test_models_as_a_dict_must_give_known_options(settings, options, named):
     assert "shop.Tag" in message.msg and named in message.msg
 
 
+@pytest.mark.parametrize("models", [["testapp.Seat"], {"testapp.Seat": {}}])
+def test_models_naming_a_composite_primary_key_model_is_e009(settings, models):
+    configure(settings, MODELS=models)
+    [message] = check_settings()
+    assert message.id == "ormbridge.E009"
+    assert "testapp.Seat" in message.msg and "composite primary key" in message.msg
+    assert "Remove" in message.hint
+
+
 def test_emitters_must_import(settings):
     configure(settings, EMITTERS=["ormbridge.broadcast.NoSuchEmitter"])
     assert ids(settings) == ["ormbridge.E007"]

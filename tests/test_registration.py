@@ -77,6 +77,14 @@ def test_registering_a_proxy_names_the_concrete_model():
         ormbridge.register(DiscountedProduct)
 
 
+def test_registering_a_composite_primary_key_model_raises_type_error_naming_it(scratch_registry):
+    from tests.testapp.models import Seat
+
+    with pytest.raises(TypeError, match=r"testapp\.Seat has a composite primary key"):
+        ormbridge.register(Seat)
+    assert not registry.is_registered(Seat)
+
+
 def test_unknown_option_is_named():
     with pytest.raises(TypeError, match=r"unknown option.*colour"):
         ormbridge.register(Product, colour="red")

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from django.contrib.auth.models import User
 from django.db import connections
 from django.utils import timezone
 
-from ormbridge import status
+import ormbridge
+from ormbridge import capture, registry, status
 from ormbridge.models import ChangeBatch
 from tests import commands
 from tests.factories import make_products, wait_delivered
@@ -85,6 +87,27 @@ def test_a_registered_table_without_triggers_makes_it_exit_non_zero(product_trig
     assert line.startswith("CommandError: unhealthy: capture triggers not installed or outdated")
     assert "shop.product" in line and "shop.order" not in line
     assert "manage.py ormbridge_triggers install" in line
+
+
+def test_triggers_left_on_a_table_of_no_registered_model_make_it_exit_non_zero(no_relay):
+    saved = dict(registry._registry)
+    ormbridge.register(User)  # registered, installed, then no longer registered
+    capture.install("default")
+    registry._registry.clear()
+    registry._registry.update(saved)
+    for listener in registry._listeners:  # the caches of the registry forget it too
+        listener()
+    try:
+        done, report = status_json()
+    finally:
+        capture.uninstall("default", ["auth.user"])
+    jsonschema.validate(report, SCHEMA)
+    assert done.returncode == 1
+    [problem] = [p for p in report["problems"] if "no registered model" in p]
+    assert problem == (
+        "capture triggers left on tables of no registered model: auth_user, auth_user_groups, "
+        "auth_user_user_permissions (run manage.py ormbridge_triggers prune)"
+    )
 
 
 def test_failed_rows_make_it_exit_non_zero(worker):

@@ -1,26 +1,33 @@
 """manage.py ormbridge_triggers: install, uninstall and show the capture triggers."""
 
 import subprocess
+from io import StringIO
 
 import pytest
+from django.contrib.auth.models import User
+from django.core.management import call_command
 from django.db import connection
 
-from ormbridge import capture
+import ormbridge
+from ormbridge import capture, registry
+from ormbridge.checks import check_triggers
 from shop.models import Category, Product
 from tests import commands
 from tests.factories import log_mark, logged_since
+from tests.testapp.models import Seat
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 HINT = (
-    "CommandError: some captured tables lack their triggers; "
+    "CommandError: some captured tables lack their triggers or have stale ones; "
     "run: manage.py ormbridge_triggers install --database default"
 )
 
 
 def triggers_per_table() -> int:
-    """Triggers per captured table: insert, update, delete (and truncate on PostgreSQL)."""
-    return 4 if connection.vendor == "postgresql" else 3
+    """Triggers per captured table: insert, update, delete (and on PostgreSQL truncate, and
+    the row trigger of updates that change a pk)."""
+    return 5 if connection.vendor == "postgresql" else 3
 
 
 @pytest.fixture(autouse=True)
@@ -151,7 +158,7 @@ def tamper_with(table: str, operation: str) -> None:
 
 @pytest.mark.parametrize("every,state", [(False, "partial"), (True, "outdated")])
 def test_an_outdated_trigger_is_reported_and_replaced_by_install(every, state):
-    operations = ["INSERT", "UPDATE", "DELETE", "TRUNCATE"][: triggers_per_table()]
+    operations = list(capture.OPERATIONS)[: triggers_per_table()]
     for operation in operations if every else operations[:1]:
         tamper_with("shop_product", operation)
     status = triggers("status")
@@ -196,7 +203,7 @@ def test_without_database_it_covers_every_database_holding_a_change_log(second_d
         done = triggers("status")
         assert done.returncode == 1, done.stdout
         assert done.stderr.strip().splitlines() == [
-            "CommandError: some captured tables lack their triggers; "
+            "CommandError: some captured tables lack their triggers or have stale ones; "
             "run: manage.py ormbridge_triggers install --database other"
         ]
         lines = done.stdout.splitlines()
@@ -214,3 +221,115 @@ def test_without_database_it_covers_every_database_holding_a_change_log(second_d
         ]  # fmt: skip
     finally:
         capture.install(second_database)
+
+
+@pytest.fixture
+def seat_in_the_registry():
+    """testapp.Seat (a composite primary key) in the registry past register()'s refusal,
+    as an earlier version let it in."""
+    registry._registry["testapp.seat"] = registry.Options()
+    for listener in registry._listeners:
+        listener()
+    try:
+        yield
+    finally:
+        del registry._registry["testapp.seat"]
+        for listener in registry._listeners:
+            listener()
+
+
+def test_install_never_gives_a_composite_primary_key_table_triggers(seat_in_the_registry):
+    capture.install("default")
+    Seat.objects.create(row="A", number=1)  # its table's writes still work
+    assert Seat.objects.count() == 1
+    assert "testapp_seat" not in all_tables()
+    assert not [name for name in database_triggers() if "testapp_seat" in name]
+
+
+# -- triggers left behind by a model no longer registered -----------------------------
+
+USER_TABLES = ["auth_user", "auth_user_groups", "auth_user_user_permissions"]
+
+
+@pytest.fixture
+def user_registered_then_not():
+    """auth.User registered, its triggers installed, then registered no more (as after a
+    change of ORMBRIDGE["MODELS"]): its tables keep the triggers."""
+    saved = dict(registry._registry)
+    ormbridge.register(User)
+    capture.install("default")
+    registry._registry.clear()
+    registry._registry.update(saved)
+    for listener in registry._listeners:
+        listener()
+    yield
+    capture.uninstall("default", ["auth.user"])
+
+
+def user_triggers() -> list[str]:
+    return [name for name in database_triggers() if "auth_user" in name]
+
+
+def test_triggers_of_an_unregistered_model_are_shown_as_orphaned(user_registered_then_not):
+    assert len(user_triggers()) == 3 * triggers_per_table()
+    status = triggers("status")
+    assert status.returncode == 1
+    assert {table: states(status.stdout)[table] for table in USER_TABLES} == dict.fromkeys(
+        USER_TABLES, "orphaned"
+    )
+    [line] = status.stderr.strip().splitlines()
+    assert "manage.py ormbridge_triggers prune" in line and "auth_user" in line
+
+
+def test_triggers_of_an_unregistered_model_are_named_by_w009(user_registered_then_not):
+    messages = check_triggers(databases=["default"])
+    assert {message.id for message in messages} == {"ormbridge.W009"}
+    assert sorted(message.msg.split("'")[1] for message in messages) == USER_TABLES
+    assert all("ormbridge_triggers prune" in message.hint for message in messages)
+
+
+def test_an_unregistered_models_triggers_can_be_uninstalled_by_its_label(user_registered_then_not):
+    done = triggers("uninstall auth.User")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"dropped {3 * triggers_per_table()} triggers"
+    assert user_triggers() == []
+    assert triggers("status").returncode == 0
+
+
+def test_one_table_of_an_unregistered_model_can_be_uninstalled_alone(user_registered_then_not):
+    done = triggers("uninstall --table auth_user_groups")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"dropped {triggers_per_table()} triggers"
+    orphaned = [table for table, state in states(triggers("status").stdout).items()
+                if state == "orphaned"]  # fmt: skip
+    assert sorted(orphaned) == ["auth_user", "auth_user_user_permissions"]
+
+
+def test_uninstalling_a_table_that_does_not_exist_exits_with_one_line():
+    done = triggers("uninstall --table no_such_table")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "CommandError: no table 'no_such_table' in database 'default'."
+    ]
+
+
+def test_prune_drops_the_triggers_of_tables_of_no_registered_model(user_registered_then_not):
+    done = triggers("prune")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        f"dropped {3 * triggers_per_table()} triggers on {', '.join(USER_TABLES)}"
+    )
+    assert user_triggers() == []
+    mark = log_mark()
+    User.objects.create_user("ann")
+    assert not logged_since(mark).exists()
+
+
+def test_migrate_drops_orphaned_triggers_and_says_so(user_registered_then_not):
+    out = StringIO()
+    call_command("migrate", verbosity=1, stdout=out)
+    assert user_triggers() == []
+    assert (
+        f"ormbridge: dropped {3 * triggers_per_table()} capture triggers left on tables of no "
+        f"registered model ({', '.join(USER_TABLES)}) in database 'default'."
+    ) in out.getvalue()

@@ -133,3 +133,14 @@ class Profile(models.Model):
 
     def __str__(self) -> str:
         return self.nickname
+
+
+class Seat(models.Model):
+    """A composite primary key (Django 5.2): ormbridge refuses to register it."""
+
+    pk = models.CompositePrimaryKey("row", "number")
+    row = models.CharField(max_length=2)
+    number = models.PositiveIntegerField()
+
+    def __str__(self) -> str:
+        return f"{self.row}{self.number}"

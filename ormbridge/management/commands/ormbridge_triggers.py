@@ -21,15 +21,27 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "action",
-            choices=["install", "uninstall", "status"],
-            help="install: create missing or outdated triggers; uninstall: drop them "
-            "(all of ormbridge's, without models); status: one line per captured table.",
+            choices=["install", "uninstall", "status", "prune"],
+            help="install: create missing or outdated triggers, drop stale ones; uninstall: "
+            "drop them (all of ormbridge's, without models or --table); status: one line per "
+            "captured table, partition and table with orphaned triggers; prune: drop the "
+            "triggers on tables of no registered model.",
         )
         parser.add_argument(
             "models",
             nargs="*",
             metavar="app_label.Model",
-            help="Limit to these registered models (default: every one).",
+            help="Limit to these models (default: every one): registered ones, except for "
+            "uninstall, which takes any model.",
+        )
+        parser.add_argument(
+            "--table",
+            action="append",
+            default=[],
+            dest="tables",
+            metavar="TABLE",
+            help="uninstall only: drop the triggers on this table (as status names it); "
+            "may be repeated.",
         )
         parser.add_argument(
             "--database",
@@ -39,34 +51,48 @@ class Command(BaseCommand):
         )
 
     def handle(
-        self, *args: Any, action: str, models: list[str], database: str | None, **options: Any
+        self,
+        *args: Any,
+        action: str,
+        models: list[str],
+        database: str | None,
+        tables: list[str],
+        **options: Any,
     ) -> None:
+        if tables and action != "uninstall":
+            raise CommandError("--table goes with uninstall only.")
+        if tables and models:
+            raise CommandError("give models or --table, not both.")
         aliases = self._databases(database)
-        labels = [self._label(text) for text in models] or None
-        lacking = []
+        labels = [self._label(text, registered=action != "uninstall") for text in models] or None
+        several = len(aliases) > 1
+        problems: list[str] = []
         for alias in aliases:
-            several = len(aliases) > 1
             if action == "install":
-                tables = capture.install(alias, labels)
-                done = self.style.SUCCESS(f"installed triggers on {len(tables)} tables") + (
-                    f": {', '.join(tables)}" if tables else " (all up to date)"
+                done = capture.install(alias, labels)
+                line = self.style.SUCCESS(f"installed triggers on {len(done)} tables") + (
+                    f": {', '.join(done)}" if done else " (all up to date)"
                 )
-                self.stdout.write(f"{alias}: {done}" if several else done)
             elif action == "uninstall":
-                names = capture.uninstall(alias, labels)
-                done = self.style.SUCCESS(f"dropped {len(names)} triggers")
-                self.stdout.write(f"{alias}: {done}" if several else done)
+                try:
+                    names = capture.uninstall(alias, labels, tables or None)
+                except LookupError as exc:
+                    raise CommandError(str(exc)) from None
+                line = self.style.SUCCESS(f"dropped {len(names)} triggers")
+            elif action == "prune":
+                pruned = capture.prune(alias)
+                where = sorted({trigger.table for trigger in pruned})
+                line = self.style.SUCCESS(f"dropped {len(pruned)} triggers") + (
+                    f" on {', '.join(where)}" if where else " (none left on unregistered tables)"
+                )
             else:
                 if several:
                     self.stdout.write(f"database {alias}:")
-                if not self._status(alias, labels):
-                    lacking.append(alias)
-        if lacking:
-            where = f" --database {lacking[0]}" if len(lacking) == 1 else ""
-            raise CommandError(
-                f"some captured tables lack their triggers; run: manage.py ormbridge_triggers "
-                f"install{where}"
-            )
+                problems += self._status(alias, labels, several)
+                continue
+            self.stdout.write(f"{alias}: {line}" if several else line)
+        if problems:
+            raise CommandError("; ".join(problems))
 
     def _databases(self, database: str | None) -> list[str]:
         """``--database``, or every database holding a change log that has triggers."""
@@ -89,26 +115,42 @@ class Command(BaseCommand):
             )
         return aliases
 
-    def _status(self, alias: str, labels: list[str] | None) -> bool:
-        """One line per captured table that ``alias`` holds; whether all have their triggers.
+    def _status(self, alias: str, labels: list[str] | None, several: bool) -> list[str]:
+        """One line per captured table ``alias`` holds; what is wrong there, with the fix.
 
         A table the database does not hold (its model's rows are in another database)
         is not listed: it has nothing to capture there.
         """
-        held = set(connections[alias].introspection.table_names())
-        states = [state for state in capture.status(alias, labels) if state.table in held]
+        states = [state for state in capture.status(alias, labels) if state.exists]
         for state in states:
             style = self.style.SUCCESS if state.state == "installed" else self.style.ERROR
-            self.stdout.write(
-                f"{state.table:<40} {style(f'{state.state:<10}')} {', '.join(state.models)}"
+            if state.state == "orphaned":
+                what = "(no registered model)"
+            else:
+                what = ", ".join(state.models)
+                if state.partition_of:
+                    what += f" (partition of {state.partition_of})"
+            self.stdout.write(f"{state.table:<40} {style(f'{state.state:<10}')} {what}")
+        where = f" --database {alias}" if several else ""
+        problems = []
+        if any(state.state not in ("installed", "orphaned") for state in states):
+            problems.append(
+                "some captured tables lack their triggers or have stale ones; run: "
+                f"manage.py ormbridge_triggers install{where}"
             )
-        return all(state.state == "installed" for state in states)
+        orphaned = [state.table for state in states if state.state == "orphaned"]
+        if orphaned:
+            problems.append(
+                f"tables of no registered model have ormbridge triggers ({', '.join(orphaned)}); "
+                f"run: manage.py ormbridge_triggers prune{where}"
+            )
+        return problems
 
-    def _label(self, text: str) -> str:
+    def _label(self, text: str, registered: bool = True) -> str:
         try:
             model: type[models.Model] = apps.get_model(text)
         except (LookupError, ValueError):
             raise CommandError(f"unknown model {text!r}; use app_label.ModelName.") from None
-        if not registry.is_registered(model):
+        if registered and not registry.is_registered(model):
             raise CommandError(f"{model._meta.label} is not registered with ormbridge.")
         return model._meta.label_lower
