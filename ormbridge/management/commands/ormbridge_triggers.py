@@ -88,7 +88,7 @@ class Command(BaseCommand):
             else:
                 if several:
                     self.stdout.write(f"database {alias}:")
-                problems += self._status(alias, labels, several)
+                problems += self._status(alias, labels)
                 continue
             self.stdout.write(f"{alias}: {line}" if several else line)
         if problems:
@@ -115,7 +115,7 @@ class Command(BaseCommand):
             )
         return aliases
 
-    def _status(self, alias: str, labels: list[str] | None, several: bool) -> list[str]:
+    def _status(self, alias: str, labels: list[str] | None) -> list[str]:
         """One line per captured table ``alias`` holds; what is wrong there, with the fix.
 
         A table the database does not hold (its model's rows are in another database)
@@ -131,7 +131,7 @@ class Command(BaseCommand):
                 if state.partition_of:
                     what += f" (partition of {state.partition_of})"
             self.stdout.write(f"{state.table:<40} {style(f'{state.state:<10}')} {what}")
-        where = f" --database {alias}" if several else ""
+        where = f" --database {alias}"
         problems = []
         if any(state.state not in ("installed", "orphaned") for state in states):
             problems.append(
