@@ -11,6 +11,7 @@ delivered are delivered (again: at least once), finished chunks are left alone.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +46,8 @@ TEXT_LOOKUPS = {
 LIST_LOOKUPS = {"in", "range"}
 PATTERN_LOOKUPS = {"regex", "iregex"}
 DEFAULT_CHUNK = 5000
+
+logger = logging.getLogger("ormbridge")
 
 
 class ResyncError(ValueError):
@@ -314,6 +317,26 @@ def get_job(job_id: int) -> ResyncJob:
     if job.state == ResyncJob.State.DONE:
         raise ResyncError(f"resync job {job_id} is already done.")
     return job
+
+
+def resume(job_id: int) -> bool:
+    """Continue job ``job_id`` (the admin's retry, on a worker); returns whether it ran.
+
+    A job that finished, or was deleted, while its task waited in the queue (the
+    admin's retry clicked twice, the workers delivering its last chunk meanwhile)
+    is nothing to do: said in one line, not raised.
+    """
+    from ormbridge.models import ResyncJob
+
+    job = ResyncJob.objects.filter(pk=job_id).first()
+    if job is None:
+        logger.warning("ormbridge: there is no resync job %s; nothing to resume.", job_id)
+        return False
+    if job.state == ResyncJob.State.DONE:
+        logger.info("ormbridge: resync job %s is already done; nothing to resume.", job_id)
+        return False
+    run(job)
+    return True
 
 
 def selection_of(job: ResyncJob) -> Selection:

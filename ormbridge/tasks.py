@@ -47,10 +47,10 @@ def sweep(self: Task[..., Any], key_prefix: str | None = None) -> None:
 
 @shared_task(name="ormbridge.resume_resync", **TASK_OPTIONS)
 def resume_resync(self: Task[..., Any], job_id: int, key_prefix: str | None = None) -> None:
-    """Continue a resync job (the admin's "retry")."""
+    """Continue a resync job (the admin's "retry"); one it finds finished is left alone."""
     if refused(self, key_prefix):
         return
-    resync.run(resync.get_job(int(job_id)))
+    resync.resume(int(job_id))
 
 
 def refused(task: Task[..., Any], key_prefix: str | None) -> bool:
