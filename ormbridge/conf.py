@@ -95,7 +95,8 @@ class Settings:
         "Celery queue ormbridge's tasks (resync, sweep) are sent to. Default: derived from "
         "``KEY_PREFIX``, ``ormbridge`` for the default prefix and ``ormbridge.<KEY_PREFIX>`` "
         "otherwise, so projects sharing a broker (with their own prefixes) never take each "
-        "other's tasks; a worker also refuses a task sent under another prefix. Run a worker "
+        "other's tasks; a worker also refuses a task sent under another prefix, or by another "
+        "site (another default database) under the same prefix. Run a worker "
         "with ``-Q <this queue>`` (plus your own queues).",
         derive=_default_queue,
     )

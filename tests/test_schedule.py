@@ -34,7 +34,8 @@ def test_the_beat_schedule_dict_matches(settings):
         "ormbridge.sweep": {
             "task": "ormbridge.sweep",
             "schedule": 60.0,
-            "kwargs": {"key_prefix": "ormbridge"},  # workers refuse a task without it
+            # workers refuse a task without them
+            "kwargs": {"key_prefix": "ormbridge", "site": tasks.site_id()},
             "options": {"queue": "ormbridge"},
         }
     }
