@@ -127,9 +127,10 @@ class Settings:
     )
     RELAY_LEASE: _Setting[float] = _Setting(
         10.0,
-        "Seconds a relay's claim on change-log rows lasts unless renewed; a relay "
-        "renews its claims while it works, so rows of a killed relay are taken over "
-        "this long after it died.",
+        "Seconds a relay's claim on change-log rows lasts unless renewed; a relay (or a "
+        'caller delivering its own rows: ``replay="sync"``, ``ormbridge_resync --sync``) '
+        "renews its claims every third of it while it works, so rows of a killed relay are "
+        "taken over this long after it died, and a slow delivery never is.",
     )
     RELAY_POLL: _Setting[float] = _Setting(
         0.2,

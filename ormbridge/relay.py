@@ -5,8 +5,12 @@ It runs inside every Celery worker process of the project (see
 relays share the work: each claims up to ``RELAY_BATCH`` rows at a time with
 ``SELECT … FOR UPDATE SKIP LOCKED`` and a lease of ``RELAY_LEASE`` seconds,
 which it renews while it works. A killed relay's rows are taken over when
-their lease runs out. On PostgreSQL the capture triggers' ``NOTIFY`` wakes it
-within milliseconds; elsewhere it looks every ``RELAY_POLL`` seconds.
+their lease runs out; every write of a row's state is conditional on still
+holding it, so a relay that lost its lease (paused past it) records nothing.
+Callers delivering their own rows (``replay="sync"``, ``ormbridge_resync
+--sync``) hold and renew them the same way (:func:`deliver_held`). On
+PostgreSQL the capture triggers' ``NOTIFY`` wakes it within milliseconds;
+elsewhere it looks every ``RELAY_POLL`` seconds.
 
 Delivering a claim: rows of the same model and action are merged and flushed
 together (tokens and cache entries deleted, one event per batch and
@@ -137,6 +141,68 @@ def renew(using: str, owner: str, ids: Iterable[int]) -> int:
     )
 
 
+class Heartbeat:
+    """A thread renewing the leases of the rows ``owner`` is delivering, every third of
+    ``RELAY_LEASE``, so that a delivery however long is never taken over while its
+    process lives. ``holding`` (per database alias) says which rows; a row taken over
+    meanwhile is not renewed (see :func:`renew`)."""
+
+    def __init__(self, owner: str, holding: dict[str, set[int]] | None = None) -> None:
+        self.owner = owner
+        self.holding: dict[str, set[int]] = {} if holding is None else holding
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="ormbridge-lease", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def __enter__(self) -> Heartbeat:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping.wait(float(settings.RELAY_LEASE) / 3):
+                try:
+                    for using, ids in list(self.holding.items()):
+                        if ids:
+                            renew(using, self.owner, ids)
+                except Exception as exc:
+                    logger.warning("ormbridge: the relay could not renew its leases: %s", exc)
+        finally:
+            connections.close_all()  # this thread's own connections
+
+
+def deliver_held(ids: Iterable[int], using: str, owner: str) -> DrainResult:
+    """Deliver the rows ``ids`` that ``owner`` holds, renewing their leases while it works.
+
+    For the callers that deliver their own rows (``replay="sync"``, ``ormbridge_resync
+    --sync``): the rows were written, or taken, claimed by ``owner``. Their leases are
+    renewed first, so one that ran out before they could be delivered (a long
+    transaction) is kept only if no relay has taken it meanwhile; a row a relay took
+    is left to it.
+    """
+    wanted = list(ids)
+    renew(using, owner, wanted)
+    held = ChangeBatch.objects.using(using).filter(
+        id__in=wanted, state=ChangeBatch.State.CLAIMED, claimed_by=owner
+    )
+    batches = list(held.order_by("id"))
+    if not batches:
+        return DrainResult()
+    with Heartbeat(owner, {using: {batch.pk for batch in batches}}):
+        return deliver(batches, using)
+
+
 def deliver(batches: list[ChangeBatch], using: str) -> DrainResult:
     """Deliver claimed rows: one merged flush per model and action; replays after their flush."""
     result = DrainResult()
@@ -183,8 +249,11 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
                 )
                 result.flush.add(flush.flush(model, batch.action, pks, batch.fields, rows))
             batch.flushed_at = timezone.now()
-            if batch.replay:  # so that a relay dying in the replays does not flush again
-                _log(using, batch).update(flushed_at=batch.flushed_at)
+            # So that a relay dying in the replays does not flush again; and a relay
+            # that lost its lease (paused past it) stops here: the new holder replays.
+            if batch.replay and not _held(using, [batch]).update(flushed_at=batch.flushed_at):
+                _lost([batch])
+                return
         except Exception as exc:
             problem = exc
     retry_pks = batch.retry_pks
@@ -241,20 +310,45 @@ def _list(fields: tuple[str, ...] | None) -> list[str] | None:
     return None if fields is None else list(fields)
 
 
-def _log(using: str, *batches: ChangeBatch) -> models.QuerySet[ChangeBatch]:
-    return ChangeBatch.objects.using(using).filter(id__in=[batch.pk for batch in batches])
+def _held(using: str, batches: list[ChangeBatch]) -> models.QuerySet[ChangeBatch]:
+    """The rows of ``batches`` still held by the relay (or caller) that claimed them.
+
+    Every write of a row's state goes through this: a delivery whose lease was taken
+    over (its process paused past ``RELAY_LEASE``, its heartbeat stalled) writes
+    nothing, and the row's new holder alone decides its outcome.
+    """
+    by_owner: dict[str, list[int]] = defaultdict(list)
+    for batch in batches:
+        by_owner[batch.claimed_by].append(batch.pk)
+    held = Q(pk__in=[])
+    for owner, ids in by_owner.items():
+        held |= Q(id__in=ids, claimed_by=owner)
+    return ChangeBatch.objects.using(using).filter(held, state=ChangeBatch.State.CLAIMED)
 
 
-def _record(using: str, batches: list[ChangeBatch], **values: Any) -> None:
-    """Write the outcome of delivering ``batches``; on a fresh connection if theirs died.
+def _lost(batches: list[ChangeBatch]) -> None:
+    """Say that ``batches``' delivery here lost its lease: its outcome is not written."""
+    logger.warning(
+        "ormbridge: %s lost its lease on change-log rows %s (taken over after it ran out: "
+        "the process paused, or its heartbeat stalled, for longer than RELAY_LEASE); "
+        "their new holder delivers them, nothing of this delivery is recorded",
+        batches[0].claimed_by,
+        [batch.pk for batch in batches],
+    )
+
+
+def _record(using: str, batches: list[ChangeBatch], **values: Any) -> int:
+    """Write the outcome of delivering ``batches``, for the rows still held; on a fresh
+    connection if theirs died. Returns how many rows it was written for.
 
     The connection may die under a delivery (a killed backend, a failover, a
     receiver's query cut off): the outcome is written all the same, so a
     failure is recorded and retried after its backoff, and a finished delivery
     is not redone, rather than the rows waiting for their lease to run out.
+    A row whose lease was taken over meanwhile is left to its new holder.
     """
     try:
-        _log(using, *batches).update(**values)
+        written = _held(using, batches).update(**values)
     except (OperationalError, InterfaceError) as exc:
         connection = connections[using]
         if connection.in_atomic_block or (
@@ -268,14 +362,17 @@ def _record(using: str, batches: list[ChangeBatch], **values: Any) -> None:
             [batch.pk for batch in batches],
         )
         connection.close()
-        _log(using, *batches).update(**values)
+        written = _held(using, batches).update(**values)
+    if written < len(batches):
+        _lost(batches)
+    return written
 
 
 def _done(batches: list[ChangeBatch], using: str, result: DrainResult) -> None:
     now = timezone.now()
     # A snapshot is only needed until its rows' post_delete replays ran: deleted
     # rows' values are not kept once delivered.
-    _record(
+    written = _record(
         using,
         batches,
         state=ChangeBatch.State.DONE,
@@ -288,7 +385,9 @@ def _done(batches: list[ChangeBatch], using: str, result: DrainResult) -> None:
         last_error="",
         snapshot=None,
     )
-    result.batches += len(batches)
+    if not written:
+        return
+    result.batches += written
     result.rows += sum(batch.rows for batch in batches)
     for job_id in {batch.job_id for batch in batches if batch.job_id is not None}:
         ResyncJob.finish_if_complete(job_id)
@@ -320,6 +419,18 @@ def _retry_later(
     for attempts, group in by_attempts.items():
         spent = attempts >= settings.MAX_ATTEMPTS
         delay = backoff(attempts)
+        written = _record(
+            using,
+            group,
+            state=ChangeBatch.State.FAILED if spent else ChangeBatch.State.PENDING,
+            finished_at=now if spent else None,
+            retry_at=None if spent else now + timedelta(seconds=delay),
+            lease_until=None,
+            last_error=error[:2000],
+            **progress,
+        )
+        if not written:
+            continue  # taken over: the new holder's delivery decides (and logs)
         logger.log(
             logging.ERROR if spent else logging.WARNING,
             "ormbridge: delivering change-log rows %s failed (attempt %d of %d); %s: %s",
@@ -330,17 +441,7 @@ def _retry_later(
             error,
             exc_info=exc is not None and not isinstance(exc, flush.EmitFailed),
         )
-        _record(
-            using,
-            group,
-            state=ChangeBatch.State.FAILED if spent else ChangeBatch.State.PENDING,
-            finished_at=now if spent else None,
-            retry_at=None if spent else now + timedelta(seconds=delay),
-            lease_until=None,
-            last_error=error[:2000],
-            **progress,
-        )
-    result.failed += len(batches)
+        result.failed += written
 
 
 def _describe(exc: BaseException) -> str:
@@ -448,7 +549,7 @@ class Relay:
             self.thread.join(timeout)
 
     def run(self) -> None:
-        heartbeat = threading.Thread(target=self._heartbeat, name="ormbridge-lease", daemon=True)
+        heartbeat = Heartbeat(self.owner, self.holding)
         heartbeat.start()
         try:
             while not self.stopping.is_set():
@@ -466,18 +567,9 @@ class Relay:
                 if idle and self._wait(float(settings.RELAY_POLL)):
                     time.sleep(float(settings.FLUSH_DELAY))
         finally:
+            heartbeat.stop()
             self._close_listener()
             connections.close_all()
-
-    def _heartbeat(self) -> None:
-        while not self.stopping.wait(float(settings.RELAY_LEASE) / 3):
-            try:
-                for using, ids in list(self.holding.items()):
-                    if ids:
-                        renew(using, self.owner, ids)
-            except Exception as exc:
-                logger.warning("ormbridge: the relay could not renew its leases: %s", exc)
-        connections.close_all()
 
     def _wait(self, timeout: float) -> bool:
         """Wait for a NOTIFY (PostgreSQL) or ``timeout``; True if woken by a change."""

@@ -420,17 +420,34 @@ def _lease() -> Any:
 
 
 def _deliver_here(batch_id: int, owner: str) -> None:
-    """Deliver one chunk in this process, holding it against the relays meanwhile."""
+    """Deliver one chunk in this process, holding its lease (renewed) meanwhile.
+
+    A chunk another process holds under a lease still running (a relay
+    delivering it, a command still at work) is left to that process: this waits
+    until it is done, or until its lease runs out and the chunk can be taken.
+    """
     from ormbridge.models import ChangeBatch
 
-    ChangeBatch.objects.filter(id=batch_id).update(
-        state=ChangeBatch.State.CLAIMED, claimed_by=owner, lease_until=_lease()
-    )
-    batches = list(ChangeBatch.objects.filter(id=batch_id))
-    result = relay.deliver(batches, "default")
-    if result.failed:
-        error = ChangeBatch.objects.filter(id=batch_id).values_list("last_error", flat=True)
-        raise ResyncError(f"chunk {batch_id} could not be delivered: {error.first()}")
+    chunk = ChangeBatch.objects.filter(id=batch_id)
+    while True:
+        now = timezone.now()
+        free = Q(state__in=[ChangeBatch.State.PENDING, ChangeBatch.State.FAILED]) | Q(
+            Q(claimed_by=owner) | Q(lease_until__lt=now), state=ChangeBatch.State.CLAIMED
+        )
+        taken = chunk.filter(free).update(
+            state=ChangeBatch.State.CLAIMED, claimed_by=owner, claimed_at=now, lease_until=_lease()
+        )
+        if taken:
+            result = relay.deliver_held([batch_id], "default", owner)
+            if result.failed:
+                error = chunk.values_list("last_error", flat=True).first()
+                raise ResyncError(f"chunk {batch_id} could not be delivered: {error}")
+            if result.batches:
+                return
+            # its lease was taken over meanwhile (this process paused past it)
+        if chunk.values_list("state", flat=True).first() in (None, ChangeBatch.State.DONE):
+            return
+        time.sleep(float(settings.RELAY_POLL))
 
 
 def rows_done(job: ResyncJob) -> int:
