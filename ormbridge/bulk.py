@@ -38,7 +38,7 @@ from django.utils import timezone
 
 from ormbridge import buffer, capture, registry, relay, signals
 from ormbridge.conf import settings
-from ormbridge.models import ChangeBatch
+from ormbridge.models import ChangeBatch, pieces
 from ormbridge.replay import snapshot as take_snapshot
 
 M = TypeVar("M", bound=models.Model)
@@ -227,7 +227,7 @@ def safe_bulk_update(
             updated = _update_returning(base.filter(pk__gte=pks[0], pk__lte=pks[-1]), values, using)
         if not updated:  # every row of the chunk stopped matching
             return updated, []
-        return updated, [_log(model, "update", updated, sorted(fields), replay, using, owner)]
+        return updated, _log(model, "update", updated, sorted(fields), replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
@@ -314,7 +314,7 @@ def safe_bulk_create(
             created = model._base_manager.using(using).bulk_create(batch)
         created_objects.extend(created)
         pks = [obj.pk for obj in created]
-        return pks, [_log(model, "create", pks, None, replay, using, owner)]
+        return pks, _log(model, "create", pks, None, replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_create.send(sender=model, pks=pks, fields=empty, using=using)
@@ -359,7 +359,7 @@ def safe_bulk_update_objects(
             signals.pre_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
         with capture.pause(using, model):
             model._base_manager.using(using).bulk_update(batch, names)
-        return pks, [_log(model, "update", pks, sorted(names), replay, using, owner)]
+        return pks, _log(model, "update", pks, sorted(names), replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
@@ -608,8 +608,12 @@ def _log(
     owner: str,
     snapshot: dict[str, Any] | None = None,
     wants_replay: bool = True,
-) -> int:
-    """Write a change-log row in the current transaction; returns its id.
+) -> list[int]:
+    """Write the change-log row(s) of ``pks`` in the current transaction; returns their ids.
+
+    One row per ``RELAY_MAX_PKS`` pks (and their snapshot's rows, in the same order):
+    a relay delivers such a row whole, replays and all, so it must fit what a relay
+    holds at once.
 
     With ``replay="sync"`` the caller delivers the row itself after the commit:
     it is written claimed by ``owner`` (the call's own), so relays leave it alone
@@ -621,24 +625,28 @@ def _log(
     label = model._meta.label_lower
     mine = replay == "sync"
     now = timezone.now()
-    batch = ChangeBatch.objects.using(using).create(
-        model=label,
-        action=action,
-        pks=values,
-        rows=len(pks),
-        fields=fields,
-        replay=wants_replay and replay != "none",
-        snapshot=snapshot,
-        state=ChangeBatch.State.CLAIMED if mine else ChangeBatch.State.PENDING,
-        claimed_by=owner if mine else "",
-        claimed_at=now if mine else None,
-        lease_until=now + timedelta(seconds=float(settings.RELAY_LEASE)) if mine else None,
-        attempts=1 if mine else 0,
-    )
+    ids = []
+    for piece in pieces(len(values)):
+        kept = None if snapshot is None else {**snapshot, "rows": snapshot["rows"][piece]}
+        batch = ChangeBatch.objects.using(using).create(
+            model=label,
+            action=action,
+            pks=values[piece],
+            rows=len(values[piece]),
+            fields=fields,
+            replay=wants_replay and replay != "none",
+            snapshot=kept,
+            state=ChangeBatch.State.CLAIMED if mine else ChangeBatch.State.PENDING,
+            claimed_by=owner if mine else "",
+            claimed_at=now if mine else None,
+            lease_until=now + timedelta(seconds=float(settings.RELAY_LEASE)) if mine else None,
+            attempts=1 if mine else 0,
+        )
+        ids.append(batch.pk)
     if not mine:
         capture.notify(using)
     buffer.note(buffer.keys_for(label, values), using)
-    return batch.pk
+    return ids
 
 
 class _Collector(Collector):
@@ -673,10 +681,9 @@ def _delete_collected(
             pks = list(rows.values_list("pk", flat=True))
             if not pks:  # nothing refers to the chunk's rows: nothing to log
                 continue
-            log_id = _log(
+            batch_ids += _log(
                 related, "update", pks, [target.name], replay, using, owner, wants_replay=False
             )
-            batch_ids.append(log_id)
         rows.update(**{target.name: value})
     collector.sort()
     deleted: list[Any] = []
@@ -685,18 +692,16 @@ def _delete_collected(
         pks = [obj.pk for obj in ordered]
         listened = post_delete.has_listeners(victim)
         if registry.is_registered(victim) or listened:
-            batch_ids.append(
-                _log(
-                    victim,
-                    "delete",
-                    pks,
-                    None,
-                    replay,
-                    using,
-                    owner,
-                    snapshot=take_snapshot(victim, ordered),
-                    wants_replay=listened,
-                )
+            batch_ids += _log(
+                victim,
+                "delete",
+                pks,
+                None,
+                replay,
+                using,
+                owner,
+                snapshot=take_snapshot(victim, ordered),
+                wants_replay=listened,
             )
         sql.DeleteQuery(victim).delete_batch(pks, using)
         if victim is model:

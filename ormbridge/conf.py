@@ -125,6 +125,15 @@ class Settings:
         500,
         "Change-log rows the relay claims at once (each may hold many rows' pks).",
     )
+    RELAY_MAX_PKS: _Setting[int] = _Setting(
+        50_000,
+        "Primary keys a relay holds at once, whatever a statement changed: a merged "
+        "delivery reads its change-log rows' pks in slices of at most this many (and "
+        "records how far each row got, so a relay taken over goes on from there), and "
+        "``safe_bulk_*`` and ``ormbridge_resync`` write change-log rows of at most this many "
+        "pks, so a row delivered whole (replays, deleted rows' values) is bounded too. "
+        "A worker's memory stays flat however large the statements.",
+    )
     RELAY_LEASE: _Setting[float] = _Setting(
         10.0,
         "Seconds a relay's claim on change-log rows lasts unless renewed; a relay (or a "

@@ -26,6 +26,7 @@ it failed at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -49,7 +50,7 @@ from django.db import (
     router,
     transaction,
 )
-from django.db.models import DateTimeField, F, Q, Value
+from django.db.models import BooleanField, Case, DateTimeField, ExpressionWrapper, F, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -60,6 +61,8 @@ from ormbridge.models import CHANNEL, ChangeBatch, ResyncJob
 logger = logging.getLogger("ormbridge")
 
 PRUNE_CHUNK = 10_000
+BIG_ROWS = 4
+"""Change-log rows holding many pks that a merged delivery reads in step (see ``_steps``)."""
 ERRORS_KEPT = 100
 """Receiver errors kept per change-log row (every failed row is retried all the same)."""
 
@@ -128,7 +131,35 @@ def claim(using: str, owner: str, limit: int | None = None) -> list[ChangeBatch]
             lease_until=now + timedelta(seconds=float(settings.RELAY_LEASE)),
             attempts=F("attempts") + 1,
         )
-    return list(log.filter(id__in=ids, claimed_by=owner).order_by("id"))
+    return list(_light(log.filter(id__in=ids, claimed_by=owner)).order_by("id"))
+
+
+def _light(rows: models.QuerySet[ChangeBatch]) -> models.QuerySet[ChangeBatch]:
+    """``rows`` without their pk lists and snapshots, which may be huge (a statement's every
+    row): a delivery reads them slice by slice (:func:`_slices`), or one row's at a time.
+    Annotated with whether each row holds pks at all, and a snapshot."""
+    return rows.defer("pks", "snapshot").annotate(
+        every_row=ExpressionWrapper(Q(pks__isnull=True), output_field=BooleanField()),
+        has_snapshot=ExpressionWrapper(Q(snapshot__isnull=False), output_field=BooleanField()),
+    )
+
+
+def _kind(batch: ChangeBatch) -> tuple[bool, bool]:
+    """Whether ``batch`` stands for every row (no pks), and whether it keeps a snapshot,
+    without loading either when :func:`_light` left them out."""
+    annotated: Any = batch  # the annotations are not fields: unknown to the model's type
+    if hasattr(annotated, "every_row"):
+        return bool(annotated.every_row), bool(annotated.has_snapshot)
+    return batch.pks is None, bool(batch.snapshot)
+
+
+def _contents(using: str, batch: ChangeBatch) -> tuple[Any, Any]:
+    """``batch``'s pks and snapshot, read for this delivery only (never kept on the instance,
+    which the claim's list holds until its last row is delivered)."""
+    if "pks" not in batch.get_deferred_fields():
+        return batch.pks, batch.snapshot
+    found = ChangeBatch.objects.using(using).filter(pk=batch.pk).values_list("pks", "snapshot")
+    return found.get()
 
 
 def renew(using: str, owner: str, ids: Iterable[int]) -> int:
@@ -196,7 +227,7 @@ def deliver_held(ids: Iterable[int], using: str, owner: str) -> DrainResult:
     held = ChangeBatch.objects.using(using).filter(
         id__in=wanted, state=ChangeBatch.State.CLAIMED, claimed_by=owner
     )
-    batches = list(held.order_by("id"))
+    batches = list(_light(held).order_by("id"))
     if not batches:
         return DrainResult()
     with Heartbeat(owner, {using: {batch.pk for batch in batches}}):
@@ -204,27 +235,128 @@ def deliver_held(ids: Iterable[int], using: str, owner: str) -> DrainResult:
 
 
 def deliver(batches: list[ChangeBatch], using: str) -> DrainResult:
-    """Deliver claimed rows: one merged flush per model and action; replays after their flush."""
+    """Deliver claimed rows: one merged flush per model and action; replays after their flush.
+
+    A merged flush reads its rows' pks in slices of at most ``RELAY_MAX_PKS``
+    (:func:`_deliver_merged`), so memory stays flat however many pks the rows hold.
+    """
     result = DrainResult()
     merged: dict[tuple[str, str, tuple[str, ...] | None], list[ChangeBatch]] = defaultdict(list)
     for batch in batches:
-        if batch.replay or batch.snapshot or batch.pks is None or batch.flushed_at is not None:
+        every_row, has_snapshot = _kind(batch)
+        if batch.replay or has_snapshot or every_row or batch.flushed_at is not None:
             _deliver_alone(batch, using, result)
         else:
             fields = None if batch.fields is None else tuple(sorted(batch.fields))
             merged[(batch.model, batch.action, fields)].append(batch)
     for (label, action, fields), group in merged.items():
-        try:
-            model = apps.get_model(label)
-            # Batches with pks=None were delivered alone above; mypy cannot see it.
-            pks = _unique(model, (pk for batch in group for pk in batch.pks))  # type: ignore[union-attr]
-            if registry.is_registered(model):
-                result.flush.add(flush.flush(model, action, pks, _list(fields)))
-        except Exception as exc:
-            _retry_later(group, using, result, _describe(exc), exc)
-        else:
-            _done(group, using, result)
+        _deliver_merged(label, action, _list(fields), group, using, result)
     return result
+
+
+def _deliver_merged(
+    label: str,
+    action: str,
+    fields: list[str] | None,
+    group: list[ChangeBatch],
+    using: str,
+    result: DrainResult,
+) -> None:
+    """Flush the pks of ``group`` (rows of one model, action and fields), a step at a time.
+
+    Each step reads a slice of every row's pks, in step (the rows of several
+    statements over the same rows, in the same order, then share their
+    invalidations), at most ``RELAY_MAX_PKS`` in all, and records how far each
+    row got (``pks_flushed``): a relay killed, or failing, half-way is followed
+    by one that goes on from there.
+    """
+    try:
+        model = apps.get_model(label)
+        for pks, reached in _steps(using, group):
+            if registry.is_registered(model):
+                result.flush.add(flush.flush(model, action, _unique(model, pks), fields))
+            progress = Case(*(When(id=pk, then=Value(n)) for pk, n in reached.items()))
+            touched = [batch for batch in group if batch.pk in reached]
+            if _held(using, touched).update(pks_flushed=progress) < len(touched):
+                _lost(touched)  # the rest is left to the rows' new holders
+                return
+    except Exception as exc:
+        _retry_later(group, using, result, _describe(exc), exc)
+    else:
+        _done(group, using, result)
+
+
+def _steps(using: str, group: list[ChangeBatch]) -> Iterator[tuple[list[Any], dict[int, int]]]:
+    """``(pks, {row id: pks flushed once these are})`` per step over ``group``'s pk lists.
+
+    Each step takes an equal share of ``RELAY_MAX_PKS`` (at least one pk each)
+    from the rows not yet through, from where each row's last delivery stopped:
+    every small row, and the oldest ``BIG_ROWS`` of the rows holding more than a
+    ``BIG_ROWS``-th of the cap. Each step reads each of its rows' lists again (the
+    database cuts the slices), so taking every big row at once would cost reads
+    growing with the square of their number.
+    """
+    cap = max(1, int(settings.RELAY_MAX_PKS))
+    lengths = _lengths(using, [batch.pk for batch in group])
+    done = {batch.pk: min(batch.pks_flushed or 0, lengths.get(batch.pk, 0)) for batch in group}
+    while True:
+        left = {pk: lengths.get(pk, 0) - done[pk] for pk in sorted(done)}
+        big = [pk for pk, n in left.items() if n > cap // BIG_ROWS][:BIG_ROWS]
+        small = [pk for pk, n in left.items() if 0 < n <= cap // BIG_ROWS]
+        open_rows = sorted(big + small)[:cap]
+        if not open_rows:
+            return
+        share = max(1, cap // len(open_rows))
+        segments = [(pk, done[pk], min(lengths[pk], done[pk] + share)) for pk in open_rows]
+        pks = _slices(using, segments)
+        reached = {pk: stop for pk, _, stop in segments}
+        yield pks, reached
+        done.update(reached)
+
+
+def _lengths(using: str, ids: list[int]) -> dict[int, int]:
+    """The length of each row's pk list, as the database counts it."""
+    function = (
+        "jsonb_array_length" if connections[using].vendor == "postgresql" else ("json_array_length")
+    )
+    table = ChangeBatch._meta.db_table
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"SELECT id, {function}(pks) FROM {table} WHERE pks IS NOT NULL AND id IN "
+            f"({', '.join(['%s'] * len(ids))})",
+            ids,
+        )
+        return {pk: length or 0 for pk, length in cursor.fetchall()}
+
+
+def _slices(using: str, segments: list[tuple[int, int, int]]) -> list[Any]:
+    """The pks at positions ``[start, stop)`` of each row ``(id, start, stop)``: one query,
+    cut by the database (PostgreSQL: a JSON path slice, SQLite: ``json_each``), so no
+    row's whole list is ever read here."""
+    connection = connections[using]
+    table = ChangeBatch._meta.db_table
+    values = ", ".join(["(%s, %s, %s)"] * len(segments))
+    if connection.vendor == "postgresql":
+        part = (
+            "jsonb_path_query_array(b.pks, ('$[' || s.start || ' to ' || (s.stop - 1) || ']')"
+            "::jsonpath)"
+        )
+    else:
+        part = (
+            "(SELECT json_group_array(e.value) FROM json_each(b.pks) AS e "
+            "WHERE e.key >= s.start AND e.key < s.stop)"
+        )
+    sql = (
+        f"WITH s (id, start, stop) AS (VALUES {values}) "
+        f"SELECT {part} FROM {table} AS b JOIN s ON b.id = s.id"
+    )
+    params = [int(n) for segment in segments for n in segment]
+    pks: list[Any] = []
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for (part_pks,) in cursor.fetchall():
+            pks.extend(json.loads(part_pks) if isinstance(part_pks, str | bytes) else part_pks)
+    return pks
 
 
 def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
@@ -236,7 +368,8 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
     """
     try:
         model = apps.get_model(batch.model)
-        pks = None if batch.pks is None else _unique(model, batch.pks)
+        raw_pks, snapshot = _contents(using, batch)
+        pks = None if raw_pks is None else _unique(model, raw_pks)
     except Exception as exc:
         _retry_later([batch], using, result, _describe(exc), exc)
         return
@@ -244,9 +377,7 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
     if batch.flushed_at is None:
         try:
             if registry.is_registered(model):
-                rows = (
-                    list(replay.rebuild(model, batch.snapshot, using)) if batch.snapshot else None
-                )
+                rows = list(replay.rebuild(model, snapshot, using)) if snapshot else None
                 result.flush.add(flush.flush(model, batch.action, pks, batch.fields, rows))
             batch.flushed_at = timezone.now()
             # So that a relay dying in the replays does not flush again; and a relay
@@ -260,7 +391,7 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
     errors: list[replay.ReceiverError] = []
     if batch.replay:
         try:
-            replayed = _replay(batch, model, pks, using)
+            replayed = _replay(batch, model, pks, snapshot, using)
         except Exception as exc:  # not a receiver: the rows are replayed again
             problem = problem or exc
         else:
@@ -268,7 +399,6 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
     if problem is None and not errors:
         _done([batch], using, result)
         return
-    snapshot = batch.snapshot
     if snapshot and batch.flushed_at is not None and retry_pks is not None:
         snapshot = replay.keep_rows(model, snapshot, retry_pks)  # only what a retry needs
     error = _describe(problem) if problem is not None else _summary(errors)
@@ -286,11 +416,15 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
 
 
 def _replay(
-    batch: ChangeBatch, model: type[models.Model], pks: list[Any] | None, using: str
+    batch: ChangeBatch,
+    model: type[models.Model],
+    pks: list[Any] | None,
+    snapshot: dict[str, Any] | None,
+    using: str,
 ) -> replay.Replayed:
     """Replay the rows of ``batch`` still to replay: all of them, or those that failed last."""
     if batch.action == ChangeBatch.Action.DELETE:
-        snapshot = batch.snapshot or {"fields": [], "rows": []}
+        snapshot = snapshot or {"fields": [], "rows": []}
         if batch.retry_pks is not None:
             snapshot = replay.keep_rows(model, snapshot, batch.retry_pks)
         return replay.replay_deletes(model, snapshot, using)
@@ -302,8 +436,13 @@ def _replay(
 
 
 def _unique(model: type[models.Model], pks: Any) -> list[Any]:
+    """``pks`` as the model's pk values, each once, sorted (by type first if they are mixed)."""
     to_python = model._meta.pk.to_python
-    return sorted({to_python(pk) for pk in pks}, key=lambda pk: (str(type(pk)), pk))
+    values = {to_python(pk) for pk in pks}
+    try:
+        return sorted(values)  # one type, as a pk column's values are: no key to compute
+    except TypeError:
+        return sorted(values, key=lambda pk: (str(type(pk)), pk))
 
 
 def _list(fields: tuple[str, ...] | None) -> list[str] | None:

@@ -33,6 +33,7 @@ from django.utils import timezone
 
 from ormbridge import capture, registry, relay
 from ormbridge.conf import settings
+from ormbridge.models import pieces
 
 if TYPE_CHECKING:
     from django.db.models.options import Options
@@ -385,13 +386,14 @@ def run(job: ResyncJob, *, sync: bool | None = None, on_progress: OnProgress | N
             with transaction.atomic():
                 page = queryset if last is None else queryset.filter(pk__gt=last)
                 pks = list(page.values_list("pk", flat=True)[: job.chunk_size])
-                batch = None
-                if pks:
-                    batch = ChangeBatch.objects.create(
+                # A chunk is one change-log row, or several when it holds more pks than
+                # a relay holds at once (RELAY_MAX_PKS): each is delivered whole.
+                batches = [
+                    ChangeBatch.objects.create(
                         model=label,
                         action=action,
-                        pks=pks,
-                        rows=len(pks),
+                        pks=pks[piece],
+                        rows=len(pks[piece]),
                         replay=job.mode == ResyncJob.Mode.REPLAY,
                         job=job,
                         # A sync job's chunk is its own: no relay takes it meanwhile.
@@ -399,15 +401,18 @@ def run(job: ResyncJob, *, sync: bool | None = None, on_progress: OnProgress | N
                         claimed_by=owner if sync else "",
                         lease_until=_lease() if sync else None,
                     )
+                    for piece in (pieces(len(pks)) if pks else [])
+                ]
+                if pks:
                     last = pks[-1]
                 state = {"last_pk": last, "planned": len(pks) < job.chunk_size}
                 job.progress[label] = state
                 job.rows_planned += len(pks)
                 job.save(update_fields=["progress", "rows_planned"])
-                if batch is not None and not sync:
+                if batches and not sync:
                     capture.notify("default")
-            if batch is not None:
-                if sync:
+            if batches:
+                for batch in batches if sync else []:
                     _deliver_here(batch.pk, owner)
                 _tell(on_progress, job)
     job.planned = True
