@@ -146,3 +146,18 @@ def test_a_relay_paused_past_its_lease_records_nothing(no_relay, start_worker):
     batch = ChangeBatch.objects.get(pk=batch_id)
     assert (batch.state, batch.claimed_by, batch.errors) == ("done", "another relay", None)
     assert "lost its lease" in victim.log_text()
+
+
+def test_a_sync_delivery_in_a_transaction_still_open_renews_nothing(
+    no_relay, short_lease, django_capture_on_commit_callbacks, caplog
+):
+    """A test's transaction running its on_commit callbacks (``TestCase``): the rows are not
+    committed, so nobody can take them over, and a heartbeat's own connection would wait
+    for the transaction's write lock (SQLite) until the delivery's end, and then some."""
+    products = make_products(ROWS)
+    with transaction.atomic():
+        with django_capture_on_commit_callbacks(execute=True):
+            ormbridge.safe_bulk_update(Product.objects.all(), replay="sync", stock=3)
+        assert each_replayed_once(products), replays.saves()
+        transaction.set_rollback(True)  # the callbacks stay registered: they must not run twice
+    assert "could not renew" not in caplog.text  # SQLite: "database is locked", 30 s later
