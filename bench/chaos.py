@@ -849,7 +849,7 @@ def compare(run: Run) -> dict[str, Any]:
         if seen != truth.get(pk):
             stale.append(f"row {pk}: cache {seen}, database {truth.get(pk)}")
     stats.counts.send()
-    hits = int(store.get_redis().hget(stats, "hits") or 0) - hits_before
+    hits = int(store.get_redis().hget(stats_key, "hits") or 0) - hits_before
     for writer in range(run.args.writers):
         queryset = Product.objects.filter(sku__startswith=f"w{writer:02d}-").order_by("pk")
         seen_rows = [values(p) for p in ormbridge.cached_queryset(queryset)]
