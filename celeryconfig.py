@@ -29,7 +29,8 @@ worker_prefetch_multiplier = 1
 
 # ormbridge sends its tasks to ORMBRIDGE["QUEUE"] itself; this route only
 # matters for tasks sent by name from elsewhere (e.g. a beat schedule), which
-# must carry kwargs={"key_prefix": KEY_PREFIX} or workers refuse them. Set
+# must carry ormbridge.tasks.message_kwargs() (KEY_PREFIX and the site's
+# identity; ormbridge.schedule.beat_schedule() does) or workers refuse them. Set
 # ORMBRIDGE_QUEUE to ORMBRIDGE["QUEUE"]: "ormbridge.<KEY_PREFIX>" when the
 # project has a KEY_PREFIX of its own.
 ORMBRIDGE_QUEUE = os.environ.get("ORMBRIDGE_QUEUE", "ormbridge")

@@ -38,7 +38,7 @@ from django.utils import timezone
 
 from ormbridge import buffer, capture, registry, relay, signals
 from ormbridge.conf import settings
-from ormbridge.models import ChangeBatch
+from ormbridge.models import ChangeBatch, pieces
 from ormbridge.replay import snapshot as take_snapshot
 
 M = TypeVar("M", bound=models.Model)
@@ -218,6 +218,7 @@ def safe_bulk_update(
         _compile_update(base.filter(pk__in=[]), values, using)
     frozen = frozenset(fields)
     result = BulkResult(model, using)
+    owner = relay.new_owner()  # holds the rows it writes claimed when replay="sync"
 
     def write(pks: list[Any]) -> tuple[list[Any], list[int]]:
         if signals.pre_bulk_update.has_listeners(model):
@@ -226,12 +227,12 @@ def safe_bulk_update(
             updated = _update_returning(base.filter(pk__gte=pks[0], pk__lte=pks[-1]), values, using)
         if not updated:  # every row of the chunk stopped matching
             return updated, []
-        return updated, [_log(model, "update", updated, sorted(fields), replay, using)]
+        return updated, _log(model, "update", updated, sorted(fields), replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
 
-    _run_chunks(result, base, chunk_size, atomic, replay, write, committed, lock=False)
+    _run_chunks(result, base, chunk_size, atomic, replay, owner, write, committed, lock=False)
     return result
 
 
@@ -262,6 +263,7 @@ def safe_bulk_delete(
     _check_queryset(name, queryset)
     base = queryset.all()
     result = BulkResult(model, using)
+    owner = relay.new_owner()
     empty: frozenset[str] = frozenset()
 
     def write(pks: list[Any]) -> tuple[list[Any], list[int]]:
@@ -271,12 +273,12 @@ def safe_bulk_delete(
         collector.collect(base.filter(pk__gte=pks[0], pk__lte=pks[-1]))
         touched = [*collector.data, *(target.model for target, _, _ in collector.updates)]
         with capture.pause(using, *touched):
-            return _delete_collected(collector, model, replay, using)
+            return _delete_collected(collector, model, replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_delete.send(sender=model, pks=pks, fields=empty, using=using)
 
-    _run_chunks(result, base, chunk_size, atomic, replay, write, committed, lock=True)
+    _run_chunks(result, base, chunk_size, atomic, replay, owner, write, committed, lock=True)
     return result
 
 
@@ -304,6 +306,7 @@ def safe_bulk_create(
     _check_objects(name, model, objs, need_pk=False)
     created_objects: list[Any] = []
     result = BulkResult(model, using, objects=created_objects)
+    owner = relay.new_owner()
     empty: frozenset[str] = frozenset()
 
     def write(batch: list[M]) -> tuple[list[Any], list[int]]:
@@ -311,12 +314,12 @@ def safe_bulk_create(
             created = model._base_manager.using(using).bulk_create(batch)
         created_objects.extend(created)
         pks = [obj.pk for obj in created]
-        return pks, [_log(model, "create", pks, None, replay, using)]
+        return pks, _log(model, "create", pks, None, replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_create.send(sender=model, pks=pks, fields=empty, using=using)
 
-    _run_batches(result, objs, batch_size, replay, write, committed)
+    _run_batches(result, objs, batch_size, replay, owner, write, committed)
     return result
 
 
@@ -348,6 +351,7 @@ def safe_bulk_update_objects(
     names = _check_fields(name, model, dict.fromkeys(fields))
     frozen = frozenset(names)
     result = BulkResult(model, using)
+    owner = relay.new_owner()
 
     def write(batch: list[models.Model]) -> tuple[list[Any], list[int]]:
         pks = [obj.pk for obj in batch]
@@ -355,12 +359,12 @@ def safe_bulk_update_objects(
             signals.pre_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
         with capture.pause(using, model):
             model._base_manager.using(using).bulk_update(batch, names)
-        return pks, [_log(model, "update", pks, sorted(names), replay, using)]
+        return pks, _log(model, "update", pks, sorted(names), replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
 
-    _run_batches(result, objs, batch_size, replay, write, committed)
+    _run_batches(result, objs, batch_size, replay, owner, write, committed)
     return result
 
 
@@ -387,6 +391,7 @@ def _run_chunks(
     chunk_size: int | None,
     atomic: bool,
     replay: str,
+    owner: str,
     write: Callable[[list[Any]], tuple[list[Any], list[int]]],
     committed: Callable[[list[Any]], None],
     lock: bool,
@@ -414,7 +419,7 @@ def _run_chunks(
                 if not pks:
                     break
                 written, batch_ids = write(pks)
-                _after_commit(result, written, batch_ids, replay, committed)
+                _after_commit(result, written, batch_ids, replay, owner, committed)
                 run.committing(written, batch_ids, pks[-1])
             run.committed()
             sizer.record(len(pks), time.perf_counter() - started)
@@ -428,6 +433,7 @@ def _run_batches(
     objs: list[Any],
     batch_size: int | None,
     replay: str,
+    owner: str,
     write: Callable[[list[Any]], tuple[list[Any], list[int]]],
     committed: Callable[[list[Any]], None],
 ) -> None:
@@ -445,7 +451,7 @@ def _run_batches(
             started = time.perf_counter()
             with transaction.atomic(using=result.using):
                 written, batch_ids = write(batch)
-                _after_commit(result, written, batch_ids, replay, committed)
+                _after_commit(result, written, batch_ids, replay, owner, committed)
                 run.committing(written, batch_ids, None)
             run.committed()
             sizer.record(len(batch), time.perf_counter() - started)
@@ -543,15 +549,19 @@ def _after_commit(
     written: list[Any],
     batch_ids: list[int],
     replay: str,
+    owner: str,
     committed: Callable[[list[Any]], None],
 ) -> None:
-    """Arrange a written chunk's delivery once it commits."""
+    """Arrange a written chunk's delivery once it commits.
+
+    With ``replay="sync"`` its rows were written claimed by ``owner``: this
+    process delivers those it still holds, renewing their leases meanwhile.
+    """
     using = result.using
 
     def deliver() -> None:
         if replay == "sync":
-            batches = list(ChangeBatch.objects.using(using).filter(id__in=batch_ids))
-            relay.deliver(batches, using)
+            relay.deliver_held(batch_ids, using, owner)
         if written:
             committed(written)
 
@@ -595,41 +605,48 @@ def _log(
     fields: list[str] | None,
     replay: str,
     using: str,
+    owner: str,
     snapshot: dict[str, Any] | None = None,
     wants_replay: bool = True,
-) -> int:
-    """Write a change-log row in the current transaction; returns its id.
+) -> list[int]:
+    """Write the change-log row(s) of ``pks`` in the current transaction; returns their ids.
+
+    One row per ``RELAY_MAX_PKS`` pks (and their snapshot's rows, in the same order):
+    a relay delivers such a row whole, replays and all, so it must fit what a relay
+    holds at once.
 
     With ``replay="sync"`` the caller delivers the row itself after the commit:
-    it is written claimed by the caller, so relays leave it alone unless the
-    caller dies first (its lease runs out).
+    it is written claimed by ``owner`` (the call's own), so relays leave it alone
+    unless its lease runs out first (the caller died; or its transaction outlasted
+    the lease, and a relay took the row at the commit: then only that relay delivers).
     """
     to_python = model._meta.pk.to_python
     values = [to_python(pk) for pk in pks]
     label = model._meta.label_lower
     mine = replay == "sync"
     now = timezone.now()
-    batch = ChangeBatch.objects.using(using).create(
-        model=label,
-        action=action,
-        pks=values,
-        rows=len(pks),
-        fields=fields,
-        replay=wants_replay and replay != "none",
-        snapshot=snapshot,
-        state=ChangeBatch.State.CLAIMED if mine else ChangeBatch.State.PENDING,
-        claimed_by=_CALLER if mine else "",
-        claimed_at=now if mine else None,
-        lease_until=now + timedelta(seconds=float(settings.RELAY_LEASE)) if mine else None,
-        attempts=1 if mine else 0,
-    )
+    ids = []
+    for piece in pieces(len(values)):
+        kept = None if snapshot is None else {**snapshot, "rows": snapshot["rows"][piece]}
+        batch = ChangeBatch.objects.using(using).create(
+            model=label,
+            action=action,
+            pks=values[piece],
+            rows=len(values[piece]),
+            fields=fields,
+            replay=wants_replay and replay != "none",
+            snapshot=kept,
+            state=ChangeBatch.State.CLAIMED if mine else ChangeBatch.State.PENDING,
+            claimed_by=owner if mine else "",
+            claimed_at=now if mine else None,
+            lease_until=now + timedelta(seconds=float(settings.RELAY_LEASE)) if mine else None,
+            attempts=1 if mine else 0,
+        )
+        ids.append(batch.pk)
     if not mine:
         capture.notify(using)
     buffer.note(buffer.keys_for(label, values), using)
-    return batch.pk
-
-
-_CALLER = "safe_bulk (replay=sync)"
+    return ids
 
 
 class _Collector(Collector):
@@ -648,7 +665,7 @@ class _Collector(Collector):
 
 
 def _delete_collected(
-    collector: _Collector, model: type[models.Model], replay: str, using: str
+    collector: _Collector, model: type[models.Model], replay: str, using: str, owner: str
 ) -> tuple[list[Any], list[int]]:
     """Delete what ``collector`` gathered, in Django's order, logging every registered row."""
     batch_ids = []
@@ -664,8 +681,9 @@ def _delete_collected(
             pks = list(rows.values_list("pk", flat=True))
             if not pks:  # nothing refers to the chunk's rows: nothing to log
                 continue
-            log_id = _log(related, "update", pks, [target.name], replay, using, wants_replay=False)
-            batch_ids.append(log_id)
+            batch_ids += _log(
+                related, "update", pks, [target.name], replay, using, owner, wants_replay=False
+            )
         rows.update(**{target.name: value})
     collector.sort()
     deleted: list[Any] = []
@@ -674,17 +692,16 @@ def _delete_collected(
         pks = [obj.pk for obj in ordered]
         listened = post_delete.has_listeners(victim)
         if registry.is_registered(victim) or listened:
-            batch_ids.append(
-                _log(
-                    victim,
-                    "delete",
-                    pks,
-                    None,
-                    replay,
-                    using,
-                    snapshot=take_snapshot(victim, ordered),
-                    wants_replay=listened,
-                )
+            batch_ids += _log(
+                victim,
+                "delete",
+                pks,
+                None,
+                replay,
+                using,
+                owner,
+                snapshot=take_snapshot(victim, ordered),
+                wants_replay=listened,
             )
         sql.DeleteQuery(victim).delete_batch(pks, using)
         if victim is model:

@@ -509,8 +509,10 @@ def forget(model: type[models.Model], pks: Iterable[str], pipe: store.Pipeline) 
     label = model._meta.label_lower
     pks = list(pks)
     if pks:
-        pipe.delete(*(store.token_key(label, pk) for pk in pks))
-        pipe.delete(*(instance_key(label, pk) for pk in pks))
+        # The keys' common beginnings built once: a relay deletes millions of them.
+        tokens, entries = store.token_key(label, ""), instance_key(label, "")
+        pipe.delete(*[tokens + pk for pk in pks])
+        pipe.delete(*[entries + pk for pk in pks])
     pipe.delete(store.generation_key(label))
     return len(pks)
 

@@ -92,6 +92,7 @@ def _check_numbers() -> list[checks.CheckMessage]:
         "FLUSH_DELAY": (settings.FLUSH_DELAY, 0, "a number of seconds >= 0"),
         "FLUSH_BATCH_SIZE": (settings.FLUSH_BATCH_SIZE, 1, "a whole number >= 1"),
         "RELAY_BATCH": (settings.RELAY_BATCH, 1, "a whole number >= 1"),
+        "RELAY_MAX_PKS": (settings.RELAY_MAX_PKS, 1, "a whole number >= 1"),
         "RELAY_LEASE": (settings.RELAY_LEASE, 1, "a number of seconds >= 1"),
         "RELAY_POLL": (settings.RELAY_POLL, 0.01, "a number of seconds >= 0.01"),
         "LOG_RETENTION": (settings.LOG_RETENTION, 0, "a number of seconds >= 0"),

@@ -103,7 +103,8 @@ class Settings:
         "Celery queue ormbridge's tasks (resync, sweep) are sent to. Default: derived from "
         "``KEY_PREFIX``, ``ormbridge`` for the default prefix and ``ormbridge.<KEY_PREFIX>`` "
         "otherwise, so projects sharing a broker (with their own prefixes) never take each "
-        "other's tasks; a worker also refuses a task sent under another prefix. Run a worker "
+        "other's tasks; a worker also refuses a task sent under another prefix, or by another "
+        "site (another default database) under the same prefix. Run a worker "
         "with ``-Q <this queue>`` (plus your own queues).",
         derive=_default_queue,
     )
@@ -132,11 +133,21 @@ class Settings:
         500,
         "Change-log rows the relay claims at once (each may hold many rows' pks).",
     )
+    RELAY_MAX_PKS: _Setting[int] = _Setting(
+        50_000,
+        "Primary keys a relay holds at once, whatever a statement changed: a merged "
+        "delivery reads its change-log rows' pks in slices of at most this many (and "
+        "records how far each row got, so a relay taken over goes on from there), and "
+        "``safe_bulk_*`` and ``ormbridge_resync`` write change-log rows of at most this many "
+        "pks, so a row delivered whole (replays, deleted rows' values) is bounded too. "
+        "A worker's memory stays flat however large the statements.",
+    )
     RELAY_LEASE: _Setting[float] = _Setting(
         10.0,
-        "Seconds a relay's claim on change-log rows lasts unless renewed; a relay "
-        "renews its claims while it works, so rows of a killed relay are taken over "
-        "this long after it died.",
+        "Seconds a relay's claim on change-log rows lasts unless renewed; a relay (or a "
+        'caller delivering its own rows: ``replay="sync"``, ``ormbridge_resync --sync``) '
+        "renews its claims every third of it while it works, so rows of a killed relay are "
+        "taken over this long after it died, and a slow delivery never is.",
     )
     RELAY_POLL: _Setting[float] = _Setting(
         0.2,

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import base64
 
-from django.conf import settings
+from django.conf import settings as django_settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, router
 from django.utils import timezone
 
+from ormbridge.conf import settings
+
 CHANNEL = "ormbridge"
 """The PostgreSQL ``NOTIFY`` channel on which a new change-log row wakes the relays."""
+
+
+def pieces(count: int) -> list[slice]:
+    """Slices cutting a list of ``count`` pks into change-log rows of at most ``RELAY_MAX_PKS``.
+
+    For the writers whose rows are delivered whole (replays, deleted rows' values):
+    each row then fits what a relay holds at once. One empty slice when ``count`` is 0.
+    """
+    size = max(1, int(settings.RELAY_MAX_PKS))
+    return [slice(start, start + size) for start in range(0, count, size)] or [slice(0, 0)]
 
 
 class SnapshotEncoder(DjangoJSONEncoder):
@@ -77,6 +89,12 @@ class ChangeBatch(models.Model):
         null=True,
         blank=True,
         help_text="When its rows were invalidated and their events emitted; a retry only replays.",
+    )
+    pks_flushed = models.PositiveBigIntegerField(
+        null=True,
+        blank=True,
+        help_text="How many of pks, from the first, a merged delivery in slices has "
+        "invalidated and emitted: a relay taking the row over goes on from there.",
     )
     retry_pks = models.JSONField(
         null=True,
@@ -203,7 +221,11 @@ class ResyncJob(models.Model):
 def log_databases() -> list[str]:
     """Aliases of the databases holding a change log: those the router lets ormbridge's
     tables into (the capture triggers of a database write to its own log)."""
-    return [using for using in settings.DATABASES if router.allow_migrate_model(using, ChangeBatch)]
+    return [
+        using
+        for using in django_settings.DATABASES
+        if router.allow_migrate_model(using, ChangeBatch)
+    ]
 
 
 class CapturePause(models.Model):

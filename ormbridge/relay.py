@@ -5,8 +5,12 @@ It runs inside every Celery worker process of the project (see
 relays share the work: each claims up to ``RELAY_BATCH`` rows at a time with
 ``SELECT … FOR UPDATE SKIP LOCKED`` and a lease of ``RELAY_LEASE`` seconds,
 which it renews while it works. A killed relay's rows are taken over when
-their lease runs out. On PostgreSQL the capture triggers' ``NOTIFY`` wakes it
-within milliseconds; elsewhere it looks every ``RELAY_POLL`` seconds.
+their lease runs out; every write of a row's state is conditional on still
+holding it, so a relay that lost its lease (paused past it) records nothing.
+Callers delivering their own rows (``replay="sync"``, ``ormbridge_resync
+--sync``) hold and renew them the same way (:func:`deliver_held`). On
+PostgreSQL the capture triggers' ``NOTIFY`` wakes it within milliseconds;
+elsewhere it looks every ``RELAY_POLL`` seconds.
 
 Delivering a claim: rows of the same model and action are merged and flushed
 together (tokens and cache entries deleted, one event per batch and
@@ -22,6 +26,7 @@ it failed at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -29,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -45,7 +50,7 @@ from django.db import (
     router,
     transaction,
 )
-from django.db.models import DateTimeField, F, Q, Value
+from django.db.models import BooleanField, Case, DateTimeField, ExpressionWrapper, F, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -57,6 +62,8 @@ from ormbridge.models import log_databases as log_databases  # for the layers ab
 logger = logging.getLogger("ormbridge")
 
 PRUNE_CHUNK = 10_000
+BIG_ROWS = 4
+"""Change-log rows holding many pks that a merged delivery reads in step (see ``_steps``)."""
 ERRORS_KEPT = 100
 """Receiver errors kept per change-log row (every failed row is retried all the same)."""
 
@@ -139,7 +146,35 @@ def claim(using: str, owner: str, limit: int | None = None) -> list[ChangeBatch]
             lease_until=now + timedelta(seconds=float(settings.RELAY_LEASE)),
             attempts=F("attempts") + 1,
         )
-    return list(log.filter(id__in=ids, claimed_by=owner).order_by("id"))
+    return list(_light(log.filter(id__in=ids, claimed_by=owner)).order_by("id"))
+
+
+def _light(rows: models.QuerySet[ChangeBatch]) -> models.QuerySet[ChangeBatch]:
+    """``rows`` without their pk lists and snapshots, which may be huge (a statement's every
+    row): a delivery reads them slice by slice (:func:`_slices`), or one row's at a time.
+    Annotated with whether each row holds pks at all, and a snapshot."""
+    return rows.defer("pks", "snapshot").annotate(
+        every_row=ExpressionWrapper(Q(pks__isnull=True), output_field=BooleanField()),
+        has_snapshot=ExpressionWrapper(Q(snapshot__isnull=False), output_field=BooleanField()),
+    )
+
+
+def _kind(batch: ChangeBatch) -> tuple[bool, bool]:
+    """Whether ``batch`` stands for every row (no pks), and whether it keeps a snapshot,
+    without loading either when :func:`_light` left them out."""
+    annotated: Any = batch  # the annotations are not fields: unknown to the model's type
+    if hasattr(annotated, "every_row"):
+        return bool(annotated.every_row), bool(annotated.has_snapshot)
+    return batch.pks is None, bool(batch.snapshot)
+
+
+def _contents(using: str, batch: ChangeBatch) -> tuple[Any, Any]:
+    """``batch``'s pks and snapshot, read for this delivery only (never kept on the instance,
+    which the claim's list holds until its last row is delivered)."""
+    if "pks" not in batch.get_deferred_fields():
+        return batch.pks, batch.snapshot
+    found = ChangeBatch.objects.using(using).filter(pk=batch.pk).values_list("pks", "snapshot")
+    return found.get()
 
 
 def renew(using: str, owner: str, ids: Iterable[int]) -> int:
@@ -152,28 +187,195 @@ def renew(using: str, owner: str, ids: Iterable[int]) -> int:
     )
 
 
+class Heartbeat:
+    """A thread renewing the leases of the rows ``owner`` is delivering, every third of
+    ``RELAY_LEASE``, so that a delivery however long is never taken over while its
+    process lives. ``holding`` (per database alias) says which rows; a row taken over
+    meanwhile is not renewed (see :func:`renew`)."""
+
+    def __init__(self, owner: str, holding: dict[str, set[int]] | None = None) -> None:
+        self.owner = owner
+        self.holding: dict[str, set[int]] = {} if holding is None else holding
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="ormbridge-lease", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def __enter__(self) -> Heartbeat:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping.wait(float(settings.RELAY_LEASE) / 3):
+                try:
+                    for using, ids in list(self.holding.items()):
+                        if ids:
+                            renew(using, self.owner, ids)
+                except Exception as exc:
+                    logger.warning("ormbridge: the relay could not renew its leases: %s", exc)
+        finally:
+            connections.close_all()  # this thread's own connections
+
+
+def deliver_held(ids: Iterable[int], using: str, owner: str) -> DrainResult:
+    """Deliver the rows ``ids`` that ``owner`` holds, renewing their leases while it works.
+
+    For the callers that deliver their own rows (``replay="sync"``, ``ormbridge_resync
+    --sync``): the rows were written, or taken, claimed by ``owner``. Their leases are
+    renewed first, so one that ran out before they could be delivered (a long
+    transaction) is kept only if no relay has taken it meanwhile; a row a relay took
+    is left to it.
+    """
+    wanted = list(ids)
+    renew(using, owner, wanted)
+    held = ChangeBatch.objects.using(using).filter(
+        id__in=wanted, state=ChangeBatch.State.CLAIMED, claimed_by=owner
+    )
+    batches = list(_light(held).order_by("id"))
+    if not batches:
+        return DrainResult()
+    if connections[using].in_atomic_block:
+        # Not committed yet (a test's transaction running its on_commit callbacks): no
+        # other process sees the rows, and a heartbeat's connection would wait on them.
+        return deliver(batches, using)
+    with Heartbeat(owner, {using: {batch.pk for batch in batches}}):
+        return deliver(batches, using)
+
+
 def deliver(batches: list[ChangeBatch], using: str) -> DrainResult:
-    """Deliver claimed rows: one merged flush per model and action; replays after their flush."""
+    """Deliver claimed rows: one merged flush per model and action; replays after their flush.
+
+    A merged flush reads its rows' pks in slices of at most ``RELAY_MAX_PKS``
+    (:func:`_deliver_merged`), so memory stays flat however many pks the rows hold.
+    """
     result = DrainResult()
     merged: dict[tuple[str, str, tuple[str, ...] | None], list[ChangeBatch]] = defaultdict(list)
     for batch in batches:
-        if batch.replay or batch.snapshot or batch.pks is None or batch.flushed_at is not None:
+        every_row, has_snapshot = _kind(batch)
+        if batch.replay or has_snapshot or every_row or batch.flushed_at is not None:
             _deliver_alone(batch, using, result)
         else:
             fields = None if batch.fields is None else tuple(sorted(batch.fields))
             merged[(batch.model, batch.action, fields)].append(batch)
     for (label, action, fields), group in merged.items():
-        try:
-            model = apps.get_model(label)
-            # Batches with pks=None were delivered alone above; mypy cannot see it.
-            pks = _unique(model, (pk for batch in group for pk in batch.pks))  # type: ignore[union-attr]
-            if registry.is_registered(model):
-                result.flush.add(flush.flush(model, action, pks, _list(fields)))
-        except Exception as exc:
-            _retry_later(group, using, result, _describe(exc), exc)
-        else:
-            _done(group, using, result)
+        _deliver_merged(label, action, _list(fields), group, using, result)
     return result
+
+
+def _deliver_merged(
+    label: str,
+    action: str,
+    fields: list[str] | None,
+    group: list[ChangeBatch],
+    using: str,
+    result: DrainResult,
+) -> None:
+    """Flush the pks of ``group`` (rows of one model, action and fields), a step at a time.
+
+    Each step reads a slice of every row's pks, in step (the rows of several
+    statements over the same rows, in the same order, then share their
+    invalidations), at most ``RELAY_MAX_PKS`` in all, and records how far each
+    row got (``pks_flushed``): a relay killed, or failing, half-way is followed
+    by one that goes on from there.
+    """
+    try:
+        model = apps.get_model(label)
+        for pks, reached in _steps(using, group):
+            if registry.is_registered(model):
+                result.flush.add(flush.flush(model, action, _unique(model, pks), fields))
+            progress = Case(*(When(id=pk, then=Value(n)) for pk, n in reached.items()))
+            touched = [batch for batch in group if batch.pk in reached]
+            if _held(using, touched).update(pks_flushed=progress) < len(touched):
+                _lost(touched)  # the rest is left to the rows' new holders
+                return
+    except Exception as exc:
+        _retry_later(group, using, result, _describe(exc), exc)
+    else:
+        _done(group, using, result)
+
+
+def _steps(using: str, group: list[ChangeBatch]) -> Iterator[tuple[list[Any], dict[int, int]]]:
+    """``(pks, {row id: pks flushed once these are})`` per step over ``group``'s pk lists.
+
+    Each step takes an equal share of ``RELAY_MAX_PKS`` (at least one pk each)
+    from the rows not yet through, from where each row's last delivery stopped:
+    every small row, and the oldest ``BIG_ROWS`` of the rows holding more than a
+    ``BIG_ROWS``-th of the cap. Each step reads each of its rows' lists again (the
+    database cuts the slices), so taking every big row at once would cost reads
+    growing with the square of their number.
+    """
+    cap = max(1, int(settings.RELAY_MAX_PKS))
+    lengths = _lengths(using, [batch.pk for batch in group])
+    done = {batch.pk: min(batch.pks_flushed or 0, lengths.get(batch.pk, 0)) for batch in group}
+    while True:
+        left = {pk: lengths.get(pk, 0) - done[pk] for pk in sorted(done)}
+        big = [pk for pk, n in left.items() if n > cap // BIG_ROWS][:BIG_ROWS]
+        small = [pk for pk, n in left.items() if 0 < n <= cap // BIG_ROWS]
+        open_rows = sorted(big + small)[:cap]
+        if not open_rows:
+            return
+        share = max(1, cap // len(open_rows))
+        segments = [(pk, done[pk], min(lengths[pk], done[pk] + share)) for pk in open_rows]
+        pks = _slices(using, segments)
+        reached = {pk: stop for pk, _, stop in segments}
+        yield pks, reached
+        done.update(reached)
+
+
+def _lengths(using: str, ids: list[int]) -> dict[int, int]:
+    """The length of each row's pk list, as the database counts it."""
+    function = (
+        "jsonb_array_length" if connections[using].vendor == "postgresql" else ("json_array_length")
+    )
+    table = ChangeBatch._meta.db_table
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"SELECT id, {function}(pks) FROM {table} WHERE pks IS NOT NULL AND id IN "
+            f"({', '.join(['%s'] * len(ids))})",
+            ids,
+        )
+        return {pk: length or 0 for pk, length in cursor.fetchall()}
+
+
+def _slices(using: str, segments: list[tuple[int, int, int]]) -> list[Any]:
+    """The pks at positions ``[start, stop)`` of each row ``(id, start, stop)``: one query,
+    cut by the database (PostgreSQL: a JSON path slice, SQLite: ``json_each``), so no
+    row's whole list is ever read here."""
+    connection = connections[using]
+    table = ChangeBatch._meta.db_table
+    values = ", ".join(["(%s, %s, %s)"] * len(segments))
+    if connection.vendor == "postgresql":
+        part = (
+            "jsonb_path_query_array(b.pks, ('$[' || s.start || ' to ' || (s.stop - 1) || ']')"
+            "::jsonpath)"
+        )
+    else:
+        part = (
+            "(SELECT json_group_array(e.value) FROM json_each(b.pks) AS e "
+            "WHERE e.key >= s.start AND e.key < s.stop)"
+        )
+    sql = (
+        f"WITH s (id, start, stop) AS (VALUES {values}) "
+        f"SELECT {part} FROM {table} AS b JOIN s ON b.id = s.id"
+    )
+    params = [int(n) for segment in segments for n in segment]
+    pks: list[Any] = []
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for (part_pks,) in cursor.fetchall():
+            pks.extend(json.loads(part_pks) if isinstance(part_pks, str | bytes) else part_pks)
+    return pks
 
 
 def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
@@ -185,7 +387,8 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
     """
     try:
         model = apps.get_model(batch.model)
-        pks = None if batch.pks is None else _unique(model, batch.pks)
+        raw_pks, snapshot = _contents(using, batch)
+        pks = None if raw_pks is None else _unique(model, raw_pks)
     except Exception as exc:
         _retry_later([batch], using, result, _describe(exc), exc)
         return
@@ -193,20 +396,21 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
     if batch.flushed_at is None:
         try:
             if registry.is_registered(model):
-                rows = (
-                    list(replay.rebuild(model, batch.snapshot, using)) if batch.snapshot else None
-                )
+                rows = list(replay.rebuild(model, snapshot, using)) if snapshot else None
                 result.flush.add(flush.flush(model, batch.action, pks, batch.fields, rows))
             batch.flushed_at = timezone.now()
-            if batch.replay:  # so that a relay dying in the replays does not flush again
-                _log(using, batch).update(flushed_at=batch.flushed_at)
+            # So that a relay dying in the replays does not flush again; and a relay
+            # that lost its lease (paused past it) stops here: the new holder replays.
+            if batch.replay and not _held(using, [batch]).update(flushed_at=batch.flushed_at):
+                _lost([batch])
+                return
         except Exception as exc:
             problem = exc
     retry_pks = batch.retry_pks
     errors: list[replay.ReceiverError] = []
     if batch.replay:
         try:
-            replayed = _replay(batch, model, pks, using)
+            replayed = _replay(batch, model, pks, snapshot, using)
         except Exception as exc:  # not a receiver: the rows are replayed again
             problem = problem or exc
         else:
@@ -214,7 +418,6 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
     if problem is None and not errors:
         _done([batch], using, result)
         return
-    snapshot = batch.snapshot
     if snapshot and batch.flushed_at is not None and retry_pks is not None:
         snapshot = replay.keep_rows(model, snapshot, retry_pks)  # only what a retry needs
     error = _describe(problem) if problem is not None else _summary(errors)
@@ -232,11 +435,15 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
 
 
 def _replay(
-    batch: ChangeBatch, model: type[models.Model], pks: list[Any] | None, using: str
+    batch: ChangeBatch,
+    model: type[models.Model],
+    pks: list[Any] | None,
+    snapshot: dict[str, Any] | None,
+    using: str,
 ) -> replay.Replayed:
     """Replay the rows of ``batch`` still to replay: all of them, or those that failed last."""
     if batch.action == ChangeBatch.Action.DELETE:
-        snapshot = batch.snapshot or {"fields": [], "rows": []}
+        snapshot = snapshot or {"fields": [], "rows": []}
         if batch.retry_pks is not None:
             snapshot = replay.keep_rows(model, snapshot, batch.retry_pks)
         return replay.replay_deletes(model, snapshot, using)
@@ -248,28 +455,58 @@ def _replay(
 
 
 def _unique(model: type[models.Model], pks: Any) -> list[Any]:
+    """``pks`` as the model's pk values, each once, sorted (by type first if they are mixed)."""
     to_python = model._meta.pk.to_python
-    return sorted({to_python(pk) for pk in pks}, key=lambda pk: (str(type(pk)), pk))
+    values = {to_python(pk) for pk in pks}
+    try:
+        return sorted(values)  # one type, as a pk column's values are: no key to compute
+    except TypeError:
+        return sorted(values, key=lambda pk: (str(type(pk)), pk))
 
 
 def _list(fields: tuple[str, ...] | None) -> list[str] | None:
     return None if fields is None else list(fields)
 
 
-def _log(using: str, *batches: ChangeBatch) -> models.QuerySet[ChangeBatch]:
-    return ChangeBatch.objects.using(using).filter(id__in=[batch.pk for batch in batches])
+def _held(using: str, batches: list[ChangeBatch]) -> models.QuerySet[ChangeBatch]:
+    """The rows of ``batches`` still held by the relay (or caller) that claimed them.
+
+    Every write of a row's state goes through this: a delivery whose lease was taken
+    over (its process paused past ``RELAY_LEASE``, its heartbeat stalled) writes
+    nothing, and the row's new holder alone decides its outcome.
+    """
+    by_owner: dict[str, list[int]] = defaultdict(list)
+    for batch in batches:
+        by_owner[batch.claimed_by].append(batch.pk)
+    held = Q(pk__in=[])
+    for owner, ids in by_owner.items():
+        held |= Q(id__in=ids, claimed_by=owner)
+    return ChangeBatch.objects.using(using).filter(held, state=ChangeBatch.State.CLAIMED)
 
 
-def _record(using: str, batches: list[ChangeBatch], **values: Any) -> None:
-    """Write the outcome of delivering ``batches``; on a fresh connection if theirs died.
+def _lost(batches: list[ChangeBatch]) -> None:
+    """Say that ``batches``' delivery here lost its lease: its outcome is not written."""
+    logger.warning(
+        "ormbridge: %s lost its lease on change-log rows %s (taken over after it ran out: "
+        "the process paused, or its heartbeat stalled, for longer than RELAY_LEASE); "
+        "their new holder delivers them, nothing of this delivery is recorded",
+        batches[0].claimed_by,
+        [batch.pk for batch in batches],
+    )
+
+
+def _record(using: str, batches: list[ChangeBatch], **values: Any) -> int:
+    """Write the outcome of delivering ``batches``, for the rows still held; on a fresh
+    connection if theirs died. Returns how many rows it was written for.
 
     The connection may die under a delivery (a killed backend, a failover, a
     receiver's query cut off): the outcome is written all the same, so a
     failure is recorded and retried after its backoff, and a finished delivery
     is not redone, rather than the rows waiting for their lease to run out.
+    A row whose lease was taken over meanwhile is left to its new holder.
     """
     try:
-        _log(using, *batches).update(**values)
+        written = _held(using, batches).update(**values)
     except (OperationalError, InterfaceError) as exc:
         connection = connections[using]
         if connection.in_atomic_block or (
@@ -283,14 +520,17 @@ def _record(using: str, batches: list[ChangeBatch], **values: Any) -> None:
             [batch.pk for batch in batches],
         )
         connection.close()
-        _log(using, *batches).update(**values)
+        written = _held(using, batches).update(**values)
+    if written < len(batches):
+        _lost(batches)
+    return written
 
 
 def _done(batches: list[ChangeBatch], using: str, result: DrainResult) -> None:
     now = timezone.now()
     # A snapshot is only needed until its rows' post_delete replays ran: deleted
     # rows' values are not kept once delivered.
-    _record(
+    written = _record(
         using,
         batches,
         state=ChangeBatch.State.DONE,
@@ -303,7 +543,9 @@ def _done(batches: list[ChangeBatch], using: str, result: DrainResult) -> None:
         last_error="",
         snapshot=None,
     )
-    result.batches += len(batches)
+    if not written:
+        return
+    result.batches += written
     result.rows += sum(batch.rows for batch in batches)
     for job_id in {batch.job_id for batch in batches if batch.job_id is not None}:
         ResyncJob.finish_if_complete(job_id)
@@ -335,6 +577,18 @@ def _retry_later(
     for attempts, group in by_attempts.items():
         spent = attempts >= settings.MAX_ATTEMPTS
         delay = backoff(attempts)
+        written = _record(
+            using,
+            group,
+            state=ChangeBatch.State.FAILED if spent else ChangeBatch.State.PENDING,
+            finished_at=now if spent else None,
+            retry_at=None if spent else now + timedelta(seconds=delay),
+            lease_until=None,
+            last_error=error[:2000],
+            **progress,
+        )
+        if not written:
+            continue  # taken over: the new holder's delivery decides (and logs)
         logger.log(
             logging.ERROR if spent else logging.WARNING,
             "ormbridge: delivering change-log rows %s failed (attempt %d of %d); %s: %s",
@@ -345,17 +599,7 @@ def _retry_later(
             error,
             exc_info=exc is not None and not isinstance(exc, flush.EmitFailed),
         )
-        _record(
-            using,
-            group,
-            state=ChangeBatch.State.FAILED if spent else ChangeBatch.State.PENDING,
-            finished_at=now if spent else None,
-            retry_at=None if spent else now + timedelta(seconds=delay),
-            lease_until=None,
-            last_error=error[:2000],
-            **progress,
-        )
-    result.failed += len(batches)
+        result.failed += written
 
 
 def _describe(exc: BaseException) -> str:
@@ -465,7 +709,7 @@ class Relay:
             self.thread.join(timeout)
 
     def run(self) -> None:
-        heartbeat = threading.Thread(target=self._heartbeat, name="ormbridge-lease", daemon=True)
+        heartbeat = Heartbeat(self.owner, self.holding)
         heartbeat.start()
         try:
             while not self.stopping.is_set():
@@ -483,18 +727,9 @@ class Relay:
                 if idle and self._wait(float(settings.RELAY_POLL)):
                     time.sleep(float(settings.FLUSH_DELAY))
         finally:
+            heartbeat.stop()
             self._close_listener()
             connections.close_all()
-
-    def _heartbeat(self) -> None:
-        while not self.stopping.wait(float(settings.RELAY_LEASE) / 3):
-            try:
-                for using, ids in list(self.holding.items()):
-                    if ids:
-                        renew(using, self.owner, ids)
-            except Exception as exc:
-                logger.warning("ormbridge: the relay could not renew its leases: %s", exc)
-        connections.close_all()
 
     def _wait(self, timeout: float) -> bool:
         """Wait for a NOTIFY (PostgreSQL) or ``timeout``; True if woken by a change."""

@@ -17,6 +17,7 @@ choice for reads, which may be a replica that lags.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +39,7 @@ from django.utils import timezone
 
 from ormbridge import capture, registry, relay
 from ormbridge.conf import settings
+from ormbridge.models import pieces
 
 if TYPE_CHECKING:
     from django.db.models.options import Options
@@ -51,6 +53,8 @@ TEXT_LOOKUPS = {
 LIST_LOOKUPS = {"in", "range"}
 PATTERN_LOOKUPS = {"regex", "iregex"}
 DEFAULT_CHUNK = 5000
+
+logger = logging.getLogger("ormbridge")
 
 
 class ResyncError(ValueError):
@@ -341,6 +345,26 @@ def get_job(job_id: int) -> ResyncJob:
     return job
 
 
+def resume(job_id: int) -> bool:
+    """Continue job ``job_id`` (the admin's retry, on a worker); returns whether it ran.
+
+    A job that finished, or was deleted, while its task waited in the queue (the
+    admin's retry clicked twice, the workers delivering its last chunk meanwhile)
+    is nothing to do: said in one line, not raised.
+    """
+    from ormbridge.models import ResyncJob
+
+    job = ResyncJob.objects.using(ResyncJob.database()).filter(pk=job_id).first()
+    if job is None:
+        logger.warning("ormbridge: there is no resync job %s; nothing to resume.", job_id)
+        return False
+    if job.state == ResyncJob.State.DONE:
+        logger.info("ormbridge: resync job %s is already done; nothing to resume.", job_id)
+        return False
+    run(job)
+    return True
+
+
 def selection_of(job: ResyncJob) -> Selection:
     return Selection(
         models=tuple(registry.get_model(label) for label in job.labels),
@@ -393,13 +417,14 @@ def run(job: ResyncJob, *, sync: bool | None = None, on_progress: OnProgress | N
                 with transaction.atomic(using=using):
                     page = queryset if last is None else queryset.filter(pk__gt=last)
                     pks = list(page.values_list("pk", flat=True)[: job.chunk_size])
-                    batch = None
-                    if pks:
-                        batch = ChangeBatch.objects.using(using).create(
+                    # A chunk is one change-log row, or several when it holds more pks
+                    # than a relay holds at once (RELAY_MAX_PKS): each is delivered whole.
+                    batches = [
+                        ChangeBatch.objects.using(using).create(
                             model=label,
                             action=action,
-                            pks=pks,
-                            rows=len(pks),
+                            pks=pks[piece],
+                            rows=len(pks[piece]),
                             replay=job.mode == ResyncJob.Mode.REPLAY,
                             job_id=job.pk,
                             # A sync job's chunk is its own: no relay takes it meanwhile.
@@ -407,15 +432,18 @@ def run(job: ResyncJob, *, sync: bool | None = None, on_progress: OnProgress | N
                             claimed_by=owner if sync else "",
                             lease_until=_lease() if sync else None,
                         )
+                        for piece in (pieces(len(pks)) if pks else [])
+                    ]
+                    if pks:
                         last = pks[-1]
-                        if not sync:
-                            capture.notify(using)
+                    if batches and not sync:
+                        capture.notify(using)
                 state = {"last_pk": last, "planned": len(pks) < job.chunk_size}
                 job.progress[label] = state
                 job.rows_planned += len(pks)
                 job.save(using=job_db, update_fields=["progress", "rows_planned"])
-            if batch is not None:
-                if sync:
+            if batches:
+                for batch in batches if sync else []:
                     _deliver_here(using, batch.pk, owner)
                 _tell(on_progress, job)
     job.planned = True
@@ -462,19 +490,35 @@ def _lease() -> Any:
 
 
 def _deliver_here(using: str, batch_id: int, owner: str) -> None:
-    """Deliver one chunk of the log of ``using`` in this process, holding it against the
-    relays meanwhile."""
+    """Deliver one chunk of the log of ``using`` in this process, holding its lease
+    (renewed) meanwhile.
+
+    A chunk another process holds under a lease still running (a relay
+    delivering it, a command still at work) is left to that process: this waits
+    until it is done, or until its lease runs out and the chunk can be taken.
+    """
     from ormbridge.models import ChangeBatch
 
-    log = ChangeBatch.objects.using(using)
-    log.filter(id=batch_id).update(
-        state=ChangeBatch.State.CLAIMED, claimed_by=owner, lease_until=_lease()
-    )
-    batches = list(log.filter(id=batch_id))
-    result = relay.deliver(batches, using)
-    if result.failed:
-        error = log.filter(id=batch_id).values_list("last_error", flat=True)
-        raise ResyncError(f"chunk {batch_id} could not be delivered: {error.first()}")
+    chunk = ChangeBatch.objects.using(using).filter(id=batch_id)
+    while True:
+        now = timezone.now()
+        free = Q(state__in=[ChangeBatch.State.PENDING, ChangeBatch.State.FAILED]) | Q(
+            Q(claimed_by=owner) | Q(lease_until__lt=now), state=ChangeBatch.State.CLAIMED
+        )
+        taken = chunk.filter(free).update(
+            state=ChangeBatch.State.CLAIMED, claimed_by=owner, claimed_at=now, lease_until=_lease()
+        )
+        if taken:
+            result = relay.deliver_held([batch_id], using, owner)
+            if result.failed:
+                error = chunk.values_list("last_error", flat=True).first()
+                raise ResyncError(f"chunk {batch_id} could not be delivered: {error}")
+            if result.batches:
+                return
+            # its lease was taken over meanwhile (this process paused past it)
+        if chunk.values_list("state", flat=True).first() in (None, ChangeBatch.State.DONE):
+            return
+        time.sleep(float(settings.RELAY_POLL))
 
 
 def rows_done(job: ResyncJob) -> int:

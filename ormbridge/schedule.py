@@ -1,8 +1,8 @@
 """ormbridge's periodic tasks, for django-celery-beat or ``CELERY_BEAT_SCHEDULE``.
 
-Each entry sends its task to ``QUEUE`` with this project's ``KEY_PREFIX`` in its
-keyword arguments, as :func:`ormbridge.tasks.enqueue` does: workers refuse a task
-without it.
+Each entry sends its task to ``QUEUE`` with this project's ``KEY_PREFIX`` and site
+identity in its keyword arguments, as :func:`ormbridge.tasks.enqueue` does: workers
+refuse a task without them.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from ormbridge.conf import settings
+from ormbridge.tasks import message_kwargs
 
 # task name -> name of its PeriodicTask row
 PERIODIC_TASKS = {
@@ -30,7 +31,7 @@ def beat_schedule() -> dict[str, dict[str, Any]]:
         task: {
             "task": task,
             "schedule": float(settings.SWEEP_INTERVAL),
-            "kwargs": {"key_prefix": settings.KEY_PREFIX},
+            "kwargs": message_kwargs(),
             "options": {"queue": settings.QUEUE},
         }
         for task in PERIODIC_TASKS
@@ -60,7 +61,7 @@ def install() -> list[tuple[str, bool]]:
                 "clocked": None,
                 "queue": settings.QUEUE,
                 "args": "[]",
-                "kwargs": json.dumps({"key_prefix": settings.KEY_PREFIX}),
+                "kwargs": json.dumps(message_kwargs()),
                 "enabled": True,
                 "one_off": False,
             },

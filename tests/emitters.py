@@ -21,3 +21,26 @@ def recorded() -> list[dict]:
 
 def clear() -> None:
     store.get_redis().delete(events_key())
+
+
+def fail_at_key() -> str:
+    """``FailingEmitter``'s keys: ``fail-at`` (which of its calls raises), ``calls``."""
+    return store.key("test", "emit", "fail-at")
+
+
+def calls_key() -> str:
+    return store.key("test", "emit", "calls")
+
+
+class FailingEmitter(Emitter):
+    """Raises on its ``n``-th call once a test set ``fail_at_key()`` to ``n``; else does nothing.
+
+    An emitter failing half-way through a delivery (a push service down), for the
+    tests of what a retry delivers again.
+    """
+
+    def emit(self, events: list[Event]) -> None:
+        client = store.get_redis()
+        fail_at = client.get(fail_at_key())
+        if fail_at is not None and client.incr(calls_key()) == int(fail_at):
+            raise RuntimeError(f"FailingEmitter refuses its call {int(fail_at)}")

@@ -1,11 +1,14 @@
 """Two projects on one broker: each sends ormbridge's tasks to a queue of its own (derived
 from ``KEY_PREFIX``), and a worker refuses (logs, acks, counts) a task sent under another
-project's prefix."""
+project's prefix, or by another site (another database) under the same prefix."""
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from django.db import connection, connections
 from django.test import override_settings
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
@@ -14,7 +17,7 @@ from ormbridge import resync, schedule, store, tasks
 from ormbridge.conf import settings as ormbridge_settings
 from ormbridge.models import ChangeBatch, ResyncJob
 from tests.commands import run
-from tests.conftest import Worker, wait_until
+from tests.conftest import RUN_DIR, Worker, wait_until
 from tests.factories import make_products
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -96,6 +99,95 @@ def row_state(row: ChangeBatch) -> str:
     return ChangeBatch.objects.get(pk=row.pk).state
 
 
+@dataclass
+class Site:
+    """Another site: its own database (same server, same schema), same default KEY_PREFIX."""
+
+    name: str
+    alias: str
+
+    def pending_row(self) -> ChangeBatch:
+        return ChangeBatch.objects.using(self.alias).create(
+            model="shop.product", action="update", pks=[1], rows=1
+        )
+
+    def state(self, row: ChangeBatch) -> str:
+        return ChangeBatch.objects.using(self.alias).get(pk=row.pk).state
+
+
+@pytest.fixture
+def site_b() -> Iterator[Site]:
+    """Site B's database, migrated by a process of its own, dropped afterwards."""
+    default = connection.settings_dict
+    if connection.vendor == "postgresql":
+        name = f"{default['NAME']}_site_b"
+        with connection.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cursor.execute(f'CREATE DATABASE "{name}"')
+    else:
+        name = str(RUN_DIR / "site-b.sqlite3")
+        Path(name).unlink(missing_ok=True)
+    migrated = run("migrate", env={"ORMBRIDGE_TEST_DB_NAME": name})
+    assert migrated.returncode == 0, migrated.stderr
+    alias = "site_b"
+    connections[alias] = type(connections["default"])({**default, "NAME": name}, alias)
+    try:
+        yield Site(name, alias)
+    finally:
+        connections[alias].close()
+        del connections[alias]
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        else:
+            Path(name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("task", ["sweep", "resume_resync"])
+def test_a_task_of_another_site_with_the_same_prefix_is_refused(
+    no_relay, start_worker, broker, site_b, task
+):
+    """Issue 17, item 8: with both sites at the default KEY_PREFIX (and so on one queue),
+    B's worker ran A's sweep against B's database."""
+    worker_b = start_worker(
+        env={
+            "ORMBRIDGE_TEST_DB_NAME": site_b.name,
+            "ORMBRIDGE_TEST_SETTINGS": json.dumps({"RELAY": False}),
+        }
+    )
+    row = site_b.pending_row()  # a sweep run on B's database delivers it
+    job = ResyncJob.objects.using(site_b.alias).create(
+        labels=["shop.product"], chunk_size=10, state="interrupted"
+    )  # a resume run on B's database finishes it
+    if task == "sweep":
+        tasks.enqueue(tasks.sweep)  # site A's sweep, on the queue both sites consume
+    else:  # A's admin resumes A's job of the same id
+        tasks.enqueue(tasks.resume_resync, job.pk)
+
+    def b_touched() -> bool:
+        job_state = ResyncJob.objects.using(site_b.alias).get(pk=job.pk).state
+        return site_b.state(row) != "pending" or job_state != "interrupted"
+
+    name = f"ormbridge.{task}"
+    wait_until(lambda: refused(name) or b_touched(), 60, f"{name} to end")
+    assert not b_touched()  # the task did nothing on B's database
+    assert refused(name) == 1
+    assert broker.llen("ormbridge") == 0  # acknowledged, not left to be redelivered
+    log = worker_b.log_text()
+    assert f"refused {name}[" in log and "another site" in log, log
+
+
+def test_a_task_without_a_site_identity_is_refused(no_relay, start_worker, broker):
+    """A message of an older ormbridge or beat schedule: its prefix alone says too little."""
+    worker_a = a_worker(start_worker)
+    row = pending_row()
+    tasks.sweep.apply_async(kwargs={"key_prefix": "ormbridge"}, queue="ormbridge")
+    wait_until(lambda: refused("ormbridge.sweep") or row_state(row) == "done", 60, "the sweep")
+    assert row_state(row) == "pending"
+    assert refused("ormbridge.sweep") == 1
+    assert "manage.py ormbridge_schedule" in worker_a.log_text()
+
+
 def test_a_resync_resumed_under_another_prefix_is_refused(no_relay, settings):
     make_products(3)
     job = resync.start(resync.select(["shop.Product"]))
@@ -114,7 +206,7 @@ def test_the_status_shows_refused_tasks(no_relay):
 def test_the_beat_schedule_carries_the_key_prefix(settings):
     as_project_b(settings)
     [entry] = schedule.beat_schedule().values()
-    assert entry["kwargs"] == {"key_prefix": OTHER}
+    assert entry["kwargs"] == {"key_prefix": OTHER, "site": tasks.site_id()}
     assert entry["options"] == {"queue": B_QUEUE}
 
 
@@ -122,6 +214,6 @@ def test_the_installed_periodic_task_carries_the_key_prefix(settings):
     as_project_b(settings)
     schedule.install()
     [row] = PeriodicTask.objects.filter(task="ormbridge.sweep")
-    assert json.loads(row.kwargs) == {"key_prefix": OTHER}
+    assert json.loads(row.kwargs) == {"key_prefix": OTHER, "site": tasks.site_id()}
     assert row.queue == B_QUEUE
     assert row.date_changed <= timezone.now()

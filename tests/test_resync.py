@@ -6,7 +6,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from ormbridge import registry, relay, resync
+from ormbridge import registry, relay, resync, tasks
 from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch, ResyncJob
 from shop.models import Product
@@ -364,3 +364,32 @@ def test_a_model_whose_database_holds_no_change_log_is_refused(settings):
     assert "seconddb.Item's rows are in database 'other', which holds no change log" in str(
         refused.value
     )
+
+
+@pytest.mark.parametrize("finished", ["done", "deleted"])
+def test_resuming_a_finished_job_on_a_worker_is_a_no_op_said_in_one_line(worker, finished):
+    """Issue 17, item 12: the admin's retry of a job that finished (or was deleted) while its
+    task waited in the queue logged an ERROR with a traceback (``ResyncError``)."""
+    make_products(5)
+    job = resync.start(resync.select(["shop.Product"]))
+    resync.run(job)
+    resync.wait(job, poll=0.05)
+    job_id = job.pk
+    if finished == "deleted":
+        job.delete()
+    start = len(worker.log_text())
+    task_id = tasks.enqueue(tasks.resume_resync, job_id)
+
+    def ended() -> bool:
+        text = worker.log_text()[start:]
+        return f"[{task_id}] succeeded" in text or f"[{task_id}] raised" in text
+
+    wait_until(ended, 60, "the worker to run the resume task")
+    text = worker.log_text()[start:]
+    assert f"[{task_id}] succeeded" in text, text
+    assert "Traceback" not in text and "ERROR" not in text, text
+    if finished == "done":
+        assert f"INFO/MainProcess] ormbridge: resync job {job_id} is already done; " in text, text
+        assert ResyncJob.objects.get(pk=job_id).state == "done"
+    else:
+        assert f"WARNING/MainProcess] ormbridge: there is no resync job {job_id}; " in text, text
