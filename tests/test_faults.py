@@ -26,7 +26,7 @@ from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch
 from shop.models import Product
 from tests import emitters, replays
-from tests.conftest import ROOT, RedisServer, wait_until
+from tests.conftest import ROOT, RedisCluster, RedisServer, wait_until
 from tests.factories import cached_entry, make_products
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -142,6 +142,9 @@ def hang(redis_servers: dict[str, RedisServer]) -> Iterator[Callable[[str], None
     yield hang
     for pid in stopped:
         os.kill(pid, signal.SIGCONT)
+    for server in redis_servers.values():
+        if isinstance(server, RedisCluster):  # its nodes may have marked each other failed
+            wait_until(server._ok, 30, f"the Redis Cluster {server.name} to be ok again")
     store.read_breaker.reset()
 
 
