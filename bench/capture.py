@@ -241,14 +241,14 @@ class Bench:
     def __init__(self, backend: str, sizes: dict[str, Any]) -> None:
         from django.db import connection
 
-        from ormbridge import store
+        from ormbridge import redis_store
 
         self.backend = backend
         self.sizes = sizes
         self.connection = connection
         self.pg = connection.vendor == "postgresql"
         self.trips = 0
-        trip = store.breaker.trip
+        trip = redis_store.breaker.trip
 
         def counted(error: BaseException) -> None:
             # Redis took longer than COMMIT_TIMEOUT at a commit: commits skip it for
@@ -256,7 +256,7 @@ class Bench:
             self.trips += 1
             trip(error)
 
-        store.breaker.trip = counted  # type: ignore[method-assign]
+        redis_store.breaker.trip = counted  # type: ignore[method-assign]
 
     # helpers
 
@@ -405,7 +405,7 @@ class Bench:
 
     def freshness(self, product: Any) -> dict[str, Any]:
         """5: commit -> first read of the new value through cached_instance in another process."""
-        from ormbridge import store
+        from ormbridge import redis_store
 
         count = int(self.sizes["rate"] * self.sizes["seconds"])
         product.stock = 0
@@ -430,7 +430,7 @@ class Bench:
                 trips = self.trips
                 product.save()
                 committed[i + 1] = clock.last
-                if store.breaker.open or self.trips != trips:
+                if redis_store.breaker.open or self.trips != trips:
                     skipped.add(i + 1)
         out, _ = reader.communicate(timeout=WAIT + self.sizes["seconds"])
         report = json.loads(out.strip().splitlines()[-1])

@@ -817,7 +817,7 @@ def compare(run: Run) -> dict[str, Any]:
     from django.db import connection
 
     import ormbridge
-    from ormbridge import cache, stats, store
+    from ormbridge import cache, redis_store, stats
     from ormbridge.models import ChangeBatch
     from shop.models import Product
 
@@ -835,10 +835,10 @@ def compare(run: Run) -> dict[str, Any]:
     written = run.seeded | created
 
     # stale reads: every row ever written, through the cache API
-    stats_key = store.stats_key("shop.product")
+    stats_key = redis_store.stats_key("shop.product")
     stats.counts.send()
-    hits_before = int(store.get_redis().hget(stats_key, "hits") or 0)
-    present = store.entries_redis().exists  # the cached instances the readers left behind
+    hits_before = int(redis_store.get_redis().hget(stats_key, "hits") or 0)
+    present = redis_store.entries_redis().exists  # the cached instances the readers left behind
     entries = sum(present(cache.instance_key("shop.product", pk)) for pk in written)
     stale: list[str] = []
     for pk in sorted(written):
@@ -849,7 +849,7 @@ def compare(run: Run) -> dict[str, Any]:
         if seen != truth.get(pk):
             stale.append(f"row {pk}: cache {seen}, database {truth.get(pk)}")
     stats.counts.send()
-    hits = int(store.get_redis().hget(stats_key, "hits") or 0) - hits_before
+    hits = int(redis_store.get_redis().hget(stats_key, "hits") or 0) - hits_before
     for writer in range(run.args.writers):
         queryset = Product.objects.filter(sku__startswith=f"w{writer:02d}-").order_by("pk")
         seen_rows = [values(p) for p in ormbridge.cached_queryset(queryset)]

@@ -45,9 +45,9 @@ def rss_mb(pid: int) -> float:
 def redis_connections(server_pid: int) -> tuple[int, int]:
     """Connections to ormbridge's Redis named by the server process's event streams' hub,
     and every connection that Redis has."""
-    from ormbridge import store
+    from ormbridge import redis_store
 
-    listed = store.get_redis().client_list()
+    listed = redis_store.get_redis().client_list()
     held = sum(1 for row in listed if row["name"] == f"ormbridge-events:{server_pid}")
     return held, len(listed)
 

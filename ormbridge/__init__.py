@@ -11,7 +11,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ormbridge.buffer import invalidate
     from ormbridge.bulk import (
         BulkInterrupted,
         BulkOperationFailed,
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
         safe_bulk_update_objects,
     )
     from ormbridge.cache import cached_instance
+    from ormbridge.commit import invalidate
     from ormbridge.decorators import cached_as, cached_view_as
     from ormbridge.querysets import CachedManager, CachedQuerySet, cached_queryset
     from ormbridge.registry import register
@@ -36,7 +36,7 @@ _SOURCES = {
     "cached_instance": "ormbridge.cache",
     "cached_queryset": "ormbridge.querysets",
     "cached_view_as": "ormbridge.decorators",
-    "invalidate": "ormbridge.buffer",
+    "invalidate": "ormbridge.commit",
     "register": "ormbridge.registry",
     "safe_bulk_create": "ormbridge.bulk",
     "safe_bulk_delete": "ormbridge.bulk",

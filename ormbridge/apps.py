@@ -22,19 +22,19 @@ class OrmbridgeConfig(AppConfig):
         from django.db.backends.signals import connection_created
         from django.db.models.signals import post_migrate, pre_migrate
 
-        from ormbridge import broadcast, buffer, checks, loads, receivers, registry, relay
+        from ormbridge import broadcast, capture_signals, checks, commit, loads, registry, relay
 
         setting_changed.connect(broadcast.settings_changed, dispatch_uid="ormbridge-settings")
         checks.register_checks()
         registry.register_from_settings()
-        registry.on_change(buffer.tables_changed)
-        registry.on_change(receivers.tables_changed)
-        if any(receivers.needed(using) for using in _write_databases()):
-            receivers.connect()
-        connection_created.connect(buffer.watch, dispatch_uid="ormbridge-watch")
+        registry.on_change(commit.tables_changed)
+        registry.on_change(capture_signals.tables_changed)
+        if any(capture_signals.needed(using) for using in _write_databases()):
+            capture_signals.connect()
+        connection_created.connect(commit.watch, dispatch_uid="ormbridge-watch")
         connection_created.connect(loads.watch, dispatch_uid="ormbridge-watch-loads")
         for connection in connections.all(initialized_only=True):
-            buffer.watch(connection)
+            commit.watch(connection)
             loads.watch(connection)
         pre_migrate.connect(guard_triggers, sender=self, dispatch_uid="ormbridge-guard")
         post_migrate.connect(install_triggers, sender=self, dispatch_uid="ormbridge-triggers")

@@ -34,7 +34,7 @@ from django.db import models
 from django.utils.module_loading import import_string
 from redis.typing import EncodableT, FieldT
 
-from ormbridge import registry, store
+from ormbridge import redis_store, registry
 from ormbridge.conf import settings
 
 logger = logging.getLogger("ormbridge.events")
@@ -137,8 +137,8 @@ def _names(options: registry.Options, obj: models.Model | None) -> set[str]:
 
 def _remember(label: str, now: dict[Any, set[str]], forget: bool) -> dict[Any, set[str]]:
     """Swap each row's remembered namespace names for ``now``; returns the old ones."""
-    key = store.key(label, "namespaces")
-    client = store.get_redis()
+    key = redis_store.key(label, "namespaces")
+    client = redis_store.get_redis()
     fields = [str(pk) for pk in now]
     old = client.hmget(key, fields) if fields else []
     pipe = client.pipeline(transaction=False)
@@ -186,7 +186,7 @@ class RedisStreamEmitter(Emitter):
     """
 
     def emit(self, events: list[Event]) -> None:
-        pipe = store.get_redis().pipeline(transaction=False)
+        pipe = redis_store.get_redis().pipeline(transaction=False)
         for event in events:
             pipe.xadd(
                 stream_key(event["namespace"]),
@@ -198,7 +198,7 @@ class RedisStreamEmitter(Emitter):
 
 
 def stream_key(namespace: str) -> str:
-    return store.key("events", namespace)
+    return redis_store.key("events", namespace)
 
 
 def emit(events: list[Event]) -> int:

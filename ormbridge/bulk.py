@@ -36,7 +36,7 @@ from django.db.models.deletion import Collector
 from django.db.models.signals import post_delete
 from django.utils import timezone
 
-from ormbridge import buffer, capture, registry, relay, signals
+from ormbridge import capture, commit, registry, relay, signals
 from ormbridge.conf import settings
 from ormbridge.models import ChangeBatch, pieces
 from ormbridge.replay import snapshot as take_snapshot
@@ -645,7 +645,7 @@ def _log(
         ids.append(batch.pk)
     if not mine:
         capture.notify(using)
-    buffer.note(buffer.keys_for(label, values), using)
+    commit.note(commit.keys_for(label, values), using)
     return ids
 
 

@@ -51,7 +51,7 @@ import redis
 from django.apps import apps
 from django.db import models
 
-from ormbridge import compiled, keys, loads, registry, stats, store
+from ormbridge import compiled, keys, loads, redis_store, registry, stats
 from ormbridge.conf import settings
 from ormbridge.registry import label_of
 
@@ -118,7 +118,7 @@ def instance(base: models.QuerySet[M], pk: Any, load: Callable[[], M], timeout: 
     covered = {label_of(m) for m in chain}
     if variant:
         digest = keys.digest("instance", model._meta.label_lower, pk, variant)
-        entry_key = store.key("entry", digest)
+        entry_key = redis_store.key("entry", digest)
     else:
         entry_key = instance_key(model._meta.label_lower, pk)
     return _read(
@@ -159,7 +159,7 @@ def read_through(
     ``labels`` without one.
     """
     labels = sorted(set(labels))
-    entry_key = store.key("entry", keys.digest(*key))
+    entry_key = redis_store.key("entry", keys.digest(*key))
     return _read(
         entry_key,
         _Dependencies([], set(labels), set(labels)),
@@ -227,7 +227,7 @@ class _Dependencies:
 
     def __init__(self, tokens: list[str], covered: set[str], generations: set[str]) -> None:
         self.covered = covered | generations
-        self.keys = tokens + [store.generation_key(label) for label in sorted(generations)]
+        self.keys = tokens + [redis_store.generation_key(label) for label in sorted(generations)]
 
     def learnt(self, shape: str) -> _Dependencies:
         """These plus the models earlier loads of ``shape`` were found to read."""
@@ -237,7 +237,7 @@ class _Dependencies:
         more = sorted(extra - self.covered)
         grown = _Dependencies([], set(), set())
         grown.covered = self.covered | extra
-        grown.keys = self.keys + [store.generation_key(label) for label in more]
+        grown.keys = self.keys + [redis_store.generation_key(label) for label in more]
         return grown
 
 
@@ -265,21 +265,21 @@ def _read(
         return uncached(refused, labels, load)
     dependencies = dependencies.learnt(shape)
     loads.note_nested(dependencies.covered, None)
-    if store.read_breaker.open:
+    if redis_store.read_breaker.open:
         return uncached(
             loads.Uncacheable("redis", "ormbridge's Redis failed a moment ago"), labels, load
         )
     token_keys = dependencies.keys
     try:
-        client = store.entries_redis()  # a cluster client connects when it is created
-        run_id = store.incarnation(client)
+        client = redis_store.entries_redis()  # a cluster client connects when it is created
+        run_id = redis_store.incarnation(client)
         # Bytes: this client does not decode responses.
         *tokens, entry = cast(list[bytes | None], client.mget([*token_keys, entry_key]))
         if client.run_id != run_id:  # it reconnected, to a restarted or another server
             run_id = client.run_id
             *tokens, entry = cast(list[bytes | None], client.mget([*token_keys, entry_key]))
     except (redis.RedisError, OSError) as exc:
-        store.read_breaker.trip(exc)
+        redis_store.read_breaker.trip(exc)
         return load()
     if entry is not None and all(token is not None for token in tokens):
         stamp = b" ".join([run_id.encode(), *cast(list[bytes], tokens)]) + b"\n"
@@ -290,7 +290,7 @@ def _read(
 
 
 def _miss(
-    client: store.Client,
+    client: redis_store.Client,
     run_id: str,
     entry_key: str,
     dependencies: _Dependencies,
@@ -302,16 +302,16 @@ def _miss(
 ) -> T:
     """Create missing tokens, load, and store under their stamp if they still hold it and
     the load read nothing they do not cover."""
-    stats = [store.stats_key(label) for label in labels]
+    stats = [redis_store.stats_key(label) for label in labels]
     token_keys = dependencies.keys
     ttl = 0 if timeout is None else int(timeout) + TOKEN_GRACE
     try:
-        found, data = store.script(store.READ_ENTRY, client)(
+        found, data = redis_store.script(redis_store.READ_ENTRY, client)(
             keys=[entry_key, *stats, *token_keys],
             args=[os.urandom(8).hex(), ttl, run_id, len(stats)],
         )
     except (redis.RedisError, OSError) as exc:
-        store.read_breaker.trip(exc)
+        redis_store.read_breaker.trip(exc)
         return load()
     if found:  # stored by another reader since the MGET
         value = _unpickle(data, 0)
@@ -327,7 +327,7 @@ def _miss(
     if client.run_id != run_id:
         return value
     try:
-        store.script(store.STORE_ENTRY, client)(
+        redis_store.script(redis_store.STORE_ENTRY, client)(
             keys=[entry_key, *token_keys, *stats],
             args=[
                 data,
@@ -339,7 +339,7 @@ def _miss(
             ],
         )
     except (redis.RedisError, OSError) as exc:
-        store.read_breaker.trip(exc)
+        redis_store.read_breaker.trip(exc)
     return value
 
 
@@ -403,13 +403,13 @@ def _instance_tokens(model: type[models.Model], pk: Any) -> list[str]:
     while current is not None:
         chain.append(current)
         label = current._meta.label_lower
-        keys_ += [store.epoch_key(label), store.token_key(label, pk)]
+        keys_ += [redis_store.epoch_key(label), redis_store.token_key(label, pk)]
         link = current._meta.pk
         parent_link = link is not None and link.remote_field and link.remote_field.parent_link
         current = link.related_model if parent_link else None
     for parent in model._meta.get_parent_list():
         if parent not in chain:
-            keys_.append(store.generation_key(parent._meta.label_lower))
+            keys_.append(redis_store.generation_key(parent._meta.label_lower))
     return keys_
 
 
@@ -497,10 +497,10 @@ def _unique_sets(model: type[models.Model]) -> set[frozenset[str]]:
 
 def instance_key(label: str, pk: Any) -> str:
     """The Redis key of a cached instance read through a plain queryset."""
-    return store.key(label, "obj", pk)
+    return redis_store.key(label, "obj", pk)
 
 
-def forget(model: type[models.Model], pks: Iterable[str], pipe: store.Pipeline) -> int:
+def forget(model: type[models.Model], pks: Iterable[str], pipe: redis_store.Pipeline) -> int:
     """Invalidate the cached instances of ``pks`` (as text) and the model's querysets.
 
     Queued on ``pipe`` (the caller executes it). Returns how many instance
@@ -510,17 +510,17 @@ def forget(model: type[models.Model], pks: Iterable[str], pipe: store.Pipeline) 
     pks = list(pks)
     if pks:
         # The keys' common beginnings built once: a relay deletes millions of them.
-        tokens, entries = store.token_key(label, ""), instance_key(label, "")
+        tokens, entries = redis_store.token_key(label, ""), instance_key(label, "")
         pipe.delete(*[tokens + pk for pk in pks])
         pipe.delete(*[entries + pk for pk in pks])
-    pipe.delete(store.generation_key(label))
+    pipe.delete(redis_store.generation_key(label))
     return len(pks)
 
 
-def forget_all(model: type[models.Model], pipe: store.Pipeline) -> None:
+def forget_all(model: type[models.Model], pipe: redis_store.Pipeline) -> None:
     """Invalidate every cached instance and queryset of ``model`` in O(1)."""
     label = model._meta.label_lower
-    pipe.delete(store.epoch_key(label), store.generation_key(label))
+    pipe.delete(redis_store.epoch_key(label), redis_store.generation_key(label))
 
 
 def timeout_of(model: type[models.Model]) -> int | None:

@@ -54,7 +54,7 @@ from django.db.models import BooleanField, Case, DateTimeField, ExpressionWrappe
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from ormbridge import flush, registry, replay
+from ormbridge import delivery, registry, replay
 from ormbridge.conf import settings
 from ormbridge.models import CHANNEL, ChangeBatch, ResyncJob
 from ormbridge.models import log_databases as log_databases  # for the layers above
@@ -75,7 +75,7 @@ class DrainResult:
     batches: int = 0
     rows: int = 0
     failed: int = 0
-    flush: flush.FlushResult = field(default_factory=flush.FlushResult)
+    flush: delivery.FlushResult = field(default_factory=delivery.FlushResult)
 
     def add(self, other: DrainResult) -> None:
         self.batches += other.batches
@@ -293,7 +293,7 @@ def _deliver_merged(
         model = apps.get_model(label)
         for pks, reached in _steps(using, group):
             if registry.is_registered(model):
-                result.flush.add(flush.flush(model, action, _unique(model, pks), fields))
+                result.flush.add(delivery.flush(model, action, _unique(model, pks), fields))
             progress = Case(*(When(id=pk, then=Value(n)) for pk, n in reached.items()))
             touched = [batch for batch in group if batch.pk in reached]
             if _held(using, touched).update(pks_flushed=progress) < len(touched):
@@ -397,7 +397,7 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
         try:
             if registry.is_registered(model):
                 rows = list(replay.rebuild(model, snapshot, using)) if snapshot else None
-                result.flush.add(flush.flush(model, batch.action, pks, batch.fields, rows))
+                result.flush.add(delivery.flush(model, batch.action, pks, batch.fields, rows))
             batch.flushed_at = timezone.now()
             # So that a relay dying in the replays does not flush again; and a relay
             # that lost its lease (paused past it) stops here: the new holder replays.
@@ -597,7 +597,7 @@ def _retry_later(
             settings.MAX_ATTEMPTS,
             "given up" if spent else f"tried again in {delay:g} s",
             error,
-            exc_info=exc is not None and not isinstance(exc, flush.EmitFailed),
+            exc_info=exc is not None and not isinstance(exc, delivery.EmitFailed),
         )
         result.failed += written
 

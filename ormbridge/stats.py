@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from ormbridge import store
+from ormbridge import redis_store
 from ormbridge.conf import settings
 
 __all__ = ["Counts", "counts", "recent_refusals", "record_refusal"]
@@ -64,16 +64,16 @@ class Counts:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-        if not counted or store.read_breaker.open:
+        if not counted or redis_store.read_breaker.open:
             return  # a Redis that just failed a read is not waited for: the counts go
         try:
             # The cached reads' client: READ_TIMEOUT at most, whoever sends.
-            pipe = store.entries_redis().pipeline(transaction=False)
+            pipe = redis_store.entries_redis().pipeline(transaction=False)
             for (label, field), n in counted.items():
-                pipe.hincrby(store.stats_key(label), field, n)
+                pipe.hincrby(redis_store.stats_key(label), field, n)
             pipe.execute()
         except (redis.RedisError, OSError) as exc:
-            store.read_breaker.trip(exc, quiet=True)  # the next read says so, if it fails too
+            redis_store.read_breaker.trip(exc, quiet=True)  # the next read says so, if it fails too
             logger.debug("ormbridge: counts not sent: %s", exc)
 
     def forget(self) -> None:
@@ -106,11 +106,11 @@ def record_refusal(task: str, task_id: str | None, reason: str) -> None:
     now = time.time()
     member = json.dumps({"task": task, "id": task_id, "reason": reason, "n": uuid.uuid4().hex})
     try:
-        pipe = store.get_redis().pipeline(transaction=False)
-        pipe.hincrby(store.refused_key(), task, 1)
-        pipe.zadd(store.refusals_key(), {member: now})
-        pipe.zremrangebyscore(store.refusals_key(), "-inf", now - _window())
-        pipe.zremrangebyrank(store.refusals_key(), 0, -REFUSALS_KEPT - 1)
+        pipe = redis_store.get_redis().pipeline(transaction=False)
+        pipe.hincrby(redis_store.refused_key(), task, 1)
+        pipe.zadd(redis_store.refusals_key(), {member: now})
+        pipe.zremrangebyscore(redis_store.refusals_key(), "-inf", now - _window())
+        pipe.zremrangebyrank(redis_store.refusals_key(), 0, -REFUSALS_KEPT - 1)
         pipe.execute()
     except (redis.RedisError, OSError):
         logger.exception("ormbridge: could not count the refusal of %s", task)
@@ -126,8 +126,8 @@ def recent_refusals() -> dict[str, Any]:
     now = time.time()
     window = _window()
     # redis-py types a reply as any of its shapes; WITHSCORES gives (member, score) pairs.
-    found: list[tuple[bytes, float]] = store.get_redis().zrevrangebyscore(  # type: ignore[assignment]
-        store.refusals_key(), "+inf", now - window, withscores=True
+    found: list[tuple[bytes, float]] = redis_store.get_redis().zrevrangebyscore(  # type: ignore[assignment]
+        redis_store.refusals_key(), "+inf", now - window, withscores=True
     )
     by_task: Counter[str] = Counter()
     last: list[dict[str, Any]] = []

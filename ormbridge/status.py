@@ -18,7 +18,7 @@ from django.db.models import Count, Min
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 
-from ormbridge import capture, registry, relay, resync, stats, store
+from ormbridge import capture, redis_store, registry, relay, resync, stats
 from ormbridge.conf import settings
 
 if TYPE_CHECKING:
@@ -273,7 +273,7 @@ def _refusal_problems(refusals: dict[str, Any] | None) -> list[str]:
 
 def _refused() -> dict[str, int]:
     """Per task, how many messages this project's workers refused (see ormbridge.tasks)."""
-    counts = store.get_redis().hgetall(store.refused_key())
+    counts = redis_store.get_redis().hgetall(redis_store.refused_key())
     return {_str(task): int(count) for task, count in counts.items()}
 
 
@@ -283,7 +283,7 @@ def _str(value: bytes | str) -> str:
 
 def _redis() -> dict[str, Any]:
     try:
-        store.get_redis().ping()
+        redis_store.get_redis().ping()
     except (redis.RedisError, OSError) as exc:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"ok": True, "error": None}
@@ -410,10 +410,10 @@ def _triggers(logs: list[_Log]) -> tuple[dict[str, str], list[str]]:
 
 
 def _stats(labels: list[str]) -> dict[str, dict[str, str]]:
-    """Each model's counters: cache reads (cache.py) and flushes (flush.py)."""
-    pipe = store.get_redis().pipeline(transaction=False)
+    """Each model's counters: cache reads (cache.py, stats.py) and deliveries (delivery.py)."""
+    pipe = redis_store.get_redis().pipeline(transaction=False)
     for label in labels:
-        pipe.hgetall(store.stats_key(label))
+        pipe.hgetall(redis_store.stats_key(label))
     try:
         replies = pipe.execute()
     except (redis.RedisError, OSError):

@@ -43,7 +43,7 @@ from django.db import connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.test.utils import override_settings
 
-from ormbridge import broadcast, cache, stats, store
+from ormbridge import broadcast, cache, redis_store, stats
 from ormbridge.conf import settings
 
 try:
@@ -114,8 +114,8 @@ class Harness:
         user = getattr(django_settings, "ORMBRIDGE", {})
         own = {**user, "KEY_PREFIX": self.prefix, "EMITTERS": emitters}
         self._stack.enter_context(override_settings(ORMBRIDGE=own))
-        store.breaker.reset()
-        store.read_breaker.reset()
+        redis_store.breaker.reset()
+        redis_store.read_breaker.reset()
         try:
             for alias in self.aliases:
                 # Outermost: it acts after the buffer's wrapper noted the statement.
@@ -216,7 +216,7 @@ class Harness:
         if connection.alias in self._unfinished:
             self._settle(connection)  # the write before is done now
         result = execute(sql, params, many, context)
-        from ormbridge.buffer import may_write  # imports models: not at plugin load
+        from ormbridge.commit import may_write  # imports models: not at plugin load
 
         if may_write(text):
             self._wrote(connection)
@@ -301,12 +301,12 @@ def _commit_buffer(connection: BaseDatabaseWrapper) -> None:
     """In a ``TestCase``, run the read-your-writes its commit would have run.
 
     The buffer's ``on_commit`` callbacks: until they run, the cache reads
-    around a transaction that has written (:func:`ormbridge.buffer.dirty`).
+    around a transaction that has written (:func:`ormbridge.commit.dirty`).
     """
-    from ormbridge import buffer
+    from ormbridge import commit
 
     if _in_test_case(connection):
-        buffer.commit_open(connection.alias)
+        commit.commit_open(connection.alias)
 
 
 def _in_test_case(connection: BaseDatabaseWrapper) -> bool:
@@ -339,10 +339,10 @@ def wipe(prefix: str) -> int:
 
     Never raises: a test that stopped Redis leaves its keys to Redis.
     """
-    pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in store.tag(prefix)) + ":*"
+    pattern = "".join(f"\\{c}" if c in "*?[]\\" else c for c in redis_store.tag(prefix)) + ":*"
     deleted = 0
     try:
-        client = store.get_redis()
+        client = redis_store.get_redis()
         batch: list[str] = []
         for key in client.scan_iter(match=pattern, count=1000):
             batch.append(key)
@@ -393,7 +393,7 @@ def events(namespace: str) -> list[broadcast.Event]:
     _settle_running()
     stream = broadcast.stream_key(namespace)
     # redis-py types replies for any client; this one decodes them (decode_responses).
-    entries: list[tuple[str, dict[str, str]]] = store.get_redis().xrange(stream)  # type: ignore[assignment]
+    entries: list[tuple[str, dict[str, str]]] = redis_store.get_redis().xrange(stream)  # type: ignore[assignment]
     return [json.loads(fields["event"]) for _, fields in entries]
 
 
@@ -433,13 +433,13 @@ def _settle_running() -> None:
 
 def _current(target: models.Model | models.QuerySet[Any]) -> bool:
     keys = _token_keys(target)
-    return bool(store.get_redis().exists(*keys) == len(keys))
+    return bool(redis_store.get_redis().exists(*keys) == len(keys))
 
 
 def _token_keys(target: models.Model | models.QuerySet[Any]) -> list[str]:
     """The tokens a cached read of ``target`` depends on (as :mod:`ormbridge.cache` keys them)."""
     if isinstance(target, models.QuerySet):
-        return [store.generation_key(label) for label in cache.dependencies(target)]
+        return [redis_store.generation_key(label) for label in cache.dependencies(target)]
     if not isinstance(target, models.Model) or target.pk is None:
         raise TypeError(f"expected a saved model instance or a queryset, not {target!r}")
     keys: list[str] = []
@@ -448,13 +448,13 @@ def _token_keys(target: models.Model | models.QuerySet[Any]) -> list[str]:
     while current is not None:  # the pk's parent links (multi-table inheritance)
         chain.append(current)
         label = current._meta.label_lower
-        keys += [store.epoch_key(label), store.token_key(label, target.pk)]
+        keys += [redis_store.epoch_key(label), redis_store.token_key(label, target.pk)]
         link = current._meta.pk
         parent_link = link is not None and link.remote_field and link.remote_field.parent_link
         current = link.related_model if parent_link else None
     for parent in target._meta.get_parent_list():
         if parent not in chain:
-            keys.append(store.generation_key(parent._meta.label_lower))
+            keys.append(redis_store.generation_key(parent._meta.label_lower))
     return keys
 
 

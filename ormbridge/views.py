@@ -51,7 +51,7 @@ from django.utils.crypto import constant_time_compare
 from django.utils.module_loading import import_string
 from redis.typing import KeyT, StreamIdT
 
-from ormbridge import fanout, registry, store
+from ormbridge import fanout, redis_store, registry
 from ormbridge.broadcast import SEPARATOR, stream_key
 from ormbridge.conf import settings
 
@@ -259,7 +259,7 @@ def start_positions(namespaces: list[str], cursor: dict[str, str]) -> dict[str, 
     positions = {namespace: cursor[namespace] for namespace in namespaces if namespace in cursor}
     new = [namespace for namespace in namespaces if namespace not in cursor]
     if new:
-        pipe = store.get_redis().pipeline(transaction=False)
+        pipe = redis_store.get_redis().pipeline(transaction=False)
         for namespace in new:
             pipe.xrevrange(stream_key(namespace), count=1)
         for namespace, last in zip(new, pipe.execute(), strict=True):
@@ -378,7 +378,7 @@ def blocking_stream(
     suits ``runserver``; a client that left is noticed when a write to it fails (the
     heartbeats write), and the server closes this iterator.
     """
-    client = store.blocking_redis(_read_timeout())
+    client = redis_store.blocking_redis(_read_timeout())
     steps = _conversation(namespaces, denied, positions)
     try:
         step = _advance(steps, None)

@@ -20,7 +20,7 @@ import redis
 from django.db import connection, connections
 from django.db.models import Model
 
-from ormbridge import capture, stats, store
+from ormbridge import capture, redis_store, stats
 from ormbridge.models import ChangeBatch
 from tests import settings, sse
 from tests.routers import OTHER, SecondDatabaseRouter
@@ -298,9 +298,9 @@ def clean_redis(redis_servers: dict[str, RedisServer], clean_log: None) -> Itera
         if not redis_servers[name].running:
             redis_servers[name].start()
     stats.counts.send()  # the last test's hits, not this one's
-    store.get_redis().flushall()  # on a cluster: every master
-    store.breaker.reset()
-    store.read_breaker.reset()
+    redis_store.get_redis().flushall()  # on a cluster: every master
+    redis_store.breaker.reset()
+    redis_store.read_breaker.reset()
     yield
     for server in redis_servers.values():
         if not server.running:  # a test stopped it

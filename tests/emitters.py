@@ -2,34 +2,34 @@
 
 import json
 
-from ormbridge import store
+from ormbridge import redis_store
 from ormbridge.broadcast import Emitter, Event
 
 
 def events_key() -> str:
-    return store.key("test", "events")
+    return redis_store.key("test", "events")
 
 
 class RecordingEmitter(Emitter):
     def emit(self, events: list[Event]) -> None:
-        store.get_redis().rpush(events_key(), *(json.dumps(event) for event in events))
+        redis_store.get_redis().rpush(events_key(), *(json.dumps(event) for event in events))
 
 
 def recorded() -> list[dict]:
-    return [json.loads(item) for item in store.get_redis().lrange(events_key(), 0, -1)]
+    return [json.loads(item) for item in redis_store.get_redis().lrange(events_key(), 0, -1)]
 
 
 def clear() -> None:
-    store.get_redis().delete(events_key())
+    redis_store.get_redis().delete(events_key())
 
 
 def fail_at_key() -> str:
     """``FailingEmitter``'s keys: ``fail-at`` (which of its calls raises), ``calls``."""
-    return store.key("test", "emit", "fail-at")
+    return redis_store.key("test", "emit", "fail-at")
 
 
 def calls_key() -> str:
-    return store.key("test", "emit", "calls")
+    return redis_store.key("test", "emit", "calls")
 
 
 class FailingEmitter(Emitter):
@@ -40,7 +40,7 @@ class FailingEmitter(Emitter):
     """
 
     def emit(self, events: list[Event]) -> None:
-        client = store.get_redis()
+        client = redis_store.get_redis()
         fail_at = client.get(fail_at_key())
         if fail_at is not None and client.incr(calls_key()) == int(fail_at):
             raise RuntimeError(f"FailingEmitter refuses its call {int(fail_at)}")

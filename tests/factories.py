@@ -5,7 +5,7 @@ from decimal import Decimal
 
 from django.db.models import Max, QuerySet
 
-from ormbridge import store
+from ormbridge import redis_store
 from ormbridge.cache import instance_key
 from ormbridge.models import ChangeBatch
 from shop.models import Category, Product
@@ -54,5 +54,5 @@ def wait_delivered(timeout: float = 120) -> None:
 
 def cached_entry(label: str, pk: object) -> bytes | None:
     """The raw Redis value of an instance's cache entry (None when there is none)."""
-    value: bytes | None = store.entries_redis().get(instance_key(label, pk))
+    value: bytes | None = redis_store.entries_redis().get(instance_key(label, pk))
     return value

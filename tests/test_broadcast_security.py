@@ -16,7 +16,7 @@ from django.contrib.auth.models import Permission, User
 from django.db import connection, transaction
 from django.test import Client
 
-from ormbridge import relay, store
+from ormbridge import redis_store, relay
 from ormbridge.broadcast import stream_key
 from shop.models import Customer, Order
 from tests import moving
@@ -131,7 +131,7 @@ def test_a_namespace_the_row_left_gets_a_removed_event_without_its_new_values(te
 
 def stream_events(namespace: str) -> list[dict]:
     return [json.loads(fields["event"]) for _, fields in
-            store.get_redis().xrange(stream_key(namespace))]  # fmt: skip
+            redis_store.get_redis().xrange(stream_key(namespace))]  # fmt: skip
 
 
 @pytest.fixture

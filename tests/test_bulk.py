@@ -9,7 +9,7 @@ from django.db.models import Count, F, ProtectedError
 from django.db.models.signals import post_delete
 
 import ormbridge
-from ormbridge import relay, signals, store
+from ormbridge import redis_store, relay, signals
 from ormbridge.cache import cached_instance
 from ormbridge.conf import settings as ormbridge_settings
 from ormbridge.models import ChangeBatch
@@ -57,7 +57,7 @@ def test_update_replays_one_post_save_per_matching_row(worker, bulk_signals):
     others = make_products(2_000, category=category)
     Product.objects.filter(pk__in=[p.pk for p in others]).update(stock=5)
     wait_delivered()  # the setup's own change-log rows, so only the bulk update follows
-    store.get_redis().delete(emitters.events_key())
+    redis_store.get_redis().delete(emitters.events_key())
     sample = matching[::1000] + others[:20]
     for product in sample:
         cached_instance(Product, product.pk)

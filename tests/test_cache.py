@@ -9,7 +9,7 @@ import pytest
 from django.db import connection, transaction
 
 import ormbridge
-from ormbridge import relay, store
+from ormbridge import redis_store, relay
 from ormbridge.cache import TOKEN_GRACE, cached_instance, instance_key
 from ormbridge.models import ChangeBatch
 from ormbridge.querysets import cached_queryset
@@ -109,11 +109,11 @@ def test_all_cached_querysets_of_a_model_go_with_one_key(no_relay, django_assert
     make_products(1)
     for n in range(50):
         cached_queryset(Product.objects.filter(stock__gte=n))
-    generation = store.generation_key("shop.product")
-    assert store.get_redis().exists(generation)
+    generation = redis_store.generation_key("shop.product")
+    assert redis_store.get_redis().exists(generation)
     ormbridge.invalidate(Product, [1])
     relay.drain()
-    assert not store.get_redis().exists(generation)
+    assert not redis_store.get_redis().exists(generation)
     with django_assert_num_queries(50):
         for n in range(50):
             cached_queryset(Product.objects.filter(stock__gte=n))
@@ -168,7 +168,9 @@ def test_a_reader_racing_a_writer_never_leaves_a_stale_value(no_relay):
     try:
         for value in range(1, rounds + 1):
             written.clear()
-            store.entries_redis().delete(instance_key("shop.product", product.pk))  # a cold entry
+            redis_store.entries_redis().delete(
+                instance_key("shop.product", product.pk)
+            )  # a cold entry
             start.wait()
             time.sleep(0.002)  # let the readers get going
             Product.objects.filter(pk=product.pk).update(stock=value)
@@ -232,9 +234,11 @@ def test_a_models_own_timeout_from_settings_applies_to_its_entries(no_relay):
     category = Category.objects.create(name="default timeout")
     cached_instance(Customer, customer.pk)
     cached_instance(Category, category.pk)
-    client = store.get_redis()
-    assert 600 < client.ttl(store.token_key("shop.customer", customer.pk)) <= 600 + TOKEN_GRACE
-    assert client.ttl(store.token_key("shop.category", category.pk)) > 3600  # CACHE_TIMEOUT
+    client = redis_store.get_redis()
+    assert (
+        600 < client.ttl(redis_store.token_key("shop.customer", customer.pk)) <= 600 + TOKEN_GRACE
+    )
+    assert client.ttl(redis_store.token_key("shop.category", category.pk)) > 3600  # CACHE_TIMEOUT
 
 
 def test_a_transaction_that_wrote_reads_its_own_rows_and_stores_none(no_relay):
@@ -254,9 +258,9 @@ def test_hits_reach_redis_within_seconds_without_another_read(no_relay):
     relay.drain()
     cached_instance(Product, product.pk)  # a miss
     cached_instance(Product, product.pk)  # a hit, counted in memory
-    client = store.get_redis()
+    client = redis_store.get_redis()
     wait_until(
-        lambda: client.hget(store.stats_key("shop.product"), "hits") == "1",
+        lambda: client.hget(redis_store.stats_key("shop.product"), "hits") == "1",
         10,
         "the hit to be counted in Redis",
     )

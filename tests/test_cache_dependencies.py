@@ -16,7 +16,7 @@ from django.db.models.expressions import RawSQL
 from django.test.utils import CaptureQueriesContext
 
 import ormbridge
-from ormbridge import relay, store
+from ormbridge import redis_store, relay
 from ormbridge.cache import cached_instance
 from shop.models import Category, Note, Order, Product
 from tests.factories import make_products
@@ -29,7 +29,7 @@ def stats(label: str) -> dict[str, str]:
     from ormbridge import stats as counters
 
     counters.counts.send()
-    return store.get_redis().hgetall(store.stats_key(label))
+    return redis_store.get_redis().hgetall(redis_store.stats_key(label))
 
 
 def read_twice(read):

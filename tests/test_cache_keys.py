@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ormbridge
-from ormbridge import keys, relay, stats, store
+from ormbridge import keys, redis_store, relay, stats
 from ormbridge.compiled import aggregate_key, compile_queryset
 from shop.models import Category, Customer, Order, Product
 from tests.factories import make_products
@@ -126,7 +126,9 @@ def test_a_parameter_of_a_type_the_encoder_does_not_know_is_read_through_and_cou
         assert row.at == "(1,2)"
         assert len(queries.captured_queries) == 1
     stats.counts.send()
-    counted = store.get_redis().hget(store.stats_key("shop.product"), "uncached:unkeyable")
+    counted = redis_store.get_redis().hget(
+        redis_store.stats_key("shop.product"), "uncached:unkeyable"
+    )
     assert counted == "2"
 
 

@@ -60,7 +60,7 @@ from django.db.models.functions import Cast, Coalesce, Lower, Now, Random, Rank,
 from django.test.utils import CaptureQueriesContext
 
 import ormbridge
-from ormbridge import relay, store
+from ormbridge import redis_store, relay
 from ormbridge.compiled import compile_queryset
 from ormbridge.loads import Uncacheable
 from ormbridge.querysets import CachedQuerySet
@@ -82,7 +82,7 @@ def stats(label: str) -> dict[str, str]:
     from ormbridge import stats as counters
 
     counters.counts.send()
-    return store.get_redis().hgetall(store.stats_key(label))
+    return redis_store.get_redis().hgetall(redis_store.stats_key(label))
 
 
 def read_twice(read: Callable[[], Any]) -> Any:

@@ -3,7 +3,7 @@
 import pytest
 
 import ormbridge
-from ormbridge import relay, store
+from ormbridge import redis_store, relay
 from ormbridge.models import ChangeBatch
 from shop.models import Category, Customer, Product
 from tests.factories import make_products, wait_delivered
@@ -12,8 +12,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def entry_ttls() -> list[int]:
-    client = store.get_redis()
-    return [client.ttl(key) for key in client.keys(store.key("entry", "*"))]
+    client = redis_store.get_redis()
+    return [client.ttl(key) for key in client.keys(redis_store.key("entry", "*"))]
 
 
 def test_the_second_call_is_served_from_the_cache(no_relay, django_assert_num_queries):

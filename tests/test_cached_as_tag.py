@@ -3,7 +3,7 @@
 import pytest
 from django.template import Context, Template, TemplateSyntaxError
 
-from ormbridge import relay, store
+from ormbridge import redis_store, relay
 from ormbridge.models import ChangeBatch
 from shop.models import Category, Customer, Product
 from tests.factories import make_products, wait_delivered
@@ -18,8 +18,8 @@ def render(source: str, **context) -> str:
 
 
 def entry_ttls() -> list[int]:
-    client = store.get_redis()
-    return [client.ttl(key) for key in client.keys(store.key("entry", "*"))]
+    client = redis_store.get_redis()
+    return [client.ttl(key) for key in client.keys(redis_store.key("entry", "*"))]
 
 
 def test_the_second_render_is_served_from_the_cache(no_relay, django_assert_num_queries):

@@ -16,7 +16,7 @@ from django.db import models
 from django.db.models import Max, Sum
 
 import ormbridge
-from ormbridge import relay, stats, store
+from ormbridge import redis_store, relay, stats
 from ormbridge.cache import cached_instance, instance_key
 from shop.models import Category, Customer, Product
 from tests import commands
@@ -255,8 +255,8 @@ def test_status_shows_the_hits_and_misses_of_a_scripted_sequence_of_reads(no_rel
 def test_cache_with_a_timeout_gives_its_entry_that_lifetime(no_relay):
     make_products(1)
     assert Product.objects.cache(timeout=30).count() == 1
-    client = store.get_redis()
-    [entry] = client.keys(store.key("entry", "*"))  # the only entry in this test's Redis
+    client = redis_store.get_redis()
+    [entry] = client.keys(redis_store.key("entry", "*"))  # the only entry in this test's Redis
     assert 0 < client.ttl(entry) <= 30
 
 
@@ -266,7 +266,7 @@ def test_a_models_own_timeout_from_settings_applies_to_its_entries(no_relay):
     category = Category.objects.create(name="default timeout")
     cached_instance(Customer, customer.pk)
     cached_instance(Category, category.pk)
-    client = store.get_redis()
+    client = redis_store.get_redis()
     assert 0 < client.ttl(instance_key("shop.customer", customer.pk)) <= 600
     assert client.ttl(instance_key("shop.category", category.pk)) > 600  # CACHE_TIMEOUT
 

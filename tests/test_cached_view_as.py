@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 import ormbridge
-from ormbridge import relay, store
+from ormbridge import redis_store, relay
 from shop.models import Product
 from tests.factories import make_products, wait_delivered
 
@@ -30,7 +30,7 @@ def view_ran(request, *args, **kwargs) -> bool:
 
 
 def entries() -> list[str]:
-    return store.get_redis().keys(store.key("entry", "*"))
+    return redis_store.get_redis().keys(redis_store.key("entry", "*"))
 
 
 def session_cookie(client: Client) -> str:

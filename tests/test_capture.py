@@ -34,7 +34,7 @@ from django.test.utils import CaptureQueriesContext
 from django_celery_beat.models import IntervalSchedule
 
 import ormbridge
-from ormbridge import capture, registry, relay, store
+from ormbridge import capture, redis_store, registry, relay
 from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch
 from shop.models import Category, Customer, Order, Product, Tag
@@ -718,15 +718,15 @@ def product_events(events: list[dict], action: str) -> list[Any]:
 
 def ensure_tokens(label: str, pks: list[Any]) -> list[str]:
     """Give each row a cache token, as ``cached_instance`` does; returns their keys."""
-    keys = [store.token_key(label, pk) for pk in pks]
-    ensure = store.script(store.ENSURE_TOKENS)
+    keys = [redis_store.token_key(label, pk) for pk in pks]
+    ensure = redis_store.script(redis_store.ENSURE_TOKENS)
     for start in range(0, len(keys), 1000):
         ensure(keys=keys[start : start + 1000], args=[uuid.uuid4().hex, 0])
     return keys
 
 
 def tokens_left(keys: list[str]) -> int:
-    redis = store.get_redis()
+    redis = redis_store.get_redis()
     return sum(redis.exists(*keys[start : start + 1000]) for start in range(0, len(keys), 1000))
 
 

@@ -19,7 +19,7 @@ from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Permission, User
 from redis.crc import key_slot
 
-from ormbridge import broadcast, cache, relay, status, store
+from ormbridge import broadcast, cache, redis_store, relay, status
 from ormbridge.cache import cached_instance
 from ormbridge.checks import check_settings
 from shop.models import Product, Tag
@@ -56,12 +56,12 @@ def on_cluster(redis_cluster: RedisCluster, settings) -> Iterator[RedisCluster]:
         "REDIS_URL": redis_cluster.url,
         "REDIS_CLUSTER": True,
     }
-    store.get_redis().flushall()
-    store.breaker.reset()
+    redis_store.get_redis().flushall()
+    redis_store.breaker.reset()
     yield redis_cluster
     if not redis_cluster.running:
         redis_cluster.start()
-    store.breaker.reset()
+    redis_store.breaker.reset()
 
 
 def node_serving(cluster: RedisCluster, key: str) -> RedisServer:
@@ -87,11 +87,11 @@ def run_id_of(node: RedisServer) -> str:
 
 def test_every_key_of_a_prefix_is_in_one_hash_slot():
     keys = [
-        store.key("anything"),
-        store.token_key("shop.product", 1),
-        store.epoch_key("shop.product"),
-        store.generation_key("shop.tag"),
-        store.stats_key("shop.order"),
+        redis_store.key("anything"),
+        redis_store.token_key("shop.product", 1),
+        redis_store.epoch_key("shop.product"),
+        redis_store.generation_key("shop.tag"),
+        redis_store.stats_key("shop.order"),
         cache.instance_key("shop.customer", "a@x.org"),
         broadcast.stream_key("shop.product"),
         broadcast.stream_key("shop.order::customer-7"),
@@ -109,7 +109,7 @@ def test_a_cluster_serves_cached_reads_and_invalidates_them_at_commit(
         assert cached_instance(Product, product.pk).price == Decimal("1.00")
     product.price = Decimal("2.00")
     product.save()  # the commit deletes the row's tokens and the model's generation
-    assert not store.breaker.open, "the commit-time invalidation failed"
+    assert not redis_store.breaker.open, "the commit-time invalidation failed"
     assert cached_instance(Product, product.pk).price == Decimal("2.00")
     with django_assert_num_queries(0):
         assert cached_instance(Product, product.pk).price == Decimal("2.00")
@@ -124,7 +124,7 @@ def test_the_relay_invalidates_and_emits_on_a_cluster(on_cluster, no_relay):
     result = relay.drain()
     assert result.failed == 0
     assert cached_instance(Product, product.pk).price == Decimal("3.00")
-    assert store.get_redis().xlen(broadcast.stream_key("shop.product")) == 2  # create, update
+    assert redis_store.get_redis().xlen(broadcast.stream_key("shop.product")) == 2  # create, update
 
 
 def test_the_incarnation_is_the_run_id_of_the_node_serving_the_prefix(on_cluster, settings):
@@ -135,24 +135,24 @@ def test_the_incarnation_is_the_run_id_of_the_node_serving_the_prefix(on_cluster
     assert len(prefixes) == 3
     for run_id, prefix in prefixes.items():
         settings.ORMBRIDGE = {**settings.ORMBRIDGE, "KEY_PREFIX": prefix}
-        assert store.incarnation() == run_id
-        assert store.incarnation(store.entries_redis()) == run_id
+        assert redis_store.incarnation() == run_id
+        assert redis_store.incarnation(redis_store.entries_redis()) == run_id
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_restart_of_the_node_serving_the_slot_leaves_no_entry_a_hit(on_cluster, no_relay):
     [product] = make_products(1, price="1.00")
     cached_instance(Product, product.pk)
-    node = node_serving(on_cluster, store.key())
-    before = store.incarnation(store.entries_redis())
+    node = node_serving(on_cluster, redis_store.key())
+    before = redis_store.incarnation(redis_store.entries_redis())
     node.save()  # the restarted node comes back with the entry and its tokens
     try:
         node.stop()
         Product.objects.filter(pk=product.pk).update(price=Decimal("4.00"))  # nothing delivers it
         on_cluster.start()  # the node, and the cluster ok again
-        assert store.entries_redis().exists(store.token_key("shop.product", product.pk))
+        assert redis_store.entries_redis().exists(redis_store.token_key("shop.product", product.pk))
         assert cached_instance(Product, product.pk).price == Decimal("4.00")
-        assert store.incarnation(store.entries_redis()) == run_id_of(node) != before
+        assert redis_store.incarnation(redis_store.entries_redis()) == run_id_of(node) != before
     finally:
         for snapshot in node.snapshots:
             snapshot.unlink(missing_ok=True)
@@ -163,10 +163,10 @@ def test_reads_go_to_the_database_while_every_node_is_down(on_cluster, no_relay)
     [product] = make_products(1, price="1.00")
     cached_instance(Product, product.pk)
     on_cluster.stop()
-    store._client.cache_clear()  # a new client too: one that cannot find the cluster
+    redis_store._client.cache_clear()  # a new client too: one that cannot find the cluster
     Product.objects.filter(pk=product.pk).update(price=Decimal("5.00"))
     assert cached_instance(Product, product.pk).price == Decimal("5.00")
-    assert store.breaker.open, "the commit-time invalidation failed as a Redis failure"
+    assert redis_store.breaker.open, "the commit-time invalidation failed as a Redis failure"
 
 
 @pytest.mark.django_db(transaction=True)

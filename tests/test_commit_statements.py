@@ -1,7 +1,7 @@
 """Read-your-writes for every statement form (issue 16, item 9): what the commit path recognises.
 
 The committing process invalidates at commit what each statement it ran wrote
-to a captured table (``ormbridge.buffer``). Django's backends write with more
+to a captured table (``ormbridge.commit``). Django's backends write with more
 than ``INSERT INTO`` / ``UPDATE`` / ``DELETE FROM``: PostgreSQL's ``flush`` is
 one ``TRUNCATE`` of every table, SQLite's m2m ``add()`` and
 ``bulk_create(ignore_conflicts=True)`` are ``INSERT OR IGNORE INTO``, and raw
@@ -31,7 +31,7 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from psycopg.sql import SQL, Identifier
 
-from ormbridge import buffer, capture, store
+from ormbridge import capture, commit, redis_store
 from ormbridge.cache import cached_instance
 from ormbridge.querysets import cached_queryset
 from shop.models import DigitalProduct, Order, Product, Tag
@@ -335,11 +335,11 @@ def noted(monkeypatch) -> Callable[..., set[str]]:
         alias = "default"
 
     keys: list[str] = []
-    monkeypatch.setattr(buffer, "note", lambda found, using: keys.extend(found))
+    monkeypatch.setattr(commit, "note", lambda found, using: keys.extend(found))
 
     def run(sql: str, params: Any = None, many: bool = False) -> set[str]:
         keys.clear()
-        buffer.observe(lambda *args: None, sql, params, many, {"connection": Connection()})
+        commit.observe(lambda *args: None, sql, params, many, {"connection": Connection()})
         return set(keys)
 
     return run
@@ -350,11 +350,11 @@ def keys_of(kinds: dict[str, str | list[int]]) -> set[str]:
     keys: set[str] = set()
     for name, kind in kinds.items():
         label = f"shop.{name}"
-        keys.add(store.generation_key(label))
+        keys.add(redis_store.generation_key(label))
         if kind == "model":  # every instance (the epoch) and queryset
-            keys.add(store.epoch_key(label))
+            keys.add(redis_store.epoch_key(label))
         elif kind != "querysets":  # these rows' instances, and querysets
-            keys.update(store.token_key(label, pk) for pk in kind)
+            keys.update(redis_store.token_key(label, pk) for pk in kind)
     return keys
 
 
@@ -637,8 +637,8 @@ def test_each_statement_notes_what_it_writes(noted, sql, params, kinds):
 def test_a_truncate_cascade_notes_every_captured_model(noted):
     labels = {target.label for table in capture.tables() for target in table.targets}
     assert len(labels) > 2
-    keys = {store.generation_key(label) for label in labels}
-    keys |= {store.epoch_key(label) for label in labels}
+    keys = {redis_store.generation_key(label) for label in labels}
+    keys |= {redis_store.epoch_key(label) for label in labels}
     assert noted('TRUNCATE "shop_tag" CASCADE') == keys
 
 
@@ -663,10 +663,10 @@ def odd_tables(monkeypatch) -> Iterator[None]:
         capture.Table('ledger"."entry', (capture.Target("shop.order", "id"),)),
     ]
     monkeypatch.setattr(capture, "tables", lambda: tables)
-    buffer.tables_changed()
+    commit.tables_changed()
     yield
     monkeypatch.undo()
-    buffer.tables_changed()
+    commit.tables_changed()
 
 
 ODD = [

@@ -5,7 +5,7 @@ A 1,000,000-row ``UPDATE`` is one change-log row on PostgreSQL, all its pks in o
 array: a relay read it whole (and every row merged with it) into memory. Here the cap is
 1,000 pks and the statements 10,000 rows: every merged flush and every replay holds at most
 the cap, and every row is delivered as before (tokens, events, replays). The merged flushes
-are watched by wrapping ``ormbridge.flush.flush`` in this process (the real one runs).
+are watched by wrapping ``ormbridge.delivery.flush`` in this process (the real one runs).
 ``bench/relay_memory.py`` measures a worker's memory at full size.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from django.db.models import F
 
 import ormbridge
-from ormbridge import flush, relay, replay, store
+from ormbridge import delivery, redis_store, relay, replay
 from ormbridge.cache import cached_instance
 from ormbridge.conf import settings as ormbridge_settings
 from ormbridge.models import ChangeBatch, ResyncJob
@@ -41,7 +41,7 @@ def capped(settings) -> None:
 def held(monkeypatch) -> dict[str, list[list[Any]]]:
     """The pks of every flush and every replay of ``post_save`` this process makes."""
     seen: dict[str, list[list[Any]]] = {"flushes": [], "replays": []}
-    real_flush, real_replay = flush.flush, replay.replay_saves
+    real_flush, real_replay = delivery.flush, replay.replay_saves
 
     def flushing(model, action, pks, *args, **kwargs):
         if model is Product and pks is not None:
@@ -52,7 +52,7 @@ def held(monkeypatch) -> dict[str, list[list[Any]]]:
         seen["replays"].append(list(pks))
         return real_replay(model, pks, *args, **kwargs)
 
-    monkeypatch.setattr(flush, "flush", flushing)
+    monkeypatch.setattr(delivery, "flush", flushing)
     monkeypatch.setattr(replay, "replay_saves", replaying)
     return seen
 
@@ -128,7 +128,7 @@ def test_a_delivery_cut_off_half_way_goes_on_from_where_it_stopped(
     }
     held["flushes"].clear()
     ormbridge.invalidate(Product, pks)
-    store.get_redis().set(emitters.fail_at_key(), 4)
+    redis_store.get_redis().set(emitters.fail_at_key(), 4)
     assert relay.drain().failed == 1
     [row] = ChangeBatch.objects.filter(model="shop.product", action="invalidate")
     assert (row.state, row.attempts) == ("pending", 1)

@@ -7,7 +7,7 @@ from django.db import transaction
 from django.test import Client
 
 import ormbridge
-from ormbridge import relay, store
+from ormbridge import redis_store, relay
 from ormbridge.broadcast import stream_key
 from shop.models import Customer, Order, Product, Tag
 from tests import sse
@@ -25,13 +25,13 @@ def viewer():
 
 
 def stream_length(namespace: str) -> int:
-    return store.get_redis().xlen(stream_key(namespace))
+    return redis_store.get_redis().xlen(stream_key(namespace))
 
 
 def settled(rows: list) -> list:
     """``rows`` with their creation delivered and every event stream emptied."""
     relay.drain()
-    client = store.get_redis()
+    client = redis_store.get_redis()
     for stream in client.scan_iter(stream_key("*")):
         client.delete(stream)
     return rows
@@ -121,10 +121,10 @@ def test_events_carry_no_values_unless_the_model_opts_in(no_relay):
     product.save()
     tag = Tag.objects.create(name="sale")
     relay.drain()
-    [product_event] = store.get_redis().xrange(stream_key("shop.product"))
+    [product_event] = redis_store.get_redis().xrange(stream_key("shop.product"))
     assert "secret" not in product_event[1]["event"]
     assert "payload" not in product_event[1]["event"]
-    [tag_event] = store.get_redis().xrange(stream_key("shop.tag"))
+    [tag_event] = redis_store.get_redis().xrange(stream_key("shop.tag"))
     assert '"payload": {"' + str(tag.pk) + '": {"name": "sale"}}' in tag_event[1]["event"]
 
 

@@ -9,7 +9,7 @@ import socket
 import pytest
 from django.contrib.auth.models import Permission, User
 
-from ormbridge import broadcast, fanout, store
+from ormbridge import broadcast, fanout, redis_store
 from tests import sse
 from tests.conftest import wait_until
 
@@ -38,13 +38,13 @@ def emit(count: int, pks: list[int] | None = None) -> list[str]:
 def events_connections(server: sse.Server) -> int:
     """Connections to ormbridge's Redis that the server process's hub holds."""
     name = f"ormbridge-events:{server.process.pid}"
-    listed = store.get_redis().client_list()
+    listed = redis_store.get_redis().client_list()
     rows = [row for node in listed.values() for row in node] if isinstance(listed, dict) else listed
     return sum(1 for row in rows if row["name"] == name)
 
 
 def all_connections() -> int:
-    listed = store.get_redis().client_list()
+    listed = redis_store.get_redis().client_list()
     return sum(len(node) for node in listed.values()) if isinstance(listed, dict) else len(listed)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import Permission, User
 
-from ormbridge import relay, store
+from ormbridge import redis_store, relay
 from ormbridge.broadcast import stream_key
 from shop.models import Product
 from tests import sse
@@ -48,7 +48,7 @@ def products(count: int) -> list[Product]:
     """``count`` products, their creation delivered and every event stream emptied."""
     rows = make_products(count)
     relay.drain()
-    client = store.get_redis()
+    client = redis_store.get_redis()
     for key in client.scan_iter(stream_key("*")):
         client.delete(key)
     return rows
@@ -122,9 +122,9 @@ def test_under_wsgi_an_open_stream_closes_once_access_is_revoked(server, no_rela
 def stream_readers() -> set[str]:
     """Ids of the connections to ormbridge's Redis (the node of its slot, on a cluster)
     whose last command is XREAD: the servers' open streams."""
-    client: Any = store.get_redis()
-    if isinstance(client, store.ClusterClient):
-        entries = client.client_list(target_nodes=client.get_node_from_key(store.key()))
+    client: Any = redis_store.get_redis()
+    if isinstance(client, redis_store.ClusterClient):
+        entries = client.client_list(target_nodes=client.get_node_from_key(redis_store.key()))
     else:
         entries = client.client_list()
     return {entry["id"] for entry in entries if entry["cmd"] == "xread"}

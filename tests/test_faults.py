@@ -21,7 +21,7 @@ import redis
 from django.db import connection, transaction
 
 import ormbridge
-from ormbridge import relay, store
+from ormbridge import redis_store, relay
 from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch
 from shop.models import Product
@@ -74,7 +74,7 @@ def pause(redis_servers: dict[str, RedisServer]) -> Iterator[Callable[[str], Non
     """Pause every client of a Redis server (every node of a cluster) for 3 s
     (``CLIENT PAUSE 3000 ALL``)."""
     paused: list[redis.Redis] = []
-    store.breaker.reset()
+    redis_store.breaker.reset()
 
     def pause(name: str) -> None:
         for node in redis_servers[name].nodes:
@@ -86,7 +86,7 @@ def pause(redis_servers: dict[str, RedisServer]) -> Iterator[Callable[[str], Non
     for client in paused:
         client.execute_command("CLIENT", "UNPAUSE")  # answered when the pause ends (Redis 7.0)
         client.close()
-    store.breaker.reset()
+    redis_store.breaker.reset()
 
 
 # A save that waited for a paused Redis took the whole pause (3 s) or a client's socket
@@ -109,16 +109,16 @@ def test_a_save_returns_at_once_while_ormbridge_redis_hangs(pause, monkeypatch):
     first = timed_save(product, "2.00")
     print(f"save with ormbridge's Redis paused: {first * 1000:.1f} ms")
     assert first < AT_ONCE
-    assert store.breaker.open, "the failed commit-time invalidation opened the breaker"
+    assert redis_store.breaker.open, "the failed commit-time invalidation opened the breaker"
 
     attempts: list[None] = []
-    commit_redis = store.commit_redis
+    commit_redis = redis_store.commit_redis
 
-    def counted() -> store.Client:
+    def counted() -> redis_store.Client:
         attempts.append(None)
         return commit_redis()
 
-    monkeypatch.setattr(store, "commit_redis", counted)
+    monkeypatch.setattr(redis_store, "commit_redis", counted)
     second = timed_save(product, "3.00")
     print(f"the next save, breaker open: {second * 1000:.1f} ms")
     assert second < AT_ONCE
@@ -145,7 +145,7 @@ def hang(redis_servers: dict[str, RedisServer]) -> Iterator[Callable[[str], None
     for server in redis_servers.values():
         if isinstance(server, RedisCluster):  # its nodes may have marked each other failed
             wait_until(server._ok, 30, f"the Redis Cluster {server.name} to be ok again")
-    store.read_breaker.reset()
+    redis_store.read_breaker.reset()
 
 
 def test_cached_reads_go_to_the_database_at_once_while_ormbridge_redis_hangs(no_relay, hang):
@@ -158,7 +158,7 @@ def test_cached_reads_go_to_the_database_at_once_while_ormbridge_redis_hangs(no_
     elapsed = time.monotonic() - started
     print(f"six cached reads with ormbridge's Redis hung: {elapsed * 1000:.1f} ms")
     assert elapsed < 2 * AT_ONCE, "the reads waited for the hung Redis"
-    assert store.read_breaker.open, "the failed read opened the reads' breaker"
+    assert redis_store.read_breaker.open, "the failed read opened the reads' breaker"
 
 
 def test_a_save_does_not_touch_the_broker(pause):
@@ -168,7 +168,7 @@ def test_a_save_does_not_touch_the_broker(pause):
     elapsed = timed_save(product, "2.00")
     print(f"save with the broker paused: {elapsed * 1000:.1f} ms")
     assert elapsed < AT_ONCE
-    assert not store.breaker.open
+    assert not redis_store.breaker.open
     assert price(product.pk) == Decimal("2.00")  # invalidated at commit, broker or not
 
 
@@ -229,19 +229,19 @@ def test_a_restart_from_an_older_snapshot_revives_no_stale_entry(no_relay, redis
     server = redis_servers["ormbridge"]
     [product] = make_products(1, price="1.00")
     fill(product)
-    token = store.token_key("shop.product", product.pk)
-    incarnation = store.incarnation()
+    token = redis_store.token_key("shop.product", product.pk)
+    incarnation = redis_store.incarnation()
     try:
         server.save()  # every node of a cluster
         assert all(snapshot.exists() for snapshot in server.snapshots)
         product.price = Decimal("2.00")
         product.save()  # commits; the row's token is deleted
-        assert not store.get_redis().exists(token)
+        assert not redis_store.get_redis().exists(token)
 
         server.stop()
         server.start()  # loads the snapshot: the old token is back, the cache untouched
-        assert store.get_redis().exists(token)
-        assert store.incarnation() != incarnation
+        assert redis_store.get_redis().exists(token)
+        assert redis_store.incarnation() != incarnation
         assert cached_entry("shop.product", product.pk) is not None
         assert undelivered() >= 1  # no relay ran
 

@@ -23,7 +23,7 @@ import pytest
 from django.db import connection, transaction
 from django.db.models import Q
 
-from ormbridge import store
+from ormbridge import redis_store
 from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch
 from ormbridge.querysets import cached_queryset
@@ -243,14 +243,14 @@ def test_an_insert_ignoring_conflicts_is_read_fresh_at_once(no_relay, write):
 def test_a_rolled_back_block_leaves_the_entry_and_its_tokens(no_relay):
     [product] = make_products(1, price="1.00")
     fill(product)
-    token = store.token_key("shop.product", product.pk)
-    before = (store.get_redis().get(token), cached_entry("shop.product", product.pk))
+    token = redis_store.token_key("shop.product", product.pk)
+    before = (redis_store.get_redis().get(token), cached_entry("shop.product", product.pk))
     assert before[0] is not None
     with pytest.raises(RuntimeError), transaction.atomic():
         product.price = Decimal("9.00")
         product.save()
         raise RuntimeError("roll back")
-    after = (store.get_redis().get(token), cached_entry("shop.product", product.pk))
+    after = (redis_store.get_redis().get(token), cached_entry("shop.product", product.pk))
     assert after[0] == before[0], "the row's token was deleted for a rolled-back write"
     assert after[1] is not None and after[1].split(b"\n")[0] == before[1].split(b"\n")[0]
     assert cached_instance(Product, product.pk).price == Decimal("1.00")
@@ -262,7 +262,9 @@ def test_a_rolled_back_savepoint_in_a_committed_transaction(no_relay, reader):
     before, untouched, after = make_products(3, price="1.00")
     for product in (before, untouched, after):
         fill(product, reader)
-    untouched_token = store.get_redis().get(store.token_key("shop.product", untouched.pk))
+    untouched_token = redis_store.get_redis().get(
+        redis_store.token_key("shop.product", untouched.pk)
+    )
     with transaction.atomic():
         before.price = Decimal("2.00")
         before.save()
@@ -277,7 +279,10 @@ def test_a_rolled_back_savepoint_in_a_committed_transaction(no_relay, reader):
     assert reader.instance(before.pk) == "2.00"
     assert reader.instance(after.pk) == "4.00"
     assert reader.instance(untouched.pk) == "1.00"
-    assert store.get_redis().get(store.token_key("shop.product", untouched.pk)) == untouched_token
+    assert (
+        redis_store.get_redis().get(redis_store.token_key("shop.product", untouched.pk))
+        == untouched_token
+    )
     assert cached(untouched.pk)
 
 
@@ -307,7 +312,7 @@ def test_a_manual_transaction_rollback_leaves_nothing(worker):
     [product] = make_products(1, price="1.00")
     wait_until(lambda: undelivered() == 0, 30, "the products' creation to be delivered")
     fill(product)
-    token = store.get_redis().get(store.token_key("shop.product", product.pk))
+    token = redis_store.get_redis().get(redis_store.token_key("shop.product", product.pk))
     logged = ChangeBatch.objects.count()
     transaction.set_autocommit(False)
     try:
@@ -317,7 +322,7 @@ def test_a_manual_transaction_rollback_leaves_nothing(worker):
     finally:
         transaction.set_autocommit(True)
     assert ChangeBatch.objects.count() == logged
-    assert store.get_redis().get(store.token_key("shop.product", product.pk)) == token
+    assert redis_store.get_redis().get(redis_store.token_key("shop.product", product.pk)) == token
     Category.objects.create(name="a later, committed change")
     wait_until(
         lambda: any(e["model"] == "shop.category" for e in emitters.recorded()),

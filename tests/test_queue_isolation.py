@@ -13,7 +13,7 @@ from django.test import override_settings
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
-from ormbridge import resync, schedule, store, tasks
+from ormbridge import redis_store, resync, schedule, tasks
 from ormbridge.conf import settings as ormbridge_settings
 from ormbridge.models import ChangeBatch, ResyncJob
 from tests.commands import run
@@ -32,7 +32,7 @@ def as_project_b(settings, **values) -> None:
 
 def refused(task: str) -> int:
     """Refusals of ``task`` counted under project A's prefix."""
-    return int(store.get_redis().hget(store.refused_key(), task) or 0)
+    return int(redis_store.get_redis().hget(redis_store.refused_key(), task) or 0)
 
 
 def a_worker(start_worker: Callable[..., Worker], prefix: str | None = None) -> Worker:

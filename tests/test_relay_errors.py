@@ -18,7 +18,7 @@ from django.db import connection
 from django.utils import timezone
 
 import ormbridge
-from ormbridge import store
+from ormbridge import redis_store
 from ormbridge.models import ChangeBatch
 from shop.models import Product
 from tests import replays
@@ -60,7 +60,7 @@ def kill_mid_replay(start_worker: Callable[..., Worker], backoff: float, read: b
     wait_delivered()  # the inserts' own change-log rows
     result = ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=1000, stock=3)
     [batch_id] = result.batch_ids
-    client = store.get_redis()
+    client = redis_store.get_redis()
     wait_until(lambda: client.get(hold_key("backend")), 60, "the receiver to hold the replay")
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_terminate_backend(%s)", [int(client.get(hold_key("backend")))])

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 from django.utils import timezone
 
-from ormbridge import store, tasks
+from ormbridge import redis_store, tasks
 from ormbridge.conf import settings
 from ormbridge.models import ChangeBatch
 from tests import commands
@@ -203,9 +203,9 @@ def test_a_refusal_older_than_the_window_is_shown_but_healthy(worker):
 def test_refusals_are_kept_under_the_prefix_pruned_to_the_window(worker, settings):
     """The sorted set of refusal times: older ones go as new ones come, at most 1,000."""
     settings.ORMBRIDGE = {**settings.ORMBRIDGE, "STATUS_REFUSAL_WINDOW": 600}
-    client = store.get_redis()
+    client = redis_store.get_redis()
     old = json.dumps({"task": "ormbridge.sweep", "id": "old", "reason": "long ago"})
-    client.zadd(store.refusals_key(), {old: time.time() - 700})
+    client.zadd(redis_store.refusals_key(), {old: time.time() - 700})
     refused_by(worker, {}, len(worker.log_text()))
-    members = client.zrange(store.refusals_key(), 0, -1)
+    members = client.zrange(redis_store.refusals_key(), 0, -1)
     assert len(members) == 1 and '"old"' not in members[0]

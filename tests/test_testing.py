@@ -17,7 +17,7 @@ from django.db import connection, transaction
 from django.test.utils import override_settings
 
 import ormbridge
-from ormbridge import store
+from ormbridge import redis_store
 from ormbridge.models import ChangeBatch
 from ormbridge.testing import (
     DeliveryError,
@@ -72,7 +72,7 @@ class DeliveryAtCommit:
     def test_signals_are_replayed_at_commit(self, no_relay, ormbridge_testing):
         [product] = make_products(1)
         ormbridge.safe_bulk_update(Product.objects.filter(pk=product.pk), stock=7)
-        saves = store.get_redis().hgetall(replays_key("shop.product", "save"))
+        saves = redis_store.get_redis().hgetall(replays_key("shop.product", "save"))
         assert saves == {str(product.pk): "1"}
 
     def test_a_queryset_is_invalidated_by_a_change_to_a_model_it_joins(
@@ -154,8 +154,8 @@ def test_the_keys_of_a_test_are_deleted_when_it_ends(no_relay):
     with Harness() as harness:
         [product] = make_products(1)
         ormbridge.cached_instance(Product, product.pk)
-        assert store.get_redis().keys(f"{store.tag(harness.prefix)}:*")
-    assert store.get_redis().keys(f"{store.tag(harness.prefix)}:*") == []
+        assert redis_store.get_redis().keys(f"{redis_store.tag(harness.prefix)}:*")
+    assert redis_store.get_redis().keys(f"{redis_store.tag(harness.prefix)}:*") == []
 
 
 @pytest.mark.django_db
@@ -242,4 +242,4 @@ def test_the_sample_pytest_module_passes_twice_in_one_process_and_leaves_no_key(
     )
     assert process.returncode == 0, process.stdout
     assert "22 passed" in process.stdout
-    assert store.get_redis().keys("*") == []
+    assert redis_store.get_redis().keys("*") == []

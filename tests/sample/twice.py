@@ -17,7 +17,7 @@ def main(label: str) -> None:
     django.setup()
     from django.test.runner import DiscoverRunner
 
-    from ormbridge import store
+    from ormbridge import redis_store
 
     runner = DiscoverRunner(verbosity=1, interactive=False)
     runner.setup_test_environment()
@@ -30,7 +30,7 @@ def main(label: str) -> None:
                 {
                     "tests": result.testsRun,
                     "failures": len(result.failures) + len(result.errors),
-                    "keys": sorted(store.get_redis().keys("*")),
+                    "keys": sorted(redis_store.get_redis().keys("*")),
                 }
             )
     finally:

@@ -8,11 +8,11 @@ from django.apps import AppConfig
 from django.db import connections
 from django.db.models.signals import post_delete, post_save
 
-from ormbridge import store
+from ormbridge import redis_store
 
 
 def replays_key(label: str, kind: str) -> str:
-    return store.key("test", "replays", label, kind)
+    return redis_store.key("test", "replays", label, kind)
 
 
 def record_save(sender, instance, created, update_fields, **kwargs):
@@ -20,7 +20,7 @@ def record_save(sender, instance, created, update_fields, **kwargs):
         return
     label = sender._meta.label_lower
     fields = None if update_fields is None else sorted(update_fields)
-    pipe = store.get_redis().pipeline(transaction=False)
+    pipe = redis_store.get_redis().pipeline(transaction=False)
     pipe.hincrby(replays_key(label, "save"), instance.pk, 1)
     pipe.sadd(replays_key(label, "update_fields"), json.dumps(fields))
     pipe.sadd(replays_key(label, "created"), json.dumps(created))
@@ -39,7 +39,7 @@ def fail_save(sender, instance, **kwargs):
 
 def hold_key(kind: str) -> str:
     """``hold_save``'s keys: ``backend`` (its connection's backend pid), ``release``, ``once``."""
-    return store.key("test", "hold", kind)
+    return redis_store.key("test", "hold", kind)
 
 
 def hold_save(sender, instance, using, **kwargs):
@@ -53,7 +53,7 @@ def hold_save(sender, instance, using, **kwargs):
     held = os.environ.get("ORMBRIDGE_TEST_HOLD_SAVE", "")
     if not held or not kwargs.get("ormbridge_replay") or str(instance.pk) != held:
         return
-    client = store.get_redis()
+    client = redis_store.get_redis()
     if not client.set(hold_key("once"), 1, nx=True):
         return
     with connections[using].cursor() as cursor:
@@ -71,7 +71,7 @@ def record_delete(sender, instance, **kwargs):
         return
     label = sender._meta.label_lower
     values = {f.attname: str(getattr(instance, f.attname)) for f in sender._meta.concrete_fields}
-    pipe = store.get_redis().pipeline(transaction=False)
+    pipe = redis_store.get_redis().pipeline(transaction=False)
     pipe.hincrby(replays_key(label, "delete"), instance.pk, 1)
     pipe.hset(replays_key(label, "deleted"), instance.pk, json.dumps(values))
     pipe.execute()

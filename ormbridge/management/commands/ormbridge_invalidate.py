@@ -6,7 +6,7 @@ from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import models
 
-from ormbridge import buffer, registry, store
+from ormbridge import commit, redis_store, registry
 
 
 class Command(BaseCommand):
@@ -28,10 +28,10 @@ class Command(BaseCommand):
         if all_models == bool(models):
             raise CommandError("name models as app_label.Model, or pass --all (not both).")
         chosen = registry.registered_models() if all_models else [self._model(m) for m in models]
-        store.breaker.reset()
+        redis_store.breaker.reset()
         for model in chosen:
-            buffer.invalidate(model)  # autocommit: its tokens are deleted right away
-        if store.breaker.open:
+            commit.invalidate(model)  # autocommit: its tokens are deleted right away
+        if redis_store.breaker.open:
             raise CommandError(
                 "Redis did not answer; the invalidation is in the change log and the relays "
                 "apply it when Redis is back."

@@ -33,7 +33,7 @@ from django.db import transaction
 from django.db.models import Max
 from tqdm import tqdm
 
-from ormbridge import broadcast, registry, stats, store
+from ormbridge import broadcast, redis_store, registry, stats
 from ormbridge.cache import cached_instance, instance_key
 from ormbridge.conf import settings
 from ormbridge.models import ChangeBatch
@@ -105,7 +105,7 @@ class Command(BaseCommand):
     def _demo(self, rows: int, saves: int, hot: int) -> None:
         out = self.stdout
         call_command("migrate", verbosity=0)
-        store.get_redis().ping()
+        redis_store.get_redis().ping()
         out.write(self.style.MIGRATE_HEADING("ormbridge demo"))
         self._seed(rows)
         worker = self._start_worker()
@@ -178,7 +178,7 @@ class Command(BaseCommand):
         """Warm the cache, save, roll a transaction back, wait for the relay, and report."""
         products = list(Product.objects.order_by("pk")[:hot])
         category = Category.objects.get(pk=products[0].category_id)
-        client = store.get_redis()
+        client = redis_store.get_redis()
         labels = [model._meta.label_lower for model in registry.registered_models()]
         for product in tqdm(products, desc="Warming the cache", unit="row"):
             cached_instance(Product, product.pk)
@@ -456,13 +456,13 @@ class Reader:
 def _counter(labels: list[str], name: str) -> int:
     """The sum of ormbridge's counter ``name`` (hits, batches, …) over the models ``labels``,
     as the relay and the cache reads keep them."""
-    client = store.get_redis()
-    return sum(int(client.hget(store.stats_key(label), name) or 0) for label in labels)
+    client = redis_store.get_redis()
+    return sum(int(client.hget(redis_store.stats_key(label), name) or 0) for label in labels)
 
 
 def _stream_ends() -> dict[str, str]:
     """The id of the last event of every events stream now."""
-    client = store.get_redis()  # answers str
+    client = redis_store.get_redis()  # answers str
     ends = {}
     for key in client.scan_iter(match=broadcast.stream_key("*"), count=1000):
         for entry_id, _ in client.xrevrange(key, count=1) or []:
@@ -472,7 +472,7 @@ def _stream_ends() -> dict[str, str]:
 
 def _events_since(ends: dict[str, str]) -> list[dict[str, Any]]:
     """The events added to every events stream after ``ends`` (from :func:`_stream_ends`)."""
-    client = store.get_redis()
+    client = redis_store.get_redis()
     events = []
     for key in client.scan_iter(match=broadcast.stream_key("*"), count=1000):
         after = ends.get(str(key))

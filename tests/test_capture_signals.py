@@ -6,7 +6,7 @@ from decimal import Decimal
 import pytest
 from django.db import connection, transaction
 
-from ormbridge import capture, receivers, relay
+from ormbridge import capture, capture_signals, relay
 from ormbridge.cache import cached_instance
 from ormbridge.models import ChangeBatch
 from shop.models import Product, Tag
@@ -20,11 +20,11 @@ def signals_capture(no_relay, settings) -> Iterator[None]:
     """The example's database captured by receivers, its triggers removed meanwhile."""
     settings.ORMBRIDGE = {**settings.ORMBRIDGE, "CAPTURE": "signals"}
     capture.uninstall(connection.alias)
-    receivers.connect()
+    capture_signals.connect()
     try:
         yield
     finally:
-        receivers.disconnect()
+        capture_signals.disconnect()
         capture.install(connection.alias)
 
 

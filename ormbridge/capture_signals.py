@@ -24,7 +24,7 @@ from django.apps import apps
 from django.db import connections, models
 from django.db.models.signals import m2m_changed, post_delete, post_save
 
-from ormbridge import buffer, capture, registry
+from ormbridge import capture, commit, registry
 from ormbridge.conf import settings
 from ormbridge.models import ChangeBatch
 
@@ -100,7 +100,7 @@ def _log(model: type[models.Model], action: str, pks: list[Any], fields: Any, us
         rows=len(values),
         fields=None if fields is None else sorted(fields),
     )
-    buffer.note(buffer.keys_for(label, values), using)
+    commit.note(commit.keys_for(label, values), using)
 
 
 def _on_save(

@@ -59,7 +59,7 @@ from django.core.exceptions import ValidationError
 from django.db import connections, models, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from ormbridge import cache, capture, registry, store
+from ormbridge import cache, capture, redis_store, registry
 from ormbridge.models import ChangeBatch
 
 logger = logging.getLogger("ormbridge")
@@ -155,23 +155,23 @@ def note(keys: Iterable[str], using: str) -> None:
 
 def forget(keys: set[str]) -> None:
     """Delete ``keys`` in one round trip, unless the breaker is open. Never raises."""
-    if not keys or store.breaker.open:
+    if not keys or redis_store.breaker.open:
         return
     try:
-        store.commit_redis().delete(*keys)
+        redis_store.commit_redis().delete(*keys)
     except (redis.RedisError, OSError) as exc:
-        store.breaker.trip(exc)
+        redis_store.breaker.trip(exc)
     except Exception:
         logger.exception("ormbridge: invalidating at commit failed; the relay will")
 
 
 def keys_for(label: str, pks: Sequence[object] | None) -> list[str]:
     """The tokens a change to ``pks`` of ``label`` kills (None: the rows are unknown)."""
-    keys = [store.generation_key(label)]
+    keys = [redis_store.generation_key(label)]
     if pks is None:
-        keys.append(store.epoch_key(label))
+        keys.append(redis_store.epoch_key(label))
     else:
-        keys += [store.token_key(label, pk) for pk in pks]
+        keys += [redis_store.token_key(label, pk) for pk in pks]
     return keys
 
 
@@ -232,7 +232,7 @@ class _Write:
 
     def keys(self, params: Any, many: bool) -> list[str]:
         if not self.instances:  # new rows, m2m links: only querysets may hold them
-            return [store.generation_key(label) for label in self.labels]
+            return [redis_store.generation_key(label) for label in self.labels]
         pks = None
         count = self.pk_params
         if (

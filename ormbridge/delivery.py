@@ -13,7 +13,7 @@ from typing import Any
 
 from django.db import models
 
-from ormbridge import broadcast, cache, store
+from ormbridge import broadcast, cache, redis_store
 from ormbridge.conf import settings
 
 
@@ -85,7 +85,7 @@ def invalidate(model: type[models.Model], pks: list[str], everything: bool = Fal
     One Redis pipeline whatever the number of rows. Returns the number of
     instance entries deleted.
     """
-    pipe = store.get_redis().pipeline(transaction=False)
+    pipe = redis_store.get_redis().pipeline(transaction=False)
     entries = cache.forget(model, pks, pipe)
     if everything:
         cache.forget_all(model, pipe)
@@ -95,8 +95,8 @@ def invalidate(model: type[models.Model], pks: list[str], everything: bool = Fal
 
 def record_stats(label: str, result: FlushResult, flushes: int = 0) -> None:
     """Add ``result`` to the model's counters (shown by the demo and status)."""
-    stats = store.stats_key(label)
-    pipe = store.get_redis().pipeline(transaction=False)
+    stats = redis_store.stats_key(label)
+    pipe = redis_store.get_redis().pipeline(transaction=False)
     if flushes:
         pipe.hincrby(stats, "flushes", flushes)
     for name in result.__dataclass_fields__:
