@@ -800,6 +800,12 @@ class MigrationGuard:
     database as it is (:func:`sync`): a data migration's writes are captured.
     Statements that write no row (catalogue reads, savepoints) pass untouched, so
     Django's own introspection in the middle of an operation does not trigger it.
+
+    A schema statement on the change log or the pause table (ormbridge's own
+    migrations) first drops every trigger: they name those tables, and SQLite refuses
+    to rename a table (the last step of rebuilding one to alter a column) while a
+    trigger names a table that does not exist, as the log does midway through its own
+    rebuild. The next :func:`sync` puts them back, once the log can take rows again.
     """
 
     def __init__(self, using: str) -> None:
@@ -824,10 +830,22 @@ class MigrationGuard:
                 self.busy = False
             self.installed += [name for name in installed if name not in self.installed]
             self.pruned += pruned
+        if keyword in _SCHEMA and _names_log(sql):
+            self.busy = True
+            try:
+                uninstall(self.using)
+            finally:
+                self.busy = False
         result = execute(sql, params, many, context)
         if keyword in _SCHEMA:
             self.schema_changed = True
         return result
+
+
+def _names_log(sql: object) -> bool:
+    """Whether a statement names the change log or the pause table (the triggers' own)."""
+    text = sql if isinstance(sql, str) else str(sql)
+    return LOG_TABLE in text or PAUSE_TABLE in text
 
 
 def sync(using: str) -> tuple[list[str], list[Trigger]]:

@@ -226,6 +226,28 @@ def test_status_names_the_triggers_a_table_rename_left_behind_and_install_drops_
     assert project.status()[0] == 0
 
 
+def test_ormbridges_own_migrations_run_beside_tables_captured_before_them(project):
+    # early.Ledger is migrated first, and its triggers are installed as soon as the change
+    # log can take rows, while ormbridge's later migrations still rebuild the log (SQLite
+    # rebuilds a table to alter a column): the rebuild must neither fail nor lose capture.
+    project.migrate("early")
+    project.migrate()
+    mark = project.mark()
+    project.sql("INSERT INTO early_ledger (name) VALUES ('after')")
+    [pk] = probe_pks(project, "early_ledger", "id").values()
+    assert project.logged(mark) == [("early.ledger", "create", [pk])]
+    code, states, stderr = project.status()
+    assert (code, states["early_ledger"]) == (0, "installed"), stderr
+
+
+def test_writes_go_on_after_ormbridge_is_migrated_to_zero(project):
+    project.migrate()
+    project.migrate("schemaapp", "zero")
+    project.migrate("ormbridge", "zero")  # the change log goes, and its triggers with it
+    project.sql("INSERT INTO early_ledger (name) VALUES ('no log')")
+    assert list(probe_pks(project, "early_ledger", "id")) == ["no log"]
+
+
 # -- table names ---------------------------------------------------------------------------
 
 

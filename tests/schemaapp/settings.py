@@ -9,7 +9,7 @@ import dj_database_url
 
 SECRET_KEY = "schemaapp-tests-only"
 USE_TZ = True
-INSTALLED_APPS = ["ormbridge", "tests.schemaapp"]
+INSTALLED_APPS = ["tests.schemaapp.early", "ormbridge", "tests.schemaapp"]
 DATABASES = {"default": dj_database_url.parse(os.environ["SCHEMAAPP_DATABASE_URL"])}
 POSTGRESQL = DATABASES["default"]["ENGINE"].endswith("postgresql")
 
@@ -20,6 +20,7 @@ ORMBRIDGE = {
     "MODELS": [
         "schemaapp.Probe",
         "schemaapp.Spaced",
+        "early.Ledger",
         # PostgreSQL's own: a table in another schema, a partitioned table.
         *(["schemaapp.Qualified", "schemaapp.PartRow"] if POSTGRESQL else []),
     ],
