@@ -20,9 +20,11 @@ task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]
 
-# A task whose worker dies is redelivered instead of lost. ormbridge's own
-# sweep hands such work out again after ORMBRIDGE["REDELIVER_AFTER"] seconds,
-# long before the broker's visibility timeout (one hour on Redis) would.
+# A task whose worker dies (ormbridge.sweep, ormbridge.resume_resync) is
+# redelivered instead of lost. Changes themselves travel through the change log,
+# not the broker: the rows a killed worker's relay held are taken over by another
+# relay ORMBRIDGE["RELAY_LEASE"] seconds (10) after its last renewal, long
+# before the broker's visibility timeout (one hour on Redis) would.
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
