@@ -37,3 +37,19 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
+
+# The sdist and the wheel, into dist/, checked by twine as the package index would (README
+# rendering, metadata). build and twine go into .venv here: they are not ormbridge's to need.
+# Install the wheel with: pip install "dist/ormbridge-<version>-py3-none-any.whl[asgi]"
+.PHONY: dist
+dist:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "build>=1.2" "twine>=6"
+	rm -rf dist build ormbridge.egg-info  # a stale egg-info would put its old file list back
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
+	@# Every tracked file of the package (static files, migrations, py.typed ...) is in the wheel.
+	git ls-files ormbridge | $(BIN)/python -c 'import glob, sys, zipfile; \
+	    wheel = set(zipfile.ZipFile(glob.glob("dist/*.whl")[0]).namelist()); \
+	    missing = [f for f in sys.stdin.read().split() if f not in wheel]; \
+	    sys.exit(f"not in the wheel: {missing}" if missing else print(len(wheel), "files in the wheel"))'
