@@ -5,16 +5,17 @@ The events endpoint (:mod:`ormbridge.views`), the Channels consumer
 (:mod:`ormbridge.contrib.eventstream`) all check access here:
 
 - :func:`requested_namespaces` and :func:`is_namespace`: what a client may ask for
-  (``app_label.model`` or ``app_label.model::name``, bounded), :class:`BadRequest`
-  otherwise;
+  (``app_label.model`` or ``app_label.model::name``, bounded; ``::`` is
+  :data:`SEPARATOR`), :class:`BadRequest` otherwise;
 - :func:`permission`: the ``EVENTS_PERMISSION`` hook, else :func:`may_subscribe`
   (the user may ``view`` the namespace's model; tenant namespaces refused);
 - :func:`authorize`: whether the user is logged in, and which namespaces they may and
   may not see, with ``reload`` the session and the user read again first
   (:func:`reload_user`: an open stream's or socket's re-check).
 
-A public module for integrations: ``ormbridge.contrib`` and a project's own
-transports may import it (the import contract in ``pyproject.toml`` allows it).
+Public for integrations: ``ormbridge.contrib`` imports only this module, the
+``ormbridge`` package's exports (``Emitter``, ``Event``) and ``ormbridge.conf``, as a
+project's own transport may (the import contract in ``pyproject.toml`` checks contrib).
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from django.contrib.auth import (
     get_user_model,
     load_backend,
 )
-from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import TooManyFieldsSent
 from django.http import HttpRequest
 from django.utils.crypto import constant_time_compare
@@ -45,6 +45,7 @@ from ormbridge.conf import settings
 
 __all__ = [
     "MAX_NAMESPACE_LENGTH",
+    "SEPARATOR",
     "BadRequest",
     "authorize",
     "is_namespace",
@@ -148,6 +149,10 @@ def reload_user(request: HttpRequest) -> None:
     ``get_user`` checks it (backend, active, password hash), without writing to the
     session: a deleted or expired session, a deactivated user or a changed password
     leave an anonymous user. Without sessions, the same user read again."""
+    # Here, not at the top: an emitter that imports this module (for SEPARATOR) must
+    # not need django.contrib.auth installed.
+    from django.contrib.auth.models import AnonymousUser
+
     session = getattr(request, "session", None)
     if session is None:
         user = request.user

@@ -70,8 +70,8 @@ except ImportError:
         'ormbridge.contrib.channels needs Django Channels: pip install "ormbridge[channels]"'
     ) from None
 
-from ormbridge.access import BadRequest, authorize, requested_namespaces
-from ormbridge.broadcast import SEPARATOR, Emitter, Event
+from ormbridge import Emitter, Event
+from ormbridge.access import SEPARATOR, BadRequest, authorize, requested_namespaces
 from ormbridge.conf import settings
 
 __all__ = [

@@ -27,8 +27,8 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
 
+from ormbridge import Emitter, Event
 from ormbridge.access import is_namespace, permission
-from ormbridge.broadcast import Emitter, Event
 
 try:
     from django_eventstream import send_event

@@ -25,7 +25,8 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
-from ormbridge.broadcast import SEPARATOR, Emitter, Event
+from ormbridge import Emitter, Event
+from ormbridge.access import SEPARATOR
 from ormbridge.conf import settings
 
 __all__ = ["MAX_EVENT_BYTES", "PusherEmitter"]
