@@ -52,6 +52,7 @@ from ormbridge.access import (  # the endpoint's names before access had a modul
 from ormbridge.broadcast import stream_key
 from ormbridge.conf import settings
 from ormbridge.cursors import decode_cursor, encode_cursor, max_cursor_length
+from ormbridge.fanout import READ_COUNT
 
 __all__ = [
     "MAX_NAMESPACE_LENGTH",
@@ -73,7 +74,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-READ_COUNT = 500
 RETRY_MS = 2000  # the browser's wait before it reconnects to a stream that ended
 
 _JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026"}
@@ -171,7 +171,8 @@ def start_positions(namespaces: list[str], cursor: dict[str, str]) -> dict[str, 
         for namespace in new:
             pipe.xrevrange(stream_key(namespace), count=1)
         for namespace, last in zip(new, pipe.execute(), strict=True):
-            positions[namespace] = _text(last[0][0]) if last else "0-0"
+            # The client decodes its replies (decode_responses): entry ids are str.
+            positions[namespace] = cast(str, last[0][0]) if last else "0-0"
     return positions
 
 
@@ -311,10 +312,3 @@ def blocking_stream(
 def _closed(positions: dict[str, str], why: dict[str, Any]) -> str:
     """The last message of a stream the server ends, with the cursor to resume from."""
     return f"id: {encode_cursor(positions)}\nevent: closed\ndata: {json.dumps(why)}\n\n"
-
-
-def _text(value: bytes | str | None) -> str:
-    """A reply of the (``decode_responses``) client as ``str``; None is ``""``."""
-    if isinstance(value, bytes):
-        return value.decode()
-    return value or ""
