@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ormbridge.broadcast import Emitter, Event
     from ormbridge.bulk import (
         BulkInterrupted,
         BulkOperationFailed,
@@ -32,6 +33,8 @@ _SOURCES = {
     "BulkResult": "ormbridge.bulk",
     "CachedManager": "ormbridge.querysets",
     "CachedQuerySet": "ormbridge.querysets",
+    "Emitter": "ormbridge.broadcast",
+    "Event": "ormbridge.broadcast",
     "cached_as": "ormbridge.decorators",
     "cached_instance": "ormbridge.cache",
     "cached_queryset": "ormbridge.querysets",
@@ -50,6 +53,8 @@ __all__ = [
     "BulkResult",
     "CachedManager",
     "CachedQuerySet",
+    "Emitter",
+    "Event",
     "cached_as",
     "cached_instance",
     "cached_queryset",

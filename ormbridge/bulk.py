@@ -36,10 +36,10 @@ from django.db.models.deletion import Collector
 from django.db.models.signals import post_delete
 from django.utils import timezone
 
-from ormbridge import capture, commit, registry, relay, signals
+from ormbridge import capture, commit, registry, signals, sync_delivery
 from ormbridge.conf import settings
 from ormbridge.models import ChangeBatch, pieces
-from ormbridge.replay import snapshot as take_snapshot
+from ormbridge.models import snapshot as take_snapshot
 
 M = TypeVar("M", bound=models.Model)
 
@@ -218,7 +218,7 @@ def safe_bulk_update(
         _compile_update(base.filter(pk__in=[]), values, using)
     frozen = frozenset(fields)
     result = BulkResult(model, using)
-    owner = relay.new_owner()  # holds the rows it writes claimed when replay="sync"
+    owner = sync_delivery.new_owner()  # holds the rows it writes claimed when replay="sync"
 
     def write(pks: list[Any]) -> tuple[list[Any], list[int]]:
         if signals.pre_bulk_update.has_listeners(model):
@@ -263,7 +263,7 @@ def safe_bulk_delete(
     _check_queryset(name, queryset)
     base = queryset.all()
     result = BulkResult(model, using)
-    owner = relay.new_owner()
+    owner = sync_delivery.new_owner()
     empty: frozenset[str] = frozenset()
 
     def write(pks: list[Any]) -> tuple[list[Any], list[int]]:
@@ -306,7 +306,7 @@ def safe_bulk_create(
     _check_objects(name, model, objs, need_pk=False)
     created_objects: list[Any] = []
     result = BulkResult(model, using, objects=created_objects)
-    owner = relay.new_owner()
+    owner = sync_delivery.new_owner()
     empty: frozenset[str] = frozenset()
 
     def write(batch: list[M]) -> tuple[list[Any], list[int]]:
@@ -351,7 +351,7 @@ def safe_bulk_update_objects(
     names = _check_fields(name, model, dict.fromkeys(fields))
     frozen = frozenset(names)
     result = BulkResult(model, using)
-    owner = relay.new_owner()
+    owner = sync_delivery.new_owner()
 
     def write(batch: list[models.Model]) -> tuple[list[Any], list[int]]:
         pks = [obj.pk for obj in batch]
@@ -561,7 +561,7 @@ def _after_commit(
 
     def deliver() -> None:
         if replay == "sync":
-            relay.deliver_held(batch_ids, using, owner)
+            sync_delivery.deliver_held(batch_ids, using, owner)
         if written:
             committed(written)
 

@@ -210,10 +210,34 @@ def default_timeout(labels: Iterable[str]) -> int | None:
     return None if timeouts else settings.CACHE_TIMEOUT
 
 
-# Predicates of a database alias (None: any this thread uses) under which reads
-# go to the database, neither served nor stored. The buffer adds one: "the open
-# transaction has written", whose rows the cache must neither hide nor keep.
-bypass: list[Callable[[str | None], bool]] = []
+_bypass: list[Callable[[str | None], bool]] = []
+
+
+def add_bypass(
+    predicate: Callable[[str | None], bool], *, first: bool = False
+) -> Callable[[], None]:
+    """Register ``predicate``: while it returns True, cached reads go to the database.
+
+    The hook by which the write side and the test harness reach into every cached
+    read without the cache importing them. Before each cached read (``cached_instance``,
+    cached querysets, ``@cached_as``, ``@cached_view_as``, the template tag), each
+    predicate is called with the read's database alias (None: any alias this thread
+    uses), in order; the first that returns True makes the read bypass the cache:
+    neither served nor stored, counted as ``bypassed`` in the status.
+
+    - :mod:`ormbridge.commit` registers "the open transaction has written", whose rows
+      the cache must neither hide nor keep (read-your-writes);
+    - :mod:`ormbridge.testing` registers, ``first``, a predicate that never bypasses
+      but delivers the writes waiting for their statement before the read begins.
+
+    A predicate runs on every cached read: it must be cheap and must not raise.
+    Returns a function that unregisters it.
+    """
+    if first:
+        _bypass.insert(0, predicate)
+    else:
+        _bypass.append(predicate)
+    return lambda: _bypass.remove(predicate)
 
 
 class _Dependencies:
@@ -260,7 +284,7 @@ def _read(
             "manual_transaction", "a manual transaction (set_autocommit(False)) is open"
         )
         return uncached(refused, labels, load)
-    if any(check(using) for check in bypass):
+    if any(check(using) for check in _bypass):
         refused = loads.Uncacheable("bypassed", "the open transaction has written")
         return uncached(refused, labels, load)
     dependencies = dependencies.learnt(shape)

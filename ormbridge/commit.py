@@ -118,7 +118,7 @@ def dirty(using: str | None) -> bool:
     )
 
 
-cache.bypass.append(dirty)
+cache.add_bypass(dirty)  # reads inside a transaction that wrote skip the cache
 
 
 def commit_open(using: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 from django.conf import settings as django_settings
 from django.core.serializers.json import DjangoJSONEncoder
@@ -23,6 +24,16 @@ def pieces(count: int) -> list[slice]:
     """
     size = max(1, int(settings.RELAY_MAX_PKS))
     return [slice(start, start + size) for start in range(0, count, size)] or [slice(0, 0)]
+
+
+def snapshot(model: type[models.Model], instances: list[models.Model]) -> dict[str, Any]:
+    """The concrete field values of ``instances``, in a form the change log can store
+    (a deleted row's values, which its replay rebuilds the instance from)."""
+    fields = model._meta.concrete_fields
+    return {
+        "fields": [field.attname for field in fields],
+        "rows": [[getattr(obj, field.attname) for field in fields] for obj in instances],
+    }
 
 
 class SnapshotEncoder(DjangoJSONEncoder):

@@ -99,15 +99,6 @@ def replay_deletes(model: type[models.Model], snapshot: dict[str, Any], using: s
     return done
 
 
-def snapshot(model: type[models.Model], instances: list[models.Model]) -> dict[str, Any]:
-    """The concrete field values of ``instances``, in a form the change log can store."""
-    fields = model._meta.concrete_fields
-    return {
-        "fields": [field.attname for field in fields],
-        "rows": [[getattr(obj, field.attname) for field in fields] for obj in instances],
-    }
-
-
 def keep_rows(
     model: type[models.Model], snapshot: dict[str, Any], pks: list[Any]
 ) -> dict[str, Any]:

@@ -37,9 +37,9 @@ from django.db import DatabaseError, DataError, connections, router, transaction
 from django.db.models import IntegerField, Model, Q, QuerySet, Sum, TextField, Value
 from django.utils import timezone
 
-from ormbridge import capture, registry, relay
+from ormbridge import capture, registry, sync_delivery
 from ormbridge.conf import settings
-from ormbridge.models import pieces
+from ormbridge.models import log_databases, pieces
 
 if TYPE_CHECKING:
     from django.db.models.options import Options
@@ -86,7 +86,7 @@ def log_database(model: type[Model]) -> str:
         ResyncError: that database holds no change log (``ormbridge.W006``).
     """
     using = router.db_for_write(model)
-    if using not in relay.log_databases():
+    if using not in log_databases():
         raise ResyncError(
             f"{model._meta.label}'s rows are in database {using!r}, which holds no change "
             "log: the router keeps ormbridge's tables out of it (manage.py check says "
@@ -390,8 +390,8 @@ def run(job: ResyncJob, *, sync: bool | None = None, on_progress: OnProgress | N
     if job.state != ResyncJob.State.RUNNING or job.sync != sync:
         job.state, job.sync, job.error = ResyncJob.State.RUNNING, sync, ""
         job.save(using=job_db, update_fields=["state", "sync", "error"])
-    owner = relay.new_owner()
-    for using in relay.log_databases():
+    owner = sync_delivery.new_owner()
+    for using in log_databases():
         undone = _chunks(job, using).exclude(state=ChangeBatch.State.DONE)
         if sync:
             for batch_id in undone.order_by("id").values_list("id", flat=True):
@@ -509,7 +509,7 @@ def _deliver_here(using: str, batch_id: int, owner: str) -> None:
             state=ChangeBatch.State.CLAIMED, claimed_by=owner, claimed_at=now, lease_until=_lease()
         )
         if taken:
-            result = relay.deliver_held([batch_id], using, owner)
+            result = sync_delivery.deliver_held([batch_id], using, owner)
             if result.failed:
                 error = chunk.values_list("last_error", flat=True).first()
                 raise ResyncError(f"chunk {batch_id} could not be delivered: {error}")
@@ -529,7 +529,7 @@ def rows_done(job: ResyncJob) -> int:
     return sum(
         _chunks(job, using).filter(state=ChangeBatch.State.DONE).aggregate(rows=Sum("rows"))["rows"]
         or 0
-        for using in relay.log_databases()
+        for using in log_databases()
     )
 
 

@@ -123,8 +123,7 @@ class Harness:
                 wrappers.insert(0, self._observe)
                 self._stack.callback(wrappers.remove, self._observe)
             # First of the cache's bypass predicates: it runs before every cached read.
-            cache.bypass.insert(0, self._before_read)
-            self._stack.callback(cache.bypass.remove, self._before_read)
+            self._stack.callback(cache.add_bypass(self._before_read, first=True))
             _running.append(self)
             self._stack.callback(_running.remove, self)
             # Rows logged before the test (setUpTestData, fixtures, the last test's
@@ -246,9 +245,10 @@ class Harness:
             self._at_commit[connection.alias] = weakref.ref(callback)
 
     def _before_read(self, using: str | None) -> bool:
-        """A ``cache.bypass`` predicate that never bypasses: a cached read is about
-        to begin, so the writes waiting for their statement are delivered first.
-        Only in the test's thread: the connections are per thread, the list is not."""
+        """A bypass predicate (:func:`ormbridge.cache.add_bypass`) that never bypasses:
+        a cached read is about to begin, so the writes waiting for their statement are
+        delivered first. Only in the test's thread: the connections are per thread, the
+        predicates are not."""
         if not self._delivering and threading.get_ident() == self._thread:
             self.settle()
         return False

@@ -33,9 +33,9 @@ allowed namespaces' groups, followed by one message per event (the event
 dict), or sends ``{"error": "…"}`` and closes with 4400 (bad namespaces), 4401
 (not logged in) or 4403 (no namespace allowed; ``"namespaces"`` lists them).
 Messages from the client are ignored. Access is checked when the socket
-connects, by :func:`ormbridge.views.permission` (``EVENTS_PERMISSION`` or the
-default rule), with the request of :func:`scope_request`, and again every
-``EVENTS_REAUTH`` seconds: a socket that fails it gets
+connects, by :func:`ormbridge.access.authorize` (the rule of the events endpoint:
+``EVENTS_PERMISSION`` or the default), with the request of :func:`scope_request`,
+and again every ``EVENTS_REAUTH`` seconds: a socket that fails it gets
 ``{"closed": {"reason": "denied" | "logged-out", "namespaces": [...]}}`` and is
 closed with 4403 or 4401.
 """
@@ -46,6 +46,7 @@ import asyncio
 import hashlib
 import io
 import json
+import logging
 import re
 from typing import Any
 
@@ -69,9 +70,22 @@ except ImportError:
         'ormbridge.contrib.channels needs Django Channels: pip install "ormbridge[channels]"'
     ) from None
 
-from ormbridge.broadcast import SEPARATOR, Emitter, Event
+from ormbridge import Emitter, Event
+from ormbridge.access import SEPARATOR, BadRequest, authorize, requested_namespaces
 from ormbridge.conf import settings
-from ormbridge.views import BadRequest, permission, reload_user, requested_namespaces
+
+__all__ = [
+    "CLOSE_BAD_REQUEST",
+    "CLOSE_FORBIDDEN",
+    "CLOSE_NOT_LOGGED_IN",
+    "MESSAGE_TYPE",
+    "ChannelsEmitter",
+    "EventsConsumer",
+    "group_name",
+    "scope_request",
+]
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "ormbridge."
 HASHED_PREFIX = "ormbridge-"
@@ -141,23 +155,6 @@ def scope_request(scope: dict[str, Any]) -> HttpRequest:
     if session is not None:
         request.session = session
     return request
-
-
-def authorize(
-    request: HttpRequest, namespaces: list[str], *, reload: bool = False
-) -> tuple[bool, list[str], list[str]]:
-    """Whether the user is logged in, and which namespaces they may and may not see; with
-    ``reload``, the session and the user read again first (an open socket's re-check)."""
-    if reload:
-        reload_user(request)
-    if not request.user.is_authenticated:
-        return False, [], namespaces
-    allowed_by = permission()
-    allowed: list[str] = []
-    denied: list[str] = []
-    for namespace in namespaces:
-        (allowed if allowed_by(request, namespace) else denied).append(namespace)
-    return True, allowed, denied
 
 
 class EventsConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # Channels is untyped

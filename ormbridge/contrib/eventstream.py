@@ -14,19 +14,21 @@ its storage's 255. Every event is sent with the SSE type ``message``, its data
 the event's JSON, as ormbridge's own endpoint sends it: a browser's
 ``EventSource.onmessage`` gets it with no listener per type.
 
-Who may read a channel is ormbridge's one rule, ``ormbridge.views.permission()``
+Who may read a channel is ormbridge's one rule, ``ormbridge.access.permission()``
 (``EVENTS_PERMISSION`` or the default); anonymous users are refused. Behind a
 GRIP proxy (Pushpin) it is checked when a client subscribes. See docs/eventstream.md.
 """
 
 from __future__ import annotations
 
+import logging
+
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
 
-from ormbridge.broadcast import Emitter, Event
-from ormbridge.views import is_namespace, permission
+from ormbridge import Emitter, Event
+from ormbridge.access import is_namespace, permission
 
 try:
     from django_eventstream import send_event
@@ -36,6 +38,10 @@ except ImportError:
         "ormbridge.contrib.eventstream needs django-eventstream: "
         'pip install "ormbridge[eventstream]"'
     ) from None
+
+__all__ = ["EVENT_TYPE", "EventStreamEmitter", "NamespaceChannelManager"]
+
+logger = logging.getLogger(__name__)
 
 EVENT_TYPE = "message"
 """The SSE ``event:`` of every change event: what ``EventSource.onmessage`` receives."""
@@ -55,7 +61,7 @@ class EventStreamEmitter(Emitter):
 
 
 class NamespaceChannelManager(DefaultChannelManager):  # type: ignore[misc]
-    """Channels are namespaces; who may read one is ``ormbridge.views.permission()``.
+    """Channels are namespaces; who may read one is ``ormbridge.access.permission()``.
 
     django-eventstream passes the user, not the request: the hook gets a bare
     ``HttpRequest`` whose only set attribute is ``user`` (no session, no GET).
