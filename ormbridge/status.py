@@ -171,7 +171,7 @@ def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
                 "model": label,
                 "registered": label in labels,
                 "triggers": triggers.get(label),
-                "last_flush": _float(stats.get(label, {}).get("last_flush")),
+                "last_delivery": _float(stats.get(label, {}).get("last_delivery")),
                 "cache": {
                     **{
                         name: int(stats.get(label, {}).get(field, 0))
