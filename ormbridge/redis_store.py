@@ -293,37 +293,12 @@ def stats_key(label: str) -> str:
     return key(label, "stats")
 
 
-# KEYS: token keys. ARGV: nonce, ttl (0 = none). Returns each key's token,
-# creating missing ones; existing tokens have their ttl refreshed.
-ENSURE_TOKENS = """
-local ttl = tonumber(ARGV[2])
-local out = {}
-for i, k in ipairs(KEYS) do
-  local v
-  if ttl > 0 then
-    v = redis.call('GETEX', k, 'EX', ttl)
-  else
-    v = redis.call('GET', k)
-  end
-  if not v then
-    v = ARGV[1] .. '.' .. i
-    if ttl > 0 then
-      redis.call('SET', k, v, 'EX', ttl)
-    else
-      redis.call('SET', k, v)
-    end
-  end
-  out[i] = v
-end
-return out
-"""
-
-
 # KEYS: the entry, then ARGV[4] stats hashes, then the entry's token keys.
 # ARGV: nonce, token ttl (0 = none), the server's run id, number of stats hashes.
-# Ensures the tokens like ENSURE_TOKENS; the entry is a hit when it starts with
-# their stamp (run id and tokens). Counts the hit or miss. Returns {1, pickle}
-# on a hit, {0, stamp} on a miss: the stamp to store the loaded value under.
+# Ensures the tokens (a missing one is created as nonce.i; an existing one has its
+# ttl refreshed); the entry is a hit when it starts with their stamp (run id and
+# tokens). Counts the hit or miss. Returns {1, pickle} on a hit, {0, stamp} on a
+# miss: the stamp to store the loaded value under.
 READ_ENTRY = """
 local ttl = tonumber(ARGV[2])
 local stats = tonumber(ARGV[4])

@@ -37,9 +37,8 @@ class ReceiverError:
 
 @dataclasses.dataclass
 class Replayed:
-    """What a replay did: rows sent, and the receivers that raised."""
+    """What a replay did: the receivers that raised."""
 
-    sent: int = 0
     errors: list[ReceiverError] = dataclasses.field(default_factory=list)
 
     def failed_pks(self) -> list[Any]:
@@ -61,7 +60,6 @@ def _send(signal: ModelSignal, obj: models.Model, done: Replayed, **named: Any) 
         if isinstance(response, Exception):
             text = f"{type(response).__name__}: {response}"[:ERROR_TEXT]
             done.errors.append(ReceiverError(obj.pk, receiver_name(receiver), text))
-    done.sent += 1
 
 
 def replay_saves(
