@@ -227,7 +227,7 @@ def safe_bulk_update(
             updated = _update_returning(base.filter(pk__gte=pks[0], pk__lte=pks[-1]), values, using)
         if not updated:  # every row of the chunk stopped matching
             return updated, []
-        return updated, _log(model, "update", updated, sorted(fields), replay, using, owner)
+        return updated, _write_log(model, "update", updated, sorted(fields), replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
@@ -314,7 +314,7 @@ def safe_bulk_create(
             created = model._base_manager.using(using).bulk_create(batch)
         created_objects.extend(created)
         pks = [obj.pk for obj in created]
-        return pks, _log(model, "create", pks, None, replay, using, owner)
+        return pks, _write_log(model, "create", pks, None, replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_create.send(sender=model, pks=pks, fields=empty, using=using)
@@ -359,7 +359,7 @@ def safe_bulk_update_objects(
             signals.pre_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
         with capture.pause(using, model):
             model._base_manager.using(using).bulk_update(batch, names)
-        return pks, _log(model, "update", pks, sorted(names), replay, using, owner)
+        return pks, _write_log(model, "update", pks, sorted(names), replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
@@ -598,7 +598,7 @@ def _compile_update(
     return compiled
 
 
-def _log(
+def _write_log(
     model: type[models.Model],
     action: str,
     pks: list[Any],
@@ -681,7 +681,7 @@ def _delete_collected(
             pks = list(rows.values_list("pk", flat=True))
             if not pks:  # nothing refers to the chunk's rows: nothing to log
                 continue
-            batch_ids += _log(
+            batch_ids += _write_log(
                 related, "update", pks, [target.name], replay, using, owner, wants_replay=False
             )
         rows.update(**{target.name: value})
@@ -692,7 +692,7 @@ def _delete_collected(
         pks = [obj.pk for obj in ordered]
         listened = post_delete.has_listeners(victim)
         if registry.is_registered(victim) or listened:
-            batch_ids += _log(
+            batch_ids += _write_log(
                 victim,
                 "delete",
                 pks,

@@ -500,7 +500,9 @@ def instance_key(label: str, pk: Any) -> str:
     return redis_store.key(label, "obj", pk)
 
 
-def forget(model: type[models.Model], pks: Iterable[str], pipe: redis_store.Pipeline) -> int:
+def drop_instances(
+    model: type[models.Model], pks: Iterable[str], pipe: redis_store.Pipeline
+) -> int:
     """Invalidate the cached instances of ``pks`` (as text) and the model's querysets.
 
     Queued on ``pipe`` (the caller executes it). Returns how many instance
@@ -517,7 +519,7 @@ def forget(model: type[models.Model], pks: Iterable[str], pipe: redis_store.Pipe
     return len(pks)
 
 
-def forget_all(model: type[models.Model], pipe: redis_store.Pipeline) -> None:
+def drop_model(model: type[models.Model], pipe: redis_store.Pipeline) -> None:
     """Invalidate every cached instance and queryset of ``model`` in O(1)."""
     label = model._meta.label_lower
     pipe.delete(redis_store.epoch_key(label), redis_store.generation_key(label))

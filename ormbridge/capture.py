@@ -482,7 +482,7 @@ def _find(connection: BaseDatabaseWrapper, cursor: Any, names: list[str]) -> dic
     return found
 
 
-def _log(connection: BaseDatabaseWrapper, cursor: Any) -> str | None:
+def _log_table(connection: BaseDatabaseWrapper, cursor: Any) -> str | None:
     """The change-log table as the triggers name it, or None while it (or a column the
     triggers write, or SQLite's pause table) is not migrated yet."""
     quote = connection.ops.quote_name
@@ -559,7 +559,7 @@ class _Survey:
 def _survey(using: str) -> _Survey:
     connection = connections[using]
     with connection.cursor() as cursor:
-        log = _log(connection, cursor)
+        log = _log_table(connection, cursor)
         present = _triggers(connection, cursor)
         wanted = tables()
         found = _find(connection, cursor, [table.name for table in wanted])

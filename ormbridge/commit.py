@@ -87,7 +87,7 @@ class Changes:
                 keys |= changes.keys
                 changes.delivered = True
         self.delivered = True
-        forget(keys)
+        delete_keys(keys)
 
 
 class _Local(threading.local):
@@ -138,7 +138,7 @@ def note(keys: Iterable[str], using: str) -> None:
     connection = connections[using]
     if not connection.in_atomic_block:
         if connection.get_autocommit():
-            forget(set(keys))
+            delete_keys(set(keys))
         return
     # One Changes per savepoint level, registered with on_commit there: Django
     # drops it (and our weak reference dies) if that savepoint rolls back.
@@ -153,7 +153,7 @@ def note(keys: Iterable[str], using: str) -> None:
     changes.keys.update(keys)
 
 
-def forget(keys: set[str]) -> None:
+def delete_keys(keys: set[str]) -> None:
     """Delete ``keys`` in one round trip, unless the breaker is open. Never raises."""
     if not keys or redis_store.breaker.open:
         return

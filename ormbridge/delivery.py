@@ -50,13 +50,13 @@ def deliver(
     """
     result = DeliveryResult()
     if pks is None:
-        result.entries = invalidate(model, [], everything=True)
+        result.entries = drop_cached(model, [], everything=True)
         result.events, result.emit_failures = _emit(model, action, None, fields, rows)
     else:
         size = int(settings.DELIVERY_BATCH_SIZE)
         for start in range(0, len(pks), size):
             chunk = pks[start : start + size]
-            result.entries += invalidate(model, [str(pk) for pk in chunk])
+            result.entries += drop_cached(model, [str(pk) for pk in chunk])
             events, failures = _emit(model, action, [event_pk(pk) for pk in chunk], fields, rows)
             result.events += events
             result.emit_failures += failures
@@ -79,16 +79,16 @@ def _emit(
     return len(events), broadcast.emit(events)
 
 
-def invalidate(model: type[models.Model], pks: list[str], everything: bool = False) -> int:
+def drop_cached(model: type[models.Model], pks: list[str], everything: bool = False) -> int:
     """Delete the cache tokens and entries of ``pks`` (as text), or of every row.
 
     One Redis pipeline whatever the number of rows. Returns the number of
     instance entries deleted.
     """
     pipe = redis_store.get_redis().pipeline(transaction=False)
-    entries = cache.forget(model, pks, pipe)
+    entries = cache.drop_instances(model, pks, pipe)
     if everything:
-        cache.forget_all(model, pipe)
+        cache.drop_model(model, pipe)
     pipe.execute()
     return entries
 
