@@ -40,6 +40,8 @@ from ormbridge.conf import settings
 logger = logging.getLogger("ormbridge.events")
 
 SEPARATOR = "::"
+READ_COUNT = 500
+"""Entries per XREAD of the event streams (the events endpoint's, the fan-out hub's)."""
 REMOVED = "removed"
 """Type of the event a namespace gets for rows that left it: their pks, nothing else."""
 LOAD_SIZE = 2000
@@ -151,16 +153,9 @@ def _remember(label: str, now: dict[Any, set[str]], forget: bool) -> dict[Any, s
         pipe.hset(key, mapping=mapping)
     pipe.execute()
     return {
-        pk: set(filter(None, _text(value).split("\x1f")))
+        pk: set(filter(None, redis_store.as_text(value).split("\x1f")))
         for pk, value in zip(now, old, strict=True)
     }
-
-
-def _text(value: bytes | str | None) -> str:
-    """A reply of the (``decode_responses``) client as ``str``; None is ``""``."""
-    if isinstance(value, bytes):
-        return value.decode()
-    return value or ""
 
 
 class Emitter:

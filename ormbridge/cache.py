@@ -113,7 +113,7 @@ def instance(base: models.QuerySet[M], pk: Any, load: Callable[[], M], timeout: 
         variant, extra = _variant(base)
     except loads.Uncacheable as refused:
         return uncached(refused, [label_of(model)], load)
-    tokens = _instance_tokens(model, pk)
+    tokens = instance_tokens(model, pk)
     chain: list[type[models.Model]] = [model, *model._meta.get_parent_list()]
     covered = {label_of(m) for m in chain}
     if variant:
@@ -394,9 +394,10 @@ def _count_uncached(refused: loads.Uncacheable, labels: Iterable[str]) -> None:
 # -- instances
 
 
-def _instance_tokens(model: type[models.Model], pk: Any) -> list[str]:
-    """Row and epoch tokens of every table along the pk's parent links; the
-    generation of any other parent (multiple inheritance)."""
+def instance_tokens(model: type[models.Model], pk: Any) -> list[str]:
+    """The tokens a cached read of row ``pk`` of ``model`` depends on: row and epoch
+    tokens of every table along the pk's parent links; the generation of any other
+    parent (multiple inheritance)."""
     keys_: list[str] = []
     chain: list[type[models.Model]] = []
     current: type[models.Model] | None = model._meta.concrete_model

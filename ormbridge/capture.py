@@ -136,8 +136,8 @@ def _through_table(through: type[models.Model]) -> Table:
             ),
             through._meta.model_name,
         )
-        # django-stubs: concrete_model and Field.column are Optional; both are set here.
-        targets.append(Target(end._meta.concrete_model._meta.label_lower, fk.column, name))  # type: ignore[union-attr, arg-type]
+        # django-stubs: Field.column is Optional; it is set here.
+        targets.append(Target(registry.label_of(end), fk.column, name))  # type: ignore[arg-type]
     return Table(through._meta.db_table, tuple(targets), through=True)
 
 
@@ -884,8 +884,7 @@ def pause(using: str, *paused: type[models.Model]) -> Iterator[None]:
     takes the pause with it.
     """
     connection = connections[using]
-    # django-stubs: concrete_model is Optional; it is set on every model class.
-    labels = sorted({model._meta.concrete_model._meta.label_lower for model in paused})  # type: ignore[union-attr]
+    labels = sorted({registry.label_of(model) for model in paused})
     if not supports(connection) or not labels:
         yield
         return

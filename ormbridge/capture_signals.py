@@ -142,7 +142,7 @@ def _on_m2m(
         return
     table = _through_tables().get(sender._meta.db_table)
     for target in table.targets if table is not None else ():
-        if target.label == instance._meta.concrete_model._meta.label_lower:  # type: ignore[union-attr]
+        if target.label == registry.label_of(type(instance)):
             _write_log(type(instance), "update", [instance.pk], [target.field], using)
         elif pk_set:
             _write_log(

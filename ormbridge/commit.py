@@ -178,7 +178,7 @@ def keys_for(label: str, pks: Sequence[object] | None) -> list[str]:
 # -- the execute wrapper ----------------------------------------------------
 
 
-def observe(
+def note_writes(
     execute: Callable[..., Any],
     sql: Any,
     params: Any,
@@ -477,8 +477,8 @@ def tables_changed() -> None:
 
 def watch(connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
     """``connection_created`` receiver: observe every statement of a capturing database."""
-    if capture.supports(connection) and observe not in connection.execute_wrappers:
-        connection.execute_wrappers.append(observe)
+    if capture.supports(connection) and note_writes not in connection.execute_wrappers:
+        connection.execute_wrappers.append(note_writes)
 
 
 # -- invalidate() -----------------------------------------------------------
@@ -496,8 +496,7 @@ def invalidate(model: type[models.Model], pks: Iterable[object] | None = None) -
         LookupError: the model is not registered with ormbridge.
     """
     registry.options(model)
-    # django-stubs: concrete_model is Optional; it is set on every model class.
-    label = model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]
+    label = registry.label_of(model)
     using = router.db_for_write(model)
     values = None if pks is None else [model._meta.pk.get_prep_value(pk) for pk in pks]
     ChangeBatch.objects.using(using).create(

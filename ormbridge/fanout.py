@@ -33,7 +33,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 
-from ormbridge.broadcast import stream_key
+from ormbridge.broadcast import READ_COUNT, stream_key
 from ormbridge.conf import settings
 
 logger = logging.getLogger("ormbridge.events")
@@ -42,8 +42,6 @@ logger = logging.getLogger("ormbridge.events")
 Reply: TypeAlias = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 Entry: TypeAlias = tuple[str, str, dict[str, str]]  # stream key, entry id, fields
 
-READ_COUNT: Final = 500
-"""Entries per XREAD, the hub's and a catch-up's."""
 POOL: Final = 4
 """Connections of a hub's pool: starts, catch-ups and wake-ups queue for them."""
 BLOCK: Final = 5.0

@@ -372,6 +372,13 @@ return 1
 """
 
 
+def as_text(value: bytes | str | None) -> str:
+    """A reply of a (``decode_responses``) client as ``str``; None is ``""``."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return value or ""
+
+
 def script(source: str, client: Client | None = None) -> Any:
     """A registered script on ``client`` (``get_redis()``), cached per client and source."""
     return _script(client or get_redis(), source)

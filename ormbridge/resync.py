@@ -576,15 +576,10 @@ def _tell(on_progress: OnProgress | None, job: ResyncJob) -> None:
 
 
 def _model(label: str) -> type[Model]:
-    from django.apps import apps
-
     try:
-        model = apps.get_model(label)
-    except (LookupError, ValueError):
-        raise ResyncError(f"unknown model {label!r}; use app_label.ModelName.") from None
-    if not registry.is_registered(model):
-        raise ResyncError(f"{model._meta.label} is not registered with ormbridge.")
-    return model
+        return registry.get_model(label)
+    except LookupError as exc:
+        raise ResyncError(str(exc)) from None
 
 
 def _split(text: str, option: str) -> tuple[str, str]:
