@@ -37,7 +37,26 @@ from redis.typing import EncodableT, FieldT
 from ormbridge import redis_store, registry
 from ormbridge.conf import settings
 
-logger = logging.getLogger("ormbridge.events")
+__all__ = [
+    "LOAD_SIZE",
+    "READ_COUNT",
+    "REMOVED",
+    "SEPARATOR",
+    "Emitter",
+    "Event",
+    "LoggingEmitter",
+    "RedisStreamEmitter",
+    "emit",
+    "event_log",
+    "events_for",
+    "make_event",
+    "settings_changed",
+    "stream_key",
+]
+
+logger = logging.getLogger(__name__)
+event_log = logging.getLogger("ormbridge.events")
+"""Where :class:`LoggingEmitter` writes the events: a sink, not a module's logger."""
 
 SEPARATOR = "::"
 READ_COUNT = 500
@@ -170,7 +189,7 @@ class LoggingEmitter(Emitter):
 
     def emit(self, events: list[Event]) -> None:
         for event in events:
-            logger.info("%s", json.dumps(event, default=str))
+            event_log.info("%s", json.dumps(event, default=str))
 
 
 class RedisStreamEmitter(Emitter):

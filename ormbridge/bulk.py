@@ -41,6 +41,22 @@ from ormbridge.conf import settings
 from ormbridge.models import ChangeBatch, pieces
 from ormbridge.replay import snapshot as take_snapshot
 
+__all__ = [
+    "FIRST_CHUNK",
+    "MAX_CHUNK",
+    "MIN_CHUNK",
+    "REPLAY_MODES",
+    "SUPPORTED_VENDORS",
+    "WAIT_POLL",
+    "BulkInterrupted",
+    "BulkOperationFailed",
+    "BulkResult",
+    "safe_bulk_create",
+    "safe_bulk_delete",
+    "safe_bulk_update",
+    "safe_bulk_update_objects",
+]
+
 M = TypeVar("M", bound=models.Model)
 
 REPLAY_MODES = ("async", "sync", "none")

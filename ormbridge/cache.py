@@ -55,6 +55,24 @@ from ormbridge import compiled, keys, loads, redis_store, registry, stats
 from ormbridge.conf import settings
 from ormbridge.registry import label_of
 
+__all__ = [
+    "STALE_PICKLE",
+    "TOKEN_GRACE",
+    "bypass",
+    "cached_instance",
+    "count_uncached",
+    "default_timeout",
+    "dependencies",
+    "drop_instances",
+    "drop_model",
+    "instance",
+    "instance_key",
+    "instance_tokens",
+    "read_through",
+    "timeout_of",
+    "uncached",
+]
+
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=models.Model)

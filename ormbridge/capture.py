@@ -48,6 +48,37 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from ormbridge import registry
 from ormbridge.models import CHANNEL
 
+__all__ = [
+    "LOG_TABLE",
+    "MOVE",
+    "OPERATIONS",
+    "PAUSE_SETTING",
+    "PAUSE_TABLE",
+    "PREFIX",
+    "VENDORS",
+    "MigrationGuard",
+    "Table",
+    "TableState",
+    "Target",
+    "Trigger",
+    "definitions",
+    "end_migration",
+    "guard_migration",
+    "install",
+    "installed",
+    "model_tables",
+    "notify",
+    "pause",
+    "paused",
+    "prune",
+    "status",
+    "supports",
+    "sync",
+    "tables",
+    "trigger_name",
+    "uninstall",
+]
+
 VENDORS = ("postgresql", "sqlite")
 PREFIX = "ormbridge_"
 LOG_TABLE = "ormbridge_changebatch"

@@ -28,6 +28,13 @@ from ormbridge import capture, commit, registry
 from ormbridge.conf import settings
 from ormbridge.models import ChangeBatch
 
+__all__ = [
+    "connect",
+    "disconnect",
+    "needed",
+    "tables_changed",
+]
+
 
 def needed(using: str) -> bool:
     """Whether changes on ``using`` are captured by signals rather than triggers."""

@@ -14,6 +14,17 @@ from django.utils.module_loading import import_string
 
 from ormbridge.conf import settings
 
+__all__ = [
+    "CLUSTER_SCHEMES",
+    "PICKLE",
+    "REDIS_SCHEMES",
+    "RETIRED",
+    "check_databases",
+    "check_settings",
+    "check_triggers",
+    "register_checks",
+]
+
 REDIS_SCHEMES = {"redis", "rediss", "unix"}
 CLUSTER_SCHEMES = {"redis", "rediss"}  # cluster nodes announce TCP addresses
 

@@ -62,7 +62,21 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from ormbridge import cache, capture, redis_store, registry
 from ormbridge.models import ChangeBatch
 
-logger = logging.getLogger("ormbridge")
+__all__ = [
+    "Changes",
+    "commit_open",
+    "delete_keys",
+    "dirty",
+    "invalidate",
+    "keys_for",
+    "may_write",
+    "note",
+    "note_writes",
+    "tables_changed",
+    "watch",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class Changes:

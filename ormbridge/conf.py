@@ -14,6 +14,11 @@ from typing import Any, Generic, TypeVar, overload
 
 from django.conf import settings as django_settings
 
+__all__ = [
+    "Settings",
+    "settings",
+]
+
 T = TypeVar("T")
 
 

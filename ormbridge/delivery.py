@@ -16,6 +16,15 @@ from django.db import models
 from ormbridge import broadcast, cache, redis_store
 from ormbridge.conf import settings
 
+__all__ = [
+    "DeliveryResult",
+    "EmitFailed",
+    "deliver",
+    "drop_cached",
+    "event_pk",
+    "record_stats",
+]
+
 
 @dataclass
 class DeliveryResult:

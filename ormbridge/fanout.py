@@ -36,7 +36,22 @@ import redis.asyncio.cluster
 from ormbridge.broadcast import READ_COUNT, stream_key
 from ormbridge.conf import settings
 
-logger = logging.getLogger("ormbridge.events")
+__all__ = [
+    "BEHIND",
+    "BLOCK",
+    "GC_PAUSE_MIN",
+    "POOL",
+    "RETRY_DELAY",
+    "Behind",
+    "Entry",
+    "Hub",
+    "Reply",
+    "Subscriber",
+    "hub",
+    "order",
+]
+
+logger = logging.getLogger(__name__)
 
 # An XREAD reply: [(stream key, [(entry id, fields)])].
 Reply: TypeAlias = list[tuple[str, list[tuple[str, dict[str, str]]]]]

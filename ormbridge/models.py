@@ -11,6 +11,16 @@ from django.utils import timezone
 
 from ormbridge.conf import settings
 
+__all__ = [
+    "CHANNEL",
+    "CapturePause",
+    "ChangeBatch",
+    "ResyncJob",
+    "SnapshotEncoder",
+    "log_databases",
+    "pieces",
+]
+
 CHANNEL = "ormbridge"
 """The PostgreSQL ``NOTIFY`` channel on which a new change-log row wakes the relays."""
 

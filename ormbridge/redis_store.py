@@ -36,7 +36,35 @@ from redis.exceptions import RedisClusterException
 
 from ormbridge.conf import settings
 
-logger = logging.getLogger("ormbridge")
+__all__ = [
+    "READ_ENTRY",
+    "STORE_ENTRY",
+    "Breaker",
+    "Client",
+    "ClusterClient",
+    "ClusterError",
+    "Pipeline",
+    "ServerClient",
+    "as_text",
+    "blocking_redis",
+    "breaker",
+    "commit_redis",
+    "entries_redis",
+    "epoch_key",
+    "generation_key",
+    "get_redis",
+    "incarnation",
+    "key",
+    "read_breaker",
+    "refusals_key",
+    "refused_key",
+    "script",
+    "stats_key",
+    "tag",
+    "token_key",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class ServerClient(redis.Redis):

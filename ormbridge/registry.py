@@ -17,6 +17,21 @@ from django.utils.module_loading import import_string
 
 from ormbridge.conf import settings
 
+__all__ = [
+    "Options",
+    "composite_pk",
+    "get_model",
+    "is_registered",
+    "label_of",
+    "on_change",
+    "options",
+    "options_from_settings",
+    "register",
+    "register_from_settings",
+    "registered_models",
+    "settings_entries",
+]
+
 M = TypeVar("M", bound=type[models.Model])
 
 

@@ -59,7 +59,31 @@ from ormbridge.conf import settings
 from ormbridge.models import CHANNEL, ChangeBatch, ResyncJob
 from ormbridge.models import log_databases as log_databases  # for the layers above
 
-logger = logging.getLogger("ormbridge")
+__all__ = [
+    "BIG_ROWS",
+    "ERRORS_KEPT",
+    "PRUNE_CHUNK",
+    "DrainResult",
+    "Heartbeat",
+    "Relay",
+    "backoff",
+    "claim",
+    "deliver",
+    "deliver_held",
+    "drain",
+    "log_databases",
+    "model_databases",
+    "new_owner",
+    "prune",
+    "receiver_errors",
+    "renew",
+    "start_in_process",
+    "start_in_worker",
+    "stop_in_worker",
+    "unlogged_databases",
+]
+
+logger = logging.getLogger(__name__)
 
 PRUNE_CHUNK = 10_000
 BIG_ROWS = 4

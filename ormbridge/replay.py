@@ -16,6 +16,19 @@ from typing import Any
 from django.db import connections, models
 from django.db.models.signals import ModelSignal, post_delete, post_save
 
+__all__ = [
+    "ERROR_TEXT",
+    "LOAD_SIZE",
+    "ReceiverError",
+    "Replayed",
+    "keep_rows",
+    "rebuild",
+    "receiver_name",
+    "replay_deletes",
+    "replay_saves",
+    "snapshot",
+]
+
 # Rows loaded per query when replaying saves.
 LOAD_SIZE = 2000
 # Characters of an exception's text kept in a receiver error.

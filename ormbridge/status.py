@@ -24,6 +24,15 @@ from ormbridge.conf import settings
 if TYPE_CHECKING:
     from ormbridge.models import ResyncJob
 
+__all__ = [
+    "CACHE_COUNTERS",
+    "RECENT_JOBS",
+    "SHOWN_WORKERS",
+    "UNDELIVERED",
+    "ago",
+    "collect",
+]
+
 RECENT_JOBS = 5
 # Status names of the cache counters, and the fields of the stats hash they read.
 CACHE_COUNTERS = {

@@ -46,6 +46,18 @@ from django.test.utils import override_settings
 from ormbridge import broadcast, cache, redis_store, stats
 from ormbridge.conf import settings
 
+__all__ = [
+    "STREAM_EMITTER",
+    "DeliveryError",
+    "Harness",
+    "OrmbridgeTestMixin",
+    "assert_events",
+    "assert_invalidated",
+    "assert_not_invalidated",
+    "events",
+    "wipe",
+]
+
 try:
     import pytest
 except ImportError:  # pytest is optional: OrmbridgeTestMixin needs only Django
@@ -62,7 +74,7 @@ if TYPE_CHECKING:
 else:
     _TestCaseBase = object
 
-logger = logging.getLogger("ormbridge")
+logger = logging.getLogger(__name__)
 
 STREAM_EMITTER = "ormbridge.broadcast.RedisStreamEmitter"
 

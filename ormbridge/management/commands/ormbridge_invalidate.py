@@ -7,6 +7,10 @@ from django.db import models
 
 from ormbridge import commit, redis_store, registry
 
+__all__ = [
+    "Command",
+]
+
 
 class Command(BaseCommand):
     help = (

@@ -8,6 +8,11 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ormbridge import status
 
+__all__ = [
+    "MAX_WORKER_TIMEOUT",
+    "Command",
+]
+
 MAX_WORKER_TIMEOUT = 60.0
 
 

@@ -7,6 +7,10 @@ from django.db import connections
 
 from ormbridge import capture, registry, relay
 
+__all__ = [
+    "Command",
+]
+
 
 class Command(BaseCommand):
     help = (
