@@ -617,7 +617,7 @@ def child(backend: str, sizes: dict[str, Any], work: Path) -> None:
         "python": platform.python_version(),
         "django": django.__version__,
         "sqlite": sqlite3.sqlite_version,
-        "flush_delay": float(settings.FLUSH_DELAY),
+        "delivery_delay": float(settings.DELIVERY_DELAY),
         "relay_poll": float(settings.RELAY_POLL),
     }
     if bench.pg:
@@ -754,7 +754,7 @@ def verdict(met: bool) -> str:
     return "met" if met else "NOT met"
 
 
-def rows_of(results: dict[str, dict[str, Any]], flush_delay: float) -> list[tuple[str, ...]]:
+def rows_of(results: dict[str, dict[str, Any]], delivery_delay: float) -> list[tuple[str, ...]]:
     """(figure, cell per backend..., target) for every figure."""
 
     def cells(render: Callable[[dict[str, Any]], str]) -> list[str]:
@@ -829,7 +829,7 @@ def rows_of(results: dict[str, dict[str, Any]], flush_delay: float) -> list[tupl
 
     any_result = next(iter(results.values()))
     update_rows = " / ".join(f"{r['update']['n']:,}" for r in results.values() if "update" in r)
-    event_limit = flush_delay * 1000 + 100
+    event_limit = delivery_delay * 1000 + 100
     return [
         (
             "1 save() in autocommit, µs/save",
@@ -940,15 +940,15 @@ def main() -> None:
     if "postgresql" in results:
         versions.append(f"PostgreSQL {results['postgresql']['server']}")
     versions += [f"SQLite {first['sqlite']}", f"Redis {redis_version}"]
-    flush_delay = first["flush_delay"]
+    delivery_delay = first["delivery_delay"]
     print(
         f"# ormbridge bench/capture.py, {datetime.datetime.now(datetime.UTC):%Y-%m-%d}: "
         f"{os.cpu_count()} CPUs, {', '.join(versions)}"
     )
     print(
         f"# {'quick sizes' if args.quick else 'full sizes'}; registered model vs an unregistered "
-        f"twin table in the same process (ratio = registered / twin); FLUSH_DELAY "
-        f"{flush_delay:g} s; one celery worker (solo pool) runs the relay for 5-7; "
+        f"twin table in the same process (ratio = registered / twin); DELIVERY_DELAY "
+        f"{delivery_delay:g} s; one celery worker (solo pool) runs the relay for 5-7; "
         f"{sizes['rate']} writes/s for {sizes['seconds']:g} s in 5 and 6"
     )
     if "sqlite" in results:
@@ -957,7 +957,7 @@ def main() -> None:
             "change-log row per updated row; it has no NOTIFY, so the relay looks every "
             f"RELAY_POLL ({results['sqlite']['relay_poll']:g} s) and 6 waits for that"
         )
-    table = rows_of(results, flush_delay)
+    table = rows_of(results, delivery_delay)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     heading = ("figure", *(NAMES[b] for b in results), "target")
     widths = [max(w, len(h)) for w, h in zip(widths, heading, strict=True)]

@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 else:
     _ModelAdmin = admin.ModelAdmin
 
+__all__ = [
+    "ROW_VALUES",
+    "ChangeBatchAdmin",
+    "ReadOnlyAdmin",
+    "ResyncJobAdmin",
+]
+
 
 class ReadOnlyAdmin(_ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:

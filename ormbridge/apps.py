@@ -4,6 +4,12 @@ from typing import Any
 
 from django.apps import AppConfig
 
+__all__ = [
+    "OrmbridgeConfig",
+    "guard_triggers",
+    "install_triggers",
+]
+
 
 class OrmbridgeConfig(AppConfig):
     name = "ormbridge"

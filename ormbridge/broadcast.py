@@ -37,9 +37,30 @@ from redis.typing import EncodableT, FieldT
 from ormbridge import redis_store, registry
 from ormbridge.conf import settings
 
-logger = logging.getLogger("ormbridge.events")
+__all__ = [
+    "LOAD_SIZE",
+    "READ_COUNT",
+    "REMOVED",
+    "SEPARATOR",
+    "Emitter",
+    "Event",
+    "LoggingEmitter",
+    "RedisStreamEmitter",
+    "emit",
+    "event_log",
+    "events_for",
+    "make_event",
+    "settings_changed",
+    "stream_key",
+]
+
+logger = logging.getLogger(__name__)
+event_log = logging.getLogger("ormbridge.events")
+"""Where :class:`LoggingEmitter` writes the events: a sink, not a module's logger."""
 
 SEPARATOR = "::"
+READ_COUNT = 500
+"""Entries per XREAD of the event streams (the events endpoint's, the fan-out hub's)."""
 REMOVED = "removed"
 """Type of the event a namespace gets for rows that left it: their pks, nothing else."""
 LOAD_SIZE = 2000
@@ -151,16 +172,9 @@ def _remember(label: str, now: dict[Any, set[str]], forget: bool) -> dict[Any, s
         pipe.hset(key, mapping=mapping)
     pipe.execute()
     return {
-        pk: set(filter(None, _text(value).split("\x1f")))
+        pk: set(filter(None, redis_store.as_text(value).split("\x1f")))
         for pk, value in zip(now, old, strict=True)
     }
-
-
-def _text(value: bytes | str | None) -> str:
-    """A reply of the (``decode_responses``) client as ``str``; None is ``""``."""
-    if isinstance(value, bytes):
-        return value.decode()
-    return value or ""
 
 
 class Emitter:
@@ -175,7 +189,7 @@ class LoggingEmitter(Emitter):
 
     def emit(self, events: list[Event]) -> None:
         for event in events:
-            logger.info("%s", json.dumps(event, default=str))
+            event_log.info("%s", json.dumps(event, default=str))
 
 
 class RedisStreamEmitter(Emitter):

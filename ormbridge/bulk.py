@@ -41,6 +41,22 @@ from ormbridge.conf import settings
 from ormbridge.models import ChangeBatch, pieces
 from ormbridge.models import snapshot as take_snapshot
 
+__all__ = [
+    "FIRST_CHUNK",
+    "MAX_CHUNK",
+    "MIN_CHUNK",
+    "REPLAY_MODES",
+    "SUPPORTED_VENDORS",
+    "WAIT_POLL",
+    "BulkInterrupted",
+    "BulkOperationFailed",
+    "BulkResult",
+    "safe_bulk_create",
+    "safe_bulk_delete",
+    "safe_bulk_update",
+    "safe_bulk_update_objects",
+]
+
 M = TypeVar("M", bound=models.Model)
 
 REPLAY_MODES = ("async", "sync", "none")
@@ -227,7 +243,7 @@ def safe_bulk_update(
             updated = _update_returning(base.filter(pk__gte=pks[0], pk__lte=pks[-1]), values, using)
         if not updated:  # every row of the chunk stopped matching
             return updated, []
-        return updated, _log(model, "update", updated, sorted(fields), replay, using, owner)
+        return updated, _write_log(model, "update", updated, sorted(fields), replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
@@ -314,7 +330,7 @@ def safe_bulk_create(
             created = model._base_manager.using(using).bulk_create(batch)
         created_objects.extend(created)
         pks = [obj.pk for obj in created]
-        return pks, _log(model, "create", pks, None, replay, using, owner)
+        return pks, _write_log(model, "create", pks, None, replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_create.send(sender=model, pks=pks, fields=empty, using=using)
@@ -359,7 +375,7 @@ def safe_bulk_update_objects(
             signals.pre_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
         with capture.pause(using, model):
             model._base_manager.using(using).bulk_update(batch, names)
-        return pks, _log(model, "update", pks, sorted(names), replay, using, owner)
+        return pks, _write_log(model, "update", pks, sorted(names), replay, using, owner)
 
     def committed(pks: list[Any]) -> None:
         signals.post_bulk_update.send(sender=model, pks=pks, fields=frozen, using=using)
@@ -598,7 +614,7 @@ def _compile_update(
     return compiled
 
 
-def _log(
+def _write_log(
     model: type[models.Model],
     action: str,
     pks: list[Any],
@@ -681,7 +697,7 @@ def _delete_collected(
             pks = list(rows.values_list("pk", flat=True))
             if not pks:  # nothing refers to the chunk's rows: nothing to log
                 continue
-            batch_ids += _log(
+            batch_ids += _write_log(
                 related, "update", pks, [target.name], replay, using, owner, wants_replay=False
             )
         rows.update(**{target.name: value})
@@ -692,7 +708,7 @@ def _delete_collected(
         pks = [obj.pk for obj in ordered]
         listened = post_delete.has_listeners(victim)
         if registry.is_registered(victim) or listened:
-            batch_ids += _log(
+            batch_ids += _write_log(
                 victim,
                 "delete",
                 pks,

@@ -55,6 +55,24 @@ from ormbridge import compiled, keys, loads, redis_store, registry, stats
 from ormbridge.conf import settings
 from ormbridge.registry import label_of
 
+__all__ = [
+    "STALE_PICKLE",
+    "TOKEN_GRACE",
+    "add_bypass",
+    "cached_instance",
+    "count_uncached",
+    "default_timeout",
+    "dependencies",
+    "drop_instances",
+    "drop_model",
+    "instance",
+    "instance_key",
+    "instance_tokens",
+    "read_through",
+    "timeout_of",
+    "uncached",
+]
+
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=models.Model)
@@ -113,7 +131,7 @@ def instance(base: models.QuerySet[M], pk: Any, load: Callable[[], M], timeout: 
         variant, extra = _variant(base)
     except loads.Uncacheable as refused:
         return uncached(refused, [label_of(model)], load)
-    tokens = _instance_tokens(model, pk)
+    tokens = instance_tokens(model, pk)
     chain: list[type[models.Model]] = [model, *model._meta.get_parent_list()]
     covered = {label_of(m) for m in chain}
     if variant:
@@ -418,9 +436,10 @@ def _count_uncached(refused: loads.Uncacheable, labels: Iterable[str]) -> None:
 # -- instances
 
 
-def _instance_tokens(model: type[models.Model], pk: Any) -> list[str]:
-    """Row and epoch tokens of every table along the pk's parent links; the
-    generation of any other parent (multiple inheritance)."""
+def instance_tokens(model: type[models.Model], pk: Any) -> list[str]:
+    """The tokens a cached read of row ``pk`` of ``model`` depends on: row and epoch
+    tokens of every table along the pk's parent links; the generation of any other
+    parent (multiple inheritance)."""
     keys_: list[str] = []
     chain: list[type[models.Model]] = []
     current: type[models.Model] | None = model._meta.concrete_model
@@ -524,7 +543,9 @@ def instance_key(label: str, pk: Any) -> str:
     return redis_store.key(label, "obj", pk)
 
 
-def forget(model: type[models.Model], pks: Iterable[str], pipe: redis_store.Pipeline) -> int:
+def drop_instances(
+    model: type[models.Model], pks: Iterable[str], pipe: redis_store.Pipeline
+) -> int:
     """Invalidate the cached instances of ``pks`` (as text) and the model's querysets.
 
     Queued on ``pipe`` (the caller executes it). Returns how many instance
@@ -541,7 +562,7 @@ def forget(model: type[models.Model], pks: Iterable[str], pipe: redis_store.Pipe
     return len(pks)
 
 
-def forget_all(model: type[models.Model], pipe: redis_store.Pipeline) -> None:
+def drop_model(model: type[models.Model], pipe: redis_store.Pipeline) -> None:
     """Invalidate every cached instance and queryset of ``model`` in O(1)."""
     label = model._meta.label_lower
     pipe.delete(redis_store.epoch_key(label), redis_store.generation_key(label))

@@ -48,6 +48,37 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from ormbridge import registry
 from ormbridge.models import CHANNEL
 
+__all__ = [
+    "LOG_TABLE",
+    "MOVE",
+    "OPERATIONS",
+    "PAUSE_SETTING",
+    "PAUSE_TABLE",
+    "PREFIX",
+    "VENDORS",
+    "MigrationGuard",
+    "Table",
+    "TableState",
+    "Target",
+    "Trigger",
+    "definitions",
+    "end_migration",
+    "guard_migration",
+    "install",
+    "installed",
+    "model_tables",
+    "notify",
+    "pause",
+    "paused",
+    "prune",
+    "status",
+    "supports",
+    "sync",
+    "tables",
+    "trigger_name",
+    "uninstall",
+]
+
 VENDORS = ("postgresql", "sqlite")
 PREFIX = "ormbridge_"
 LOG_TABLE = "ormbridge_changebatch"
@@ -136,8 +167,8 @@ def _through_table(through: type[models.Model]) -> Table:
             ),
             through._meta.model_name,
         )
-        # django-stubs: concrete_model and Field.column are Optional; both are set here.
-        targets.append(Target(end._meta.concrete_model._meta.label_lower, fk.column, name))  # type: ignore[union-attr, arg-type]
+        # django-stubs: Field.column is Optional; it is set here.
+        targets.append(Target(registry.label_of(end), fk.column, name))  # type: ignore[arg-type]
     return Table(through._meta.db_table, tuple(targets), through=True)
 
 
@@ -482,7 +513,7 @@ def _find(connection: BaseDatabaseWrapper, cursor: Any, names: list[str]) -> dic
     return found
 
 
-def _log(connection: BaseDatabaseWrapper, cursor: Any) -> str | None:
+def _log_table(connection: BaseDatabaseWrapper, cursor: Any) -> str | None:
     """The change-log table as the triggers name it, or None while it (or a column the
     triggers write, or SQLite's pause table) is not migrated yet."""
     quote = connection.ops.quote_name
@@ -559,7 +590,7 @@ class _Survey:
 def _survey(using: str) -> _Survey:
     connection = connections[using]
     with connection.cursor() as cursor:
-        log = _log(connection, cursor)
+        log = _log_table(connection, cursor)
         present = _triggers(connection, cursor)
         wanted = tables()
         found = _find(connection, cursor, [table.name for table in wanted])
@@ -884,8 +915,7 @@ def pause(using: str, *paused: type[models.Model]) -> Iterator[None]:
     takes the pause with it.
     """
     connection = connections[using]
-    # django-stubs: concrete_model is Optional; it is set on every model class.
-    labels = sorted({model._meta.concrete_model._meta.label_lower for model in paused})  # type: ignore[union-attr]
+    labels = sorted({registry.label_of(model) for model in paused})
     if not supports(connection) or not labels:
         yield
         return

@@ -28,6 +28,13 @@ from ormbridge import capture, commit, registry
 from ormbridge.conf import settings
 from ormbridge.models import ChangeBatch
 
+__all__ = [
+    "connect",
+    "disconnect",
+    "needed",
+    "tables_changed",
+]
+
 
 def needed(using: str) -> bool:
     """Whether changes on ``using`` are captured by signals rather than triggers."""
@@ -89,7 +96,9 @@ def _targets(model: type[models.Model]) -> list[type[models.Model]]:
     return [m for m in chain if registry.is_registered(m)]
 
 
-def _log(model: type[models.Model], action: str, pks: list[Any], fields: Any, using: str) -> None:
+def _write_log(
+    model: type[models.Model], action: str, pks: list[Any], fields: Any, using: str
+) -> None:
     label = model._meta.label_lower
     to_python = model._meta.pk.to_python
     values = [to_python(pk) for pk in pks]
@@ -115,7 +124,7 @@ def _on_save(
         return
     for model in _targets(sender):
         fields = None if created else update_fields
-        _log(model, "create" if created else "update", [instance.pk], fields, using)
+        _write_log(model, "create" if created else "update", [instance.pk], fields, using)
 
 
 def _on_delete(
@@ -124,7 +133,7 @@ def _on_delete(
     if kwargs.get("ormbridge_replay") or not needed(using):
         return
     for model in _targets(sender):
-        _log(model, "delete", [instance.pk], None, using)
+        _write_log(model, "delete", [instance.pk], None, using)
 
 
 def _on_m2m(
@@ -140,7 +149,9 @@ def _on_m2m(
         return
     table = _through_tables().get(sender._meta.db_table)
     for target in table.targets if table is not None else ():
-        if target.label == instance._meta.concrete_model._meta.label_lower:  # type: ignore[union-attr]
-            _log(type(instance), "update", [instance.pk], [target.field], using)
+        if target.label == registry.label_of(type(instance)):
+            _write_log(type(instance), "update", [instance.pk], [target.field], using)
         elif pk_set:
-            _log(apps.get_model(target.label), "update", sorted(pk_set), [target.field], using)
+            _write_log(
+                apps.get_model(target.label), "update", sorted(pk_set), [target.field], using
+            )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -12,6 +13,17 @@ from django.core import checks
 from django.utils.module_loading import import_string
 
 from ormbridge.conf import settings
+
+__all__ = [
+    "CLUSTER_SCHEMES",
+    "PICKLE",
+    "REDIS_SCHEMES",
+    "RETIRED",
+    "check_databases",
+    "check_settings",
+    "check_triggers",
+    "register_checks",
+]
 
 REDIS_SCHEMES = {"redis", "rediss", "unix"}
 CLUSTER_SCHEMES = {"redis", "rediss"}  # cluster nodes announce TCP addresses
@@ -42,7 +54,19 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             )
         ]
     errors: list[checks.CheckMessage] = []
-    for name in sorted(set(user) - set(settings.names())):
+    renamed = settings.renamed()
+    for old in sorted(set(user) & set(renamed)):
+        new = renamed[old]
+        errors.append(
+            checks.Warning(
+                f"ORMBRIDGE[{old!r}] is renamed {new!r}; the old name is read until the "
+                "next release"
+                + (f", and ignored now that {new!r} is set." if new in user else "."),
+                hint=f"Rename the key {old!r} to {new!r}.",
+                id="ormbridge.W010",
+            )
+        )
+    for name in sorted(set(user) - set(settings.names()) - set(renamed)):
         errors.append(
             checks.Warning(
                 f"ORMBRIDGE has an unknown key {name!r}; it is ignored.",
@@ -50,7 +74,12 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
                 id="ormbridge.W001",
             )
         )
-    errors += _check_redis_url() + _check_numbers() + _check_names()
+    errors += _check_redis_url()
+    with warnings.catch_warnings():
+        # A deprecated key's value is checked too; W010 above already names it.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        errors += _check_numbers()
+    errors += _check_names()
     errors += _check_models() + _check_emitters() + _check_serializer() + _check_capture()
     errors += _check_beat_schedule()
     return errors
@@ -89,8 +118,8 @@ def _check_redis_url() -> list[checks.CheckMessage]:
 def _check_numbers() -> list[checks.CheckMessage]:
     errors: list[checks.CheckMessage] = []
     rules = {
-        "FLUSH_DELAY": (settings.FLUSH_DELAY, 0, "a number of seconds >= 0"),
-        "FLUSH_BATCH_SIZE": (settings.FLUSH_BATCH_SIZE, 1, "a whole number >= 1"),
+        "DELIVERY_DELAY": (settings.DELIVERY_DELAY, 0, "a number of seconds >= 0"),
+        "DELIVERY_BATCH_SIZE": (settings.DELIVERY_BATCH_SIZE, 1, "a whole number >= 1"),
         "RELAY_BATCH": (settings.RELAY_BATCH, 1, "a whole number >= 1"),
         "RELAY_MAX_PKS": (settings.RELAY_MAX_PKS, 1, "a whole number >= 1"),
         "RELAY_LEASE": (settings.RELAY_LEASE, 1, "a number of seconds >= 1"),

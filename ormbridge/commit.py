@@ -62,7 +62,21 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from ormbridge import cache, capture, redis_store, registry
 from ormbridge.models import ChangeBatch
 
-logger = logging.getLogger("ormbridge")
+__all__ = [
+    "Changes",
+    "commit_open",
+    "delete_keys",
+    "dirty",
+    "invalidate",
+    "keys_for",
+    "may_write",
+    "note",
+    "note_writes",
+    "tables_changed",
+    "watch",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class Changes:
@@ -87,7 +101,7 @@ class Changes:
                 keys |= changes.keys
                 changes.delivered = True
         self.delivered = True
-        forget(keys)
+        delete_keys(keys)
 
 
 class _Local(threading.local):
@@ -138,7 +152,7 @@ def note(keys: Iterable[str], using: str) -> None:
     connection = connections[using]
     if not connection.in_atomic_block:
         if connection.get_autocommit():
-            forget(set(keys))
+            delete_keys(set(keys))
         return
     # One Changes per savepoint level, registered with on_commit there: Django
     # drops it (and our weak reference dies) if that savepoint rolls back.
@@ -153,7 +167,7 @@ def note(keys: Iterable[str], using: str) -> None:
     changes.keys.update(keys)
 
 
-def forget(keys: set[str]) -> None:
+def delete_keys(keys: set[str]) -> None:
     """Delete ``keys`` in one round trip, unless the breaker is open. Never raises."""
     if not keys or redis_store.breaker.open:
         return
@@ -178,7 +192,7 @@ def keys_for(label: str, pks: Sequence[object] | None) -> list[str]:
 # -- the execute wrapper ----------------------------------------------------
 
 
-def observe(
+def note_writes(
     execute: Callable[..., Any],
     sql: Any,
     params: Any,
@@ -477,8 +491,8 @@ def tables_changed() -> None:
 
 def watch(connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
     """``connection_created`` receiver: observe every statement of a capturing database."""
-    if capture.supports(connection) and observe not in connection.execute_wrappers:
-        connection.execute_wrappers.append(observe)
+    if capture.supports(connection) and note_writes not in connection.execute_wrappers:
+        connection.execute_wrappers.append(note_writes)
 
 
 # -- invalidate() -----------------------------------------------------------
@@ -496,8 +510,7 @@ def invalidate(model: type[models.Model], pks: Iterable[object] | None = None) -
         LookupError: the model is not registered with ormbridge.
     """
     registry.options(model)
-    # django-stubs: concrete_model is Optional; it is set on every model class.
-    label = model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]
+    label = registry.label_of(model)
     using = router.db_for_write(model)
     values = None if pks is None else [model._meta.pk.get_prep_value(pk) for pk in pks]
     ChangeBatch.objects.using(using).create(

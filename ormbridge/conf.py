@@ -8,10 +8,16 @@ in :mod:`ormbridge.checks`; this module never raises for a bad value.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, overload
 
 from django.conf import settings as django_settings
+
+__all__ = [
+    "Settings",
+    "settings",
+]
 
 T = TypeVar("T")
 
@@ -21,11 +27,21 @@ class _Setting(Generic[T]):
 
     ``derive``, if given, computes the default from the other settings at call time
     (``default`` is then the value with every other setting at its default).
+    ``renamed_from``, if given, is the key's name in the previous release: still read,
+    with a ``DeprecationWarning``, when the new name is not set (the check
+    ``ormbridge.W010`` names the new key).
     """
 
-    def __init__(self, default: T, doc: str, derive: Callable[[Any], T] | None = None) -> None:
+    def __init__(
+        self,
+        default: T,
+        doc: str,
+        derive: Callable[[Any], T] | None = None,
+        renamed_from: str | None = None,
+    ) -> None:
         self.default = default
         self.derive = derive
+        self.renamed_from = renamed_from
         self.__doc__ = doc
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -42,6 +58,15 @@ class _Setting(Generic[T]):
         if isinstance(user, dict) and self.name in user:
             value: T = user[self.name]  # the user's value, unchecked (see ormbridge.checks)
             return value
+        if isinstance(user, dict) and self.renamed_from is not None and self.renamed_from in user:
+            warnings.warn(
+                f"ORMBRIDGE[{self.renamed_from!r}] is renamed {self.name!r}; the old name "
+                "is read until the next release.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            old: T = user[self.renamed_from]
+            return old
         if self.derive is not None:
             return self.derive(instance)
         return self.default
@@ -88,15 +113,21 @@ class Settings:
         "Seconds a cached instance or queryset is kept; None keeps it until "
         "invalidated. A model may override it with ``register(cache_timeout=...)``.",
     )
-    FLUSH_DELAY: _Setting[float] = _Setting(
+    DELIVERY_DELAY: _Setting[float] = _Setting(
         0.05,
         "Seconds the relay waits after a wake-up before it claims change-log rows, so a "
         "burst of commits is delivered as one batch. Readers through the cache API do not "
-        "wait for it: the committing process invalidates at commit.",
+        "wait for it: the committing process invalidates at commit. Formerly ``FLUSH_DELAY``, "
+        "still read for one release (deprecated: a ``DeprecationWarning`` and check "
+        "``ormbridge.W010``).",
+        renamed_from="FLUSH_DELAY",
     )
-    FLUSH_BATCH_SIZE: _Setting[int] = _Setting(
+    DELIVERY_BATCH_SIZE: _Setting[int] = _Setting(
         1000,
-        "Rows handled per Redis round trip and per event when delivering.",
+        "Rows handled per Redis round trip and per event when delivering. Formerly "
+        "``FLUSH_BATCH_SIZE``, still read for one release (deprecated: a "
+        "``DeprecationWarning`` and check ``ormbridge.W010``).",
+        renamed_from="FLUSH_BATCH_SIZE",
     )
     QUEUE: _Setting[str] = _Setting(
         "ormbridge",
@@ -283,6 +314,14 @@ class Settings:
     def names(self) -> list[str]:
         """Names of all known settings."""
         return [name for name, value in vars(type(self)).items() if isinstance(value, _Setting)]
+
+    def renamed(self) -> dict[str, str]:
+        """Deprecated names still read, and the keys that replaced them."""
+        return {
+            value.renamed_from: name
+            for name, value in vars(type(self)).items()
+            if isinstance(value, _Setting) and value.renamed_from is not None
+        }
 
 
 settings = Settings()

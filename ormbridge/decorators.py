@@ -34,6 +34,15 @@ from django.utils.translation import get_language
 
 from ormbridge import cache, keys
 
+__all__ = [
+    "COOKIE",
+    "SESSION",
+    "USER",
+    "Source",
+    "cached_as",
+    "cached_view_as",
+]
+
 P = ParamSpec("P")
 R = TypeVar("R")
 V = TypeVar("V", bound=Callable[..., HttpResponseBase])

@@ -33,17 +33,30 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 
-from ormbridge.broadcast import stream_key
+from ormbridge.broadcast import READ_COUNT, stream_key
 from ormbridge.conf import settings
 
-logger = logging.getLogger("ormbridge.events")
+__all__ = [
+    "BEHIND",
+    "BLOCK",
+    "GC_PAUSE_MIN",
+    "POOL",
+    "RETRY_DELAY",
+    "Behind",
+    "Entry",
+    "Hub",
+    "Reply",
+    "Subscriber",
+    "hub",
+    "order",
+]
+
+logger = logging.getLogger(__name__)
 
 # An XREAD reply: [(stream key, [(entry id, fields)])].
 Reply: TypeAlias = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 Entry: TypeAlias = tuple[str, str, dict[str, str]]  # stream key, entry id, fields
 
-READ_COUNT: Final = 500
-"""Entries per XREAD, the hub's and a catch-up's."""
 POOL: Final = 4
 """Connections of a hub's pool: starts, catch-ups and wake-ups queue for them."""
 BLOCK: Final = 5.0
@@ -51,7 +64,7 @@ BLOCK: Final = 5.0
 RETRY_DELAY: Final = 1.0
 """Seconds between the reader's attempts while Redis cannot be read."""
 GC_PAUSE_MIN: Final = 100
-"""Streams a hand-out must reach for the collector to wait (see :class:`_Collector`)."""
+"""Streams a hand-out must reach for the collector to wait (see :class:`_GcPause`)."""
 
 
 class Behind:
@@ -70,7 +83,7 @@ def order(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-class _Collector:
+class _GcPause:
     """Holds Python's cyclic garbage collector back while a hand-out reaches many streams.
 
     A full collection scans every live object, some hundreds per open stream: with
@@ -184,7 +197,7 @@ class Subscriber:
 
     def _taken(self) -> None:
         pause, self.pause = self.pause, 0
-        self.hub.collector.taken(pause)
+        self.hub.gc_pause.taken(pause)
 
     def close(self) -> None:
         self.hub.leave(self)
@@ -202,7 +215,7 @@ class Hub:
         self.reader: asyncio.Task[None] | None = None
         self.reader_id: int | None = None  # CLIENT ID of the reader's connection
         self.pool: redis.asyncio.Redis | None = None
-        self.collector = _Collector()
+        self.gc_pause = _GcPause()
 
     async def _pool(self) -> redis.asyncio.Redis:
         if self.pool is None:
@@ -317,10 +330,10 @@ class Hub:
             self.positions[key] = items[-1][0]
             entries = [(key, entry_id, fields) for entry_id, fields in items]
             followers = list(self.subscribers.get(key, ()))
-            pause = self.collector.hold(len(followers))
+            pause = self.gc_pause.hold(len(followers))
             for subscriber in followers:
                 if pause and subscriber.pause == pause:
-                    self.collector.taken(pause)  # counted once per pause
+                    self.gc_pause.taken(pause)  # counted once per pause
                 elif pause:
                     subscriber.pause = pause
                 subscriber.offer(entries)

@@ -81,7 +81,7 @@ def _atom(out: bytearray, tag: bytes, payload: bytes) -> None:
     out += payload
 
 
-def _text(value: str) -> bytes:
+def _utf8(value: str) -> bytes:
     return value.encode("utf-8", "surrogatepass")
 
 
@@ -130,7 +130,7 @@ def _float(value: float, out: bytearray, path: str) -> None:
 
 
 def _str(value: str, out: bytearray, path: str) -> None:
-    _atom(out, b"s", _text(str.__str__(value)))
+    _atom(out, b"s", _utf8(str.__str__(value)))
 
 
 def _bytes(value: bytes | bytearray | memoryview, out: bytearray, path: str) -> None:
@@ -162,7 +162,7 @@ def _uuid(value: uuid.UUID, out: bytearray, path: str) -> None:
 
 
 def _ip(value: object, out: bytearray, path: str) -> None:
-    _atom(out, b"p", _text(f"{type(value).__name__} {value}"))
+    _atom(out, b"p", _utf8(f"{type(value).__name__} {value}"))
 
 
 def _sequence(tag: bytes) -> Callable[[Any, bytearray, str], None]:
@@ -202,14 +202,14 @@ def _encode_at(value: object, path: str) -> bytes:
 
 def _enum(value: enum.Enum, out: bytearray, path: str) -> None:
     kind = type(value)
-    _atom(out, b"E", _text(f"{kind.__module__}.{kind.__qualname__}"))
+    _atom(out, b"E", _utf8(f"{kind.__module__}.{kind.__qualname__}"))
     _encode(value.value, out, f"{path}.value")
 
 
 def _model(value: models.Model, out: bytearray, path: str) -> None:
     if value.pk is None:
         raise Unkeyable(value, path or "an unsaved model instance")
-    _atom(out, b"M", _text(value._meta.label_lower))
+    _atom(out, b"M", _utf8(value._meta.label_lower))
     _encode(value.pk, out, f"{path}.pk")
 
 
@@ -219,8 +219,8 @@ def _json(value: Any, out: bytearray, path: str) -> None:
         text = (value.dumps or json.dumps)(value.obj)
     except (TypeError, ValueError):
         raise Unkeyable(value.obj, path) from None
-    payload = text if isinstance(text, bytes) else _text(text)
-    _atom(out, b"J", _text(f"{type(value).__name__}:") + payload)
+    payload = text if isinstance(text, bytes) else _utf8(text)
+    _atom(out, b"J", _utf8(f"{type(value).__name__}:") + payload)
 
 
 def _psycopg2_json(value: Any, out: bytearray, path: str) -> None:
@@ -228,7 +228,7 @@ def _psycopg2_json(value: Any, out: bytearray, path: str) -> None:
         text = value.dumps(value.adapted)
     except (TypeError, ValueError):
         raise Unkeyable(value.adapted, path) from None
-    _atom(out, b"J", _text(f"psycopg2:{text}"))
+    _atom(out, b"J", _utf8(f"psycopg2:{text}"))
 
 
 def _binary(value: Any, out: bytearray, path: str) -> None:

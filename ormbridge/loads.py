@@ -77,7 +77,7 @@ def _learn(shape: str, labels: Iterable[str]) -> None:
 
 
 class Recorder:
-    """The statements one cached load ran and on which database (seen by :func:`observe`
+    """The statements one cached load ran and on which database (seen by :func:`record_statement`
     while it runs), and the models its nested cached reads depend on."""
 
     def __init__(self) -> None:
@@ -146,7 +146,7 @@ def recording() -> Iterator[Recorder]:
         _stack.recorders.pop()
 
 
-def observe(
+def record_statement(
     execute: Callable[..., Any],
     sql: str,
     params: Any,
@@ -165,8 +165,8 @@ def observe(
 
 def watch(connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
     """``connection_created`` receiver: record the statements of cached loads on it."""
-    if observe not in connection.execute_wrappers:
-        connection.execute_wrappers.append(observe)
+    if record_statement not in connection.execute_wrappers:
+        connection.execute_wrappers.append(record_statement)
 
 
 def note_nested(labels: Iterable[str], refused: str | None) -> None:

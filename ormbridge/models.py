@@ -12,6 +12,17 @@ from django.utils import timezone
 
 from ormbridge.conf import settings
 
+__all__ = [
+    "CHANNEL",
+    "CapturePause",
+    "ChangeBatch",
+    "ResyncJob",
+    "SnapshotEncoder",
+    "log_databases",
+    "pieces",
+    "snapshot",
+]
+
 CHANNEL = "ormbridge"
 """The PostgreSQL ``NOTIFY`` channel on which a new change-log row wakes the relays."""
 
@@ -96,12 +107,12 @@ class ChangeBatch(models.Model):
     last_error = models.TextField(blank=True)
     rows = models.PositiveIntegerField(default=0, help_text="Number of pks (0: every row).")
     # Nullable: the capture triggers insert rows without these columns.
-    flushed_at = models.DateTimeField(
+    delivered_at = models.DateTimeField(
         null=True,
         blank=True,
         help_text="When its rows were invalidated and their events emitted; a retry only replays.",
     )
-    pks_flushed = models.PositiveBigIntegerField(
+    pks_delivered = models.PositiveBigIntegerField(
         null=True,
         blank=True,
         help_text="How many of pks, from the first, a merged delivery in slices has "

@@ -23,6 +23,14 @@ from ormbridge import cache, compiled
 from ormbridge.loads import Uncacheable
 from ormbridge.registry import label_of
 
+__all__ = [
+    "DEFAULT",
+    "CachedManager",
+    "CachedQuerySet",
+    "Q",
+    "cached_queryset",
+]
+
 M = TypeVar("M", bound=models.Model, covariant=True)
 Q = TypeVar("Q", bound=models.QuerySet[Any])
 T = TypeVar("T")

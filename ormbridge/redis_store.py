@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from importlib import resources
 from typing import Any, TypeAlias
 
 import redis
@@ -36,7 +37,35 @@ from redis.exceptions import RedisClusterException
 
 from ormbridge.conf import settings
 
-logger = logging.getLogger("ormbridge")
+__all__ = [
+    "READ_ENTRY",
+    "STORE_ENTRY",
+    "Breaker",
+    "Client",
+    "ClusterClient",
+    "ClusterError",
+    "Pipeline",
+    "ServerClient",
+    "as_text",
+    "blocking_redis",
+    "breaker",
+    "commit_redis",
+    "entries_redis",
+    "epoch_key",
+    "generation_key",
+    "get_redis",
+    "incarnation",
+    "key",
+    "read_breaker",
+    "refusals_key",
+    "refused_key",
+    "script",
+    "stats_key",
+    "tag",
+    "token_key",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class ServerClient(redis.Redis):
@@ -293,108 +322,23 @@ def stats_key(label: str) -> str:
     return key(label, "stats")
 
 
-# KEYS: token keys. ARGV: nonce, ttl (0 = none). Returns each key's token,
-# creating missing ones; existing tokens have their ttl refreshed.
-ENSURE_TOKENS = """
-local ttl = tonumber(ARGV[2])
-local out = {}
-for i, k in ipairs(KEYS) do
-  local v
-  if ttl > 0 then
-    v = redis.call('GETEX', k, 'EX', ttl)
-  else
-    v = redis.call('GET', k)
-  end
-  if not v then
-    v = ARGV[1] .. '.' .. i
-    if ttl > 0 then
-      redis.call('SET', k, v, 'EX', ttl)
-    else
-      redis.call('SET', k, v)
-    end
-  end
-  out[i] = v
-end
-return out
-"""
+def _lua(name: str) -> str:
+    """The source of the server-side script ``ormbridge/lua/<name>.lua`` (package data)."""
+    return resources.files("ormbridge").joinpath("lua", f"{name}.lua").read_text("utf-8")
 
 
-# KEYS: the entry, then ARGV[4] stats hashes, then the entry's token keys.
-# ARGV: nonce, token ttl (0 = none), the server's run id, number of stats hashes.
-# Ensures the tokens like ENSURE_TOKENS; the entry is a hit when it starts with
-# their stamp (run id and tokens). Counts the hit or miss. Returns {1, pickle}
-# on a hit, {0, stamp} on a miss: the stamp to store the loaded value under.
-READ_ENTRY = """
-local ttl = tonumber(ARGV[2])
-local stats = tonumber(ARGV[4])
-local parts = {ARGV[3]}
-for i = 2 + stats, #KEYS do
-  local k = KEYS[i]
-  local v
-  if ttl > 0 then
-    v = redis.call('GETEX', k, 'EX', ttl)
-  else
-    v = redis.call('GET', k)
-  end
-  if not v then
-    v = ARGV[1] .. '.' .. i
-    if ttl > 0 then
-      redis.call('SET', k, v, 'EX', ttl)
-    else
-      redis.call('SET', k, v)
-    end
-  end
-  parts[#parts + 1] = v
-end
-local stamp = table.concat(parts, ' ') .. '\\n'
-local entry = redis.call('GET', KEYS[1])
-local hit = entry and string.sub(entry, 1, #stamp) == stamp
-for i = 2, 1 + stats do
-  redis.call('HINCRBY', KEYS[i], hit and 'hits' or 'misses', 1)
-end
-if hit then
-  return {1, string.sub(entry, #stamp + 1)}
-end
-return {0, stamp}
-"""
+READ_ENTRY = _lua("read_entry")
+"""See ``ormbridge/lua/read_entry.lua``."""
 
-# KEYS: the entry, then ARGV[6] token keys, then stats hashes.
-# ARGV: the stamp the value was loaded under, the stamp and the pickle, the
-# timeout (0 = none), the tokens' ttl (0 = none), the server's run id, the
-# number of token keys. Stores only if the tokens still make that stamp (no
-# invalidation since the read), and keeps them at least as long as the entry.
-STORE_ENTRY = """
-local tokens = tonumber(ARGV[6])
-local parts = {ARGV[5]}
-for i = 2, 1 + tokens do
-  local v = redis.call('GET', KEYS[i])
-  if not v then
-    return 0
-  end
-  parts[#parts + 1] = v
-end
-if table.concat(parts, ' ') .. '\\n' ~= ARGV[1] then
-  return 0
-end
-if tonumber(ARGV[3]) > 0 then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[2])
-end
-local ttl = tonumber(ARGV[4])
-for i = 2, 1 + tokens do
-  local left = redis.call('TTL', KEYS[i])
-  if ttl == 0 then
-    redis.call('PERSIST', KEYS[i])
-  elseif left >= 0 and left < ttl then
-    redis.call('EXPIRE', KEYS[i], ttl)
-  end
-end
-for i = 2 + tokens, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'stores', 1)
-end
-return 1
-"""
+STORE_ENTRY = _lua("store_entry")
+"""See ``ormbridge/lua/store_entry.lua``."""
+
+
+def as_text(value: bytes | str | None) -> str:
+    """A reply of a (``decode_responses``) client as ``str``; None is ``""``."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return value or ""
 
 
 def script(source: str, client: Client | None = None) -> Any:

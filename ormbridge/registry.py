@@ -17,6 +17,21 @@ from django.utils.module_loading import import_string
 
 from ormbridge.conf import settings
 
+__all__ = [
+    "Options",
+    "composite_pk",
+    "get_model",
+    "is_registered",
+    "label_of",
+    "on_change",
+    "options",
+    "options_from_settings",
+    "register",
+    "register_from_settings",
+    "registered_models",
+    "settings_entries",
+]
+
 M = TypeVar("M", bound=type[models.Model])
 
 
@@ -122,13 +137,12 @@ def composite_pk(model: type[models.Model]) -> bool:
 
 
 def is_registered(model: type[models.Model]) -> bool:
-    # django-stubs: concrete_model is Optional; it is set on every model class.
-    return model._meta.concrete_model._meta.label_lower in _registry  # type: ignore[union-attr]
+    return label_of(model) in _registry
 
 
 def options(model: type[models.Model]) -> Options:
     """Options of a registered model. Raises ``LookupError`` if it is not registered."""
-    label = model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]  # see above
+    label = label_of(model)
     try:
         return _registry[label]
     except KeyError:
@@ -141,13 +155,23 @@ def registered_models() -> list[type[models.Model]]:
 
 def label_of(model: type[models.Model]) -> str:
     """The label of a model's concrete model (a proxy's rows are its concrete model's)."""
-    return model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]  # always set
+    # django-stubs: concrete_model is Optional; it is set on every model class.
+    return model._meta.concrete_model._meta.label_lower  # type: ignore[union-attr]
 
 
-def get_model(label: str) -> type[models.Model]:
-    """The registered model for ``app_label.modelname``; ``LookupError`` otherwise."""
-    model = apps.get_model(label)
-    if not is_registered(model):
+def get_model(label: str, registered: bool = True) -> type[models.Model]:
+    """The model ``app_label.ModelName`` names, a registered one unless ``registered``
+    is False.
+
+    Raises:
+        LookupError: no such model, or it is not registered; the message says which,
+            for the user (the management commands and ``resync`` pass it on).
+    """
+    try:
+        model = apps.get_model(label)
+    except (LookupError, ValueError):
+        raise LookupError(f"unknown model {label!r}; use app_label.ModelName.") from None
+    if registered and not is_registered(model):
         raise LookupError(f"{model._meta.label} is not registered with ormbridge.")
     return model
 

@@ -12,13 +12,13 @@ Callers delivering their own rows (``replay="sync"``, ``ormbridge_resync
 PostgreSQL the capture triggers' ``NOTIFY`` wakes it within milliseconds;
 elsewhere it looks every ``RELAY_POLL`` seconds.
 
-Delivering a claim: rows of the same model and action are merged and flushed
+Delivering a claim: rows of the same model and action are merged and delivered
 together (tokens and cache entries deleted, one event per batch and
-namespace); a row asking for replays is flushed first, then replays
+namespace); a row asking for replays is delivered first, then replays
 ``post_save`` / ``post_delete`` per row, so a failing receiver can neither
 leave its chunk stale nor hold back its event. A receiver that raises fails
 its row alone (pk, receiver and exception are recorded); the other rows go
-on. A delivery that fails puts its row back with the work left (the flush,
+on. A delivery that fails puts its row back with the work left (the delivery,
 the rows to replay again), to be tried again after a backoff
 (``RETRY_BACKOFF``, doubling) until ``MAX_ATTEMPTS``; its last attempt marks
 it failed at once.
@@ -59,7 +59,31 @@ from ormbridge.conf import settings
 from ormbridge.models import CHANNEL, ChangeBatch, ResyncJob
 from ormbridge.models import log_databases as log_databases  # for the layers above
 
-logger = logging.getLogger("ormbridge")
+__all__ = [
+    "BIG_ROWS",
+    "ERRORS_KEPT",
+    "PRUNE_CHUNK",
+    "DrainResult",
+    "Heartbeat",
+    "Relay",
+    "backoff",
+    "claim",
+    "deliver",
+    "deliver_held",
+    "drain",
+    "log_databases",
+    "model_databases",
+    "new_owner",
+    "prune",
+    "receiver_errors",
+    "renew",
+    "start_in_process",
+    "start_in_worker",
+    "stop_in_worker",
+    "unlogged_databases",
+]
+
+logger = logging.getLogger(__name__)
 
 PRUNE_CHUNK = 10_000
 BIG_ROWS = 4
@@ -75,13 +99,13 @@ class DrainResult:
     batches: int = 0
     rows: int = 0
     failed: int = 0
-    flush: delivery.FlushResult = field(default_factory=delivery.FlushResult)
+    delivered: delivery.DeliveryResult = field(default_factory=delivery.DeliveryResult)
 
     def add(self, other: DrainResult) -> None:
         self.batches += other.batches
         self.rows += other.rows
         self.failed += other.failed
-        self.flush.add(other.flush)
+        self.delivered.add(other.delivered)
 
 
 def model_databases() -> dict[str, list[str]]:
@@ -254,16 +278,16 @@ def deliver_held(ids: Iterable[int], using: str, owner: str) -> DrainResult:
 
 
 def deliver(batches: list[ChangeBatch], using: str) -> DrainResult:
-    """Deliver claimed rows: one merged flush per model and action; replays after their flush.
+    """Deliver claimed rows: one merged delivery per model and action; replays after theirs.
 
-    A merged flush reads its rows' pks in slices of at most ``RELAY_MAX_PKS``
+    A merged delivery reads its rows' pks in slices of at most ``RELAY_MAX_PKS``
     (:func:`_deliver_merged`), so memory stays flat however many pks the rows hold.
     """
     result = DrainResult()
     merged: dict[tuple[str, str, tuple[str, ...] | None], list[ChangeBatch]] = defaultdict(list)
     for batch in batches:
         every_row, has_snapshot = _kind(batch)
-        if batch.replay or has_snapshot or every_row or batch.flushed_at is not None:
+        if batch.replay or has_snapshot or every_row or batch.delivered_at is not None:
             _deliver_alone(batch, using, result)
         else:
             fields = None if batch.fields is None else tuple(sorted(batch.fields))
@@ -286,17 +310,17 @@ def _deliver_merged(
     Each step reads a slice of every row's pks, in step (the rows of several
     statements over the same rows, in the same order, then share their
     invalidations), at most ``RELAY_MAX_PKS`` in all, and records how far each
-    row got (``pks_flushed``): a relay killed, or failing, half-way is followed
+    row got (``pks_delivered``): a relay killed, or failing, half-way is followed
     by one that goes on from there.
     """
     try:
         model = apps.get_model(label)
         for pks, reached in _steps(using, group):
             if registry.is_registered(model):
-                result.flush.add(delivery.flush(model, action, _unique(model, pks), fields))
+                result.delivered.add(delivery.deliver(model, action, _unique(model, pks), fields))
             progress = Case(*(When(id=pk, then=Value(n)) for pk, n in reached.items()))
             touched = [batch for batch in group if batch.pk in reached]
-            if _held(using, touched).update(pks_flushed=progress) < len(touched):
+            if _held(using, touched).update(pks_delivered=progress) < len(touched):
                 _lost(touched)  # the rest is left to the rows' new holders
                 return
     except Exception as exc:
@@ -306,7 +330,7 @@ def _deliver_merged(
 
 
 def _steps(using: str, group: list[ChangeBatch]) -> Iterator[tuple[list[Any], dict[int, int]]]:
-    """``(pks, {row id: pks flushed once these are})`` per step over ``group``'s pk lists.
+    """``(pks, {row id: pks delivered once these are})`` per step over ``group``'s pk lists.
 
     Each step takes an equal share of ``RELAY_MAX_PKS`` (at least one pk each)
     from the rows not yet through, from where each row's last delivery stopped:
@@ -317,7 +341,7 @@ def _steps(using: str, group: list[ChangeBatch]) -> Iterator[tuple[list[Any], di
     """
     cap = max(1, int(settings.RELAY_MAX_PKS))
     lengths = _lengths(using, [batch.pk for batch in group])
-    done = {batch.pk: min(batch.pks_flushed or 0, lengths.get(batch.pk, 0)) for batch in group}
+    done = {batch.pk: min(batch.pks_delivered or 0, lengths.get(batch.pk, 0)) for batch in group}
     while True:
         left = {pk: lengths.get(pk, 0) - done[pk] for pk in sorted(done)}
         big = [pk for pk, n in left.items() if n > cap // BIG_ROWS][:BIG_ROWS]
@@ -381,9 +405,9 @@ def _slices(using: str, segments: list[tuple[int, int, int]]) -> list[Any]:
 def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
     """Flush ``batch`` (unless an earlier attempt did), then replay its rows (or the failed ones).
 
-    Neither step undoes or blocks the other: a failed flush is tried again
+    Neither step undoes or blocks the other: a failed delivery is tried again
     without replaying the rows again, and a row whose receiver raised is
-    replayed again without flushing the chunk again.
+    replayed again without delivering the chunk again.
     """
     try:
         model = apps.get_model(batch.model)
@@ -393,15 +417,15 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
         _retry_later([batch], using, result, _describe(exc), exc)
         return
     problem: Exception | None = None
-    if batch.flushed_at is None:
+    if batch.delivered_at is None:
         try:
             if registry.is_registered(model):
                 rows = list(replay.rebuild(model, snapshot, using)) if snapshot else None
-                result.flush.add(delivery.flush(model, batch.action, pks, batch.fields, rows))
-            batch.flushed_at = timezone.now()
-            # So that a relay dying in the replays does not flush again; and a relay
+                result.delivered.add(delivery.deliver(model, batch.action, pks, batch.fields, rows))
+            batch.delivered_at = timezone.now()
+            # So that a relay dying in the replays does not deliver again; and a relay
             # that lost its lease (paused past it) stops here: the new holder replays.
-            if batch.replay and not _held(using, [batch]).update(flushed_at=batch.flushed_at):
+            if batch.replay and not _held(using, [batch]).update(delivered_at=batch.delivered_at):
                 _lost([batch])
                 return
         except Exception as exc:
@@ -418,7 +442,7 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
     if problem is None and not errors:
         _done([batch], using, result)
         return
-    if snapshot and batch.flushed_at is not None and retry_pks is not None:
+    if snapshot and batch.delivered_at is not None and retry_pks is not None:
         snapshot = replay.keep_rows(model, snapshot, retry_pks)  # only what a retry needs
     error = _describe(problem) if problem is not None else _summary(errors)
     _retry_later(
@@ -427,7 +451,7 @@ def _deliver_alone(batch: ChangeBatch, using: str, result: DrainResult) -> None:
         result,
         error,
         problem,
-        flushed_at=batch.flushed_at,
+        delivered_at=batch.delivered_at,
         retry_pks=retry_pks,
         errors=[e.as_dict() for e in errors[:ERRORS_KEPT]] or None,
         snapshot=snapshot,
@@ -535,7 +559,7 @@ def _done(batches: list[ChangeBatch], using: str, result: DrainResult) -> None:
         batches,
         state=ChangeBatch.State.DONE,
         finished_at=now,
-        flushed_at=Coalesce("flushed_at", Value(now, output_field=DateTimeField())),
+        delivered_at=Coalesce("delivered_at", Value(now, output_field=DateTimeField())),
         lease_until=None,
         retry_at=None,
         retry_pks=None,
@@ -725,7 +749,7 @@ class Relay:
                     drained = DrainResult()
                 idle = not drained.batches and not drained.failed
                 if idle and self._wait(float(settings.RELAY_POLL)):
-                    time.sleep(float(settings.FLUSH_DELAY))
+                    time.sleep(float(settings.DELIVERY_DELAY))
         finally:
             heartbeat.stop()
             self._close_listener()

@@ -16,6 +16,18 @@ from typing import Any
 from django.db import connections, models
 from django.db.models.signals import ModelSignal, post_delete, post_save
 
+__all__ = [
+    "ERROR_TEXT",
+    "LOAD_SIZE",
+    "ReceiverError",
+    "Replayed",
+    "keep_rows",
+    "rebuild",
+    "receiver_name",
+    "replay_deletes",
+    "replay_saves",
+]
+
 # Rows loaded per query when replaying saves.
 LOAD_SIZE = 2000
 # Characters of an exception's text kept in a receiver error.
@@ -37,9 +49,8 @@ class ReceiverError:
 
 @dataclasses.dataclass
 class Replayed:
-    """What a replay did: rows sent, and the receivers that raised."""
+    """What a replay did: the receivers that raised."""
 
-    sent: int = 0
     errors: list[ReceiverError] = dataclasses.field(default_factory=list)
 
     def failed_pks(self) -> list[Any]:
@@ -61,7 +72,6 @@ def _send(signal: ModelSignal, obj: models.Model, done: Replayed, **named: Any) 
         if isinstance(response, Exception):
             text = f"{type(response).__name__}: {response}"[:ERROR_TEXT]
             done.errors.append(ReceiverError(obj.pk, receiver_name(receiver), text))
-    done.sent += 1
 
 
 def replay_saves(

@@ -46,6 +46,30 @@ if TYPE_CHECKING:
 
     from ormbridge.models import ResyncJob
 
+__all__ = [
+    "DEFAULT_CHUNK",
+    "LIST_LOOKUPS",
+    "PATTERN_LOOKUPS",
+    "TEXT_LOOKUPS",
+    "OnProgress",
+    "ResyncError",
+    "Selection",
+    "count",
+    "get_job",
+    "interrupt",
+    "log_database",
+    "lookup",
+    "progress",
+    "refresh",
+    "resume",
+    "rows_done",
+    "run",
+    "select",
+    "selection_of",
+    "start",
+    "wait",
+]
+
 TEXT_LOOKUPS = {
     "contains", "icontains", "startswith", "istartswith", "endswith", "iendswith",
     "regex", "iregex", "iexact",
@@ -54,7 +78,7 @@ LIST_LOOKUPS = {"in", "range"}
 PATTERN_LOOKUPS = {"regex", "iregex"}
 DEFAULT_CHUNK = 5000
 
-logger = logging.getLogger("ormbridge")
+logger = logging.getLogger(__name__)
 
 
 class ResyncError(ValueError):
@@ -576,15 +600,10 @@ def _tell(on_progress: OnProgress | None, job: ResyncJob) -> None:
 
 
 def _model(label: str) -> type[Model]:
-    from django.apps import apps
-
     try:
-        model = apps.get_model(label)
-    except (LookupError, ValueError):
-        raise ResyncError(f"unknown model {label!r}; use app_label.ModelName.") from None
-    if not registry.is_registered(model):
-        raise ResyncError(f"{model._meta.label} is not registered with ormbridge.")
-    return model
+        return registry.get_model(label)
+    except LookupError as exc:
+        raise ResyncError(str(exc)) from None
 
 
 def _split(text: str, option: str) -> tuple[str, str]:

@@ -13,6 +13,12 @@ from typing import Any
 from ormbridge.conf import settings
 from ormbridge.tasks import message_kwargs
 
+__all__ = [
+    "PERIODIC_TASKS",
+    "beat_schedule",
+    "install",
+]
+
 # task name -> name of its PeriodicTask row
 PERIODIC_TASKS = {
     "ormbridge.sweep": "ormbridge: prune and deliver the change log (sweep)",

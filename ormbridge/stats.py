@@ -76,7 +76,7 @@ class Counts:
             redis_store.read_breaker.trip(exc, quiet=True)  # the next read says so, if it fails too
             logger.debug("ormbridge: counts not sent: %s", exc)
 
-    def forget(self) -> None:
+    def reset_in_child(self) -> None:
         """In a forked child: the parent's counts and timer are the parent's."""
         self._lock = threading.Lock()
         self._counts = Counter()
@@ -90,7 +90,7 @@ counts = Counts()
 atexit.register(counts.send)
 
 
-os.register_at_fork(after_in_child=counts.forget)
+os.register_at_fork(after_in_child=counts.reset_in_child)
 
 
 def record_refusal(task: str, task_id: str | None, reason: str) -> None:

@@ -24,6 +24,15 @@ from ormbridge.conf import settings
 if TYPE_CHECKING:
     from ormbridge.models import ResyncJob
 
+__all__ = [
+    "CACHE_COUNTERS",
+    "RECENT_JOBS",
+    "SHOWN_WORKERS",
+    "UNDELIVERED",
+    "ago",
+    "collect",
+]
+
 RECENT_JOBS = 5
 # Status names of the cache counters, and the fields of the stats hash they read.
 CACHE_COUNTERS = {
@@ -171,7 +180,7 @@ def collect(worker_timeout: float = 1.0) -> dict[str, Any]:
                 "model": label,
                 "registered": label in labels,
                 "triggers": triggers.get(label),
-                "last_flush": _float(stats.get(label, {}).get("last_flush")),
+                "last_delivery": _float(stats.get(label, {}).get("last_delivery")),
                 "cache": {
                     **{
                         name: int(stats.get(label, {}).get(field, 0))

@@ -120,10 +120,10 @@ def covering(tables: Iterable[str], what: str) -> set[str]:
     return labels
 
 
-def _forget() -> None:
+def _clear_caches() -> None:
     owners.cache_clear()
     _tables_finder.cache_clear()
     tables_in.cache_clear()
 
 
-registry.on_change(_forget)
+registry.on_change(_clear_caches)

@@ -30,7 +30,18 @@ from django.db import connections
 from ormbridge import relay, resync, stats
 from ormbridge.conf import settings
 
-logger = logging.getLogger("ormbridge")
+__all__ = [
+    "PUBLISH_RETRY",
+    "TASK_OPTIONS",
+    "enqueue",
+    "message_kwargs",
+    "refused",
+    "resume_resync",
+    "site_id",
+    "sweep",
+]
+
+logger = logging.getLogger(__name__)
 
 TASK_OPTIONS: dict[str, Any] = {
     "ignore_result": True,

@@ -46,6 +46,18 @@ from django.test.utils import override_settings
 from ormbridge import broadcast, cache, redis_store, stats
 from ormbridge.conf import settings
 
+__all__ = [
+    "STREAM_EMITTER",
+    "DeliveryError",
+    "Harness",
+    "OrmbridgeTestMixin",
+    "assert_events",
+    "assert_invalidated",
+    "assert_not_invalidated",
+    "events",
+    "wipe",
+]
+
 try:
     import pytest
 except ImportError:  # pytest is optional: OrmbridgeTestMixin needs only Django
@@ -62,7 +74,7 @@ if TYPE_CHECKING:
 else:
     _TestCaseBase = object
 
-logger = logging.getLogger("ormbridge")
+logger = logging.getLogger(__name__)
 
 STREAM_EMITTER = "ormbridge.broadcast.RedisStreamEmitter"
 
@@ -120,8 +132,8 @@ class Harness:
             for alias in self.aliases:
                 # Outermost: it acts after the buffer's wrapper noted the statement.
                 wrappers = connections[alias].execute_wrappers
-                wrappers.insert(0, self._observe)
-                self._stack.callback(wrappers.remove, self._observe)
+                wrappers.insert(0, self._deliver_writes)
+                self._stack.callback(wrappers.remove, self._deliver_writes)
             # First of the cache's bypass predicates: it runs before every cached read.
             self._stack.callback(cache.add_bypass(self._before_read, first=True))
             _running.append(self)
@@ -194,7 +206,7 @@ class Harness:
                 connections[alias].force_debug_cursor = value
             self._delivering = False
 
-    def _observe(
+    def _deliver_writes(
         self,
         execute: Callable[..., Any],
         sql: str,
@@ -442,20 +454,7 @@ def _token_keys(target: models.Model | models.QuerySet[Any]) -> list[str]:
         return [redis_store.generation_key(label) for label in cache.dependencies(target)]
     if not isinstance(target, models.Model) or target.pk is None:
         raise TypeError(f"expected a saved model instance or a queryset, not {target!r}")
-    keys: list[str] = []
-    chain: list[type[models.Model]] = []
-    current: type[models.Model] | None = target._meta.concrete_model
-    while current is not None:  # the pk's parent links (multi-table inheritance)
-        chain.append(current)
-        label = current._meta.label_lower
-        keys += [redis_store.epoch_key(label), redis_store.token_key(label, target.pk)]
-        link = current._meta.pk
-        parent_link = link is not None and link.remote_field and link.remote_field.parent_link
-        current = link.related_model if parent_link else None
-    for parent in target._meta.get_parent_list():
-        if parent not in chain:
-            keys.append(redis_store.generation_key(parent._meta.label_lower))
-    return keys
+    return cache.instance_tokens(type(target), target.pk)
 
 
 def _describe(target: models.Model | models.QuerySet[Any]) -> str:

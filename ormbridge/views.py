@@ -49,10 +49,9 @@ from ormbridge.access import (  # the endpoint's names before access had a modul
     reload_user,
     requested_namespaces,
 )
-from ormbridge.broadcast import stream_key
+from ormbridge.broadcast import READ_COUNT, stream_key
 from ormbridge.conf import settings
 from ormbridge.cursors import decode_cursor, encode_cursor, max_cursor_length
-from ormbridge.fanout import READ_COUNT
 
 __all__ = [
     "MAX_NAMESPACE_LENGTH",

@@ -84,8 +84,8 @@ def test_update_replays_one_post_save_per_matching_row(worker, bulk_signals):
     events = [e for e in emitters.recorded() if e["model"] == "shop.product"]
     assert {(e["type"], tuple(e["fields"])) for e in events} == {("update", ("price",))}
     assert sorted(pk for e in events for pk in e["pks"]) == [p.pk for p in matching]
-    # one event per chunk and FLUSH_BATCH_SIZE rows, not per row
-    per_event = int(ormbridge_settings.FLUSH_BATCH_SIZE)
+    # one event per chunk and DELIVERY_BATCH_SIZE rows, not per row
+    per_event = int(ormbridge_settings.DELIVERY_BATCH_SIZE)
     assert len(events) == sum(math.ceil(row.rows / per_event) for row in logged) < 100
 
 

@@ -719,9 +719,10 @@ def product_events(events: list[dict], action: str) -> list[Any]:
 def ensure_tokens(label: str, pks: list[Any]) -> list[str]:
     """Give each row a cache token, as ``cached_instance`` does; returns their keys."""
     keys = [redis_store.token_key(label, pk) for pk in pks]
-    ensure = redis_store.script(redis_store.ENSURE_TOKENS)
+    nonce = uuid.uuid4().hex
     for start in range(0, len(keys), 1000):
-        ensure(keys=keys[start : start + 1000], args=[uuid.uuid4().hex, 0])
+        part = keys[start : start + 1000]
+        redis_store.get_redis().mset({key: f"{nonce}.{i}" for i, key in enumerate(part)})
     return keys
 
 

@@ -13,6 +13,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from ormbridge import schedule
 from ormbridge.checks import check_settings, check_triggers
+from ormbridge.conf import settings as ormbridge_settings
 
 
 def ids(settings) -> list[str]:
@@ -32,7 +33,7 @@ def test_ormbridge_must_be_a_dict(settings):
     assert ids(settings) == ["ormbridge.E001"]
 
 
-@pytest.mark.parametrize("key", ["FLUSH_DELAYS", "REDELIVER_AFTER"])  # a typo, a removed key
+@pytest.mark.parametrize("key", ["DELIVERY_DELAYS", "REDELIVER_AFTER"])  # a typo, a removed key
 def test_unknown_key_is_a_warning_naming_it(settings, key):
     configure(settings, **{key: 1})
     [message] = check_settings()
@@ -62,12 +63,44 @@ def test_the_retired_cache_alias_says_where_entries_live_now(settings):
 
 
 @pytest.mark.parametrize(
+    "old,new,value",
+    [("FLUSH_DELAY", "DELIVERY_DELAY", 0.5), ("FLUSH_BATCH_SIZE", "DELIVERY_BATCH_SIZE", 7)],
+)
+def test_a_renamed_key_is_still_read_with_a_deprecation_warning_and_a_check_naming_the_new_key(
+    settings, old, new, value
+):
+    configure(settings, **{old: value})
+    with pytest.warns(DeprecationWarning, match=f"{old}.*renamed.*{new}"):
+        assert getattr(ormbridge_settings, new) == value
+    [message] = check_settings()  # W010, not "unknown key" (W001); no warning raised
+    assert message.id == "ormbridge.W010"
+    assert old in message.msg and new in message.hint
+
+
+@pytest.mark.parametrize(
+    "old,new", [("FLUSH_DELAY", "DELIVERY_DELAY"), ("FLUSH_BATCH_SIZE", "DELIVERY_BATCH_SIZE")]
+)
+def test_the_new_key_wins_over_the_renamed_one(settings, recwarn, old, new):
+    configure(settings, **{old: 3, new: 4})
+    assert getattr(ormbridge_settings, new) == 4
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+    [message] = check_settings()
+    assert message.id == "ormbridge.W010"
+    assert "ignored" in message.msg
+
+
+def test_a_renamed_key_out_of_range_is_reported_under_the_new_name(settings):
+    configure(settings, FLUSH_DELAY=-1)
+    assert sorted(ids(settings)) == ["ormbridge.E004", "ormbridge.W010"]
+
+
+@pytest.mark.parametrize(
     "key,value",
     [
-        ("FLUSH_DELAY", -1),
-        ("FLUSH_DELAY", "1"),
-        ("FLUSH_BATCH_SIZE", 0),
-        ("FLUSH_BATCH_SIZE", 1.5),
+        ("DELIVERY_DELAY", -1),
+        ("DELIVERY_DELAY", "1"),
+        ("DELIVERY_BATCH_SIZE", 0),
+        ("DELIVERY_BATCH_SIZE", 1.5),
         ("RELAY_BATCH", 0),
         ("RELAY_BATCH", 2.5),
         ("RELAY_LEASE", 0.5),

@@ -339,7 +339,7 @@ def noted(monkeypatch) -> Callable[..., set[str]]:
 
     def run(sql: str, params: Any = None, many: bool = False) -> set[str]:
         keys.clear()
-        commit.observe(lambda *args: None, sql, params, many, {"connection": Connection()})
+        commit.note_writes(lambda *args: None, sql, params, many, {"connection": Connection()})
         return set(keys)
 
     return run

@@ -5,7 +5,7 @@ A 1,000,000-row ``UPDATE`` is one change-log row on PostgreSQL, all its pks in o
 array: a relay read it whole (and every row merged with it) into memory. Here the cap is
 1,000 pks and the statements 10,000 rows: every merged flush and every replay holds at most
 the cap, and every row is delivered as before (tokens, events, replays). The merged flushes
-are watched by wrapping ``ormbridge.delivery.flush`` in this process (the real one runs).
+are watched by wrapping ``ormbridge.delivery.deliver`` in this process (the real one runs).
 ``bench/relay_memory.py`` measures a worker's memory at full size.
 """
 
@@ -41,18 +41,18 @@ def capped(settings) -> None:
 def held(monkeypatch) -> dict[str, list[list[Any]]]:
     """The pks of every flush and every replay of ``post_save`` this process makes."""
     seen: dict[str, list[list[Any]]] = {"flushes": [], "replays": []}
-    real_flush, real_replay = delivery.flush, replay.replay_saves
+    real_deliver, real_replay = delivery.deliver, replay.replay_saves
 
     def flushing(model, action, pks, *args, **kwargs):
         if model is Product and pks is not None:
             seen["flushes"].append(list(pks))
-        return real_flush(model, action, pks, *args, **kwargs)
+        return real_deliver(model, action, pks, *args, **kwargs)
 
     def replaying(model, pks, *args, **kwargs):
         seen["replays"].append(list(pks))
         return real_replay(model, pks, *args, **kwargs)
 
-    monkeypatch.setattr(delivery, "flush", flushing)
+    monkeypatch.setattr(delivery, "deliver", flushing)
     monkeypatch.setattr(replay, "replay_saves", replaying)
     return seen
 
@@ -68,7 +68,7 @@ def product_events() -> list[dict]:
 def assert_events_cover(pks: list[int], kind: str) -> None:
     events = [event for event in product_events() if event["type"] == kind]
     assert sorted({pk for event in events for pk in event["pks"]}) == sorted(pks)
-    assert max(len(event["pks"]) for event in events) <= ormbridge_settings.FLUSH_BATCH_SIZE
+    assert max(len(event["pks"]) for event in events) <= ormbridge_settings.DELIVERY_BATCH_SIZE
 
 
 def flushed(held: dict[str, list[list[Any]]]) -> list[Any]:

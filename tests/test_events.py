@@ -152,7 +152,7 @@ def test_a_rolled_back_transaction_produces_no_event(no_relay):
 
 def test_a_bulk_update_produces_one_event_per_chunk(no_relay, settings):
     # A chunk is one event when it fits in a flush batch (events stay bounded in size).
-    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "FLUSH_BATCH_SIZE": 2_500}
+    settings.ORMBRIDGE = {**settings.ORMBRIDGE, "DELIVERY_BATCH_SIZE": 2_500}
     settled(make_products(10_000))
     result = ormbridge.safe_bulk_update(Product.objects.all(), chunk_size=2_500, replay="sync",
                                        stock=1)  # fmt: skip

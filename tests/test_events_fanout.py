@@ -129,7 +129,7 @@ def test_a_client_that_reconnects_gets_what_it_missed_once_and_in_order(serve, c
     first = emit(3)
     seen = stream.messages(3)
     stream.close()
-    missed = emit(fanout.READ_COUNT + 10)  # more than one catch-up read
+    missed = emit(broadcast.READ_COUNT + 10)  # more than one catch-up read
 
     resumed = server.open(["shop.product"], cookie=cookie, last_event_id=seen[-1]["id"])
     more = emit(2)

@@ -45,7 +45,7 @@ def test_json_status_validates_against_the_documented_shape(worker):
     assert product["triggers"] == "installed"
     assert product["change_log"] == {"pending": 0, "claimed": 0, "failed": 0}
     assert product["oldest_undelivered_age"] is None
-    assert product["last_flush"] is not None  # the relay delivered the save
+    assert product["last_delivery"] is not None  # the relay delivered the save
 
 
 def test_undelivered_rows_are_counted_by_state(no_relay):
@@ -70,7 +70,7 @@ def test_with_redis_stopped_status_still_answers_and_says_so(worker, redis_serve
     jsonschema.validate(report, SCHEMA)
     assert report["services"]["redis"]["ok"] is False
     assert "Error" in report["services"]["redis"]["error"]
-    assert all(m["last_flush"] is None for m in report["models"])
+    assert all(m["last_delivery"] is None for m in report["models"])
     assert done.returncode == 0  # Redis being down is reported, the change log is healthy
 
 

@@ -21,6 +21,12 @@ from ormbridge import cache, compiled, keys
 from ormbridge.loads import Uncacheable
 from ormbridge.registry import label_of
 
+__all__ = [
+    "CachedAsNode",
+    "do_cached_as",
+    "register",
+]
+
 register = template.Library()
 
 

@@ -2,11 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import models
 
 from ormbridge import commit, redis_store, registry
+
+__all__ = [
+    "Command",
+]
 
 
 class Command(BaseCommand):
@@ -41,9 +44,6 @@ class Command(BaseCommand):
 
     def _model(self, text: str) -> type[models.Model]:
         try:
-            model = apps.get_model(text)
-        except (LookupError, ValueError):
-            raise CommandError(f"unknown model {text!r}; use app_label.ModelName.") from None
-        if not registry.is_registered(model):
-            raise CommandError(f"{model._meta.label} is not registered with ormbridge.")
-        return model
+            return registry.get_model(text)
+        except LookupError as exc:
+            raise CommandError(str(exc)) from None

@@ -16,6 +16,11 @@ from tqdm import tqdm
 
 from ormbridge import resync
 
+__all__ = [
+    "EXAMPLES",
+    "Command",
+]
+
 EXAMPLES = """
 examples:
   manage.py ormbridge_resync shop.Product

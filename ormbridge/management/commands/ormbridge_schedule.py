@@ -7,6 +7,10 @@ from django.core.management.base import BaseCommand, CommandParser
 from ormbridge import schedule
 from ormbridge.conf import settings
 
+__all__ = [
+    "Command",
+]
+
 
 class Command(BaseCommand):
     help = (

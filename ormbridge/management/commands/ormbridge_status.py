@@ -8,6 +8,11 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from ormbridge import status
 
+__all__ = [
+    "MAX_WORKER_TIMEOUT",
+    "Command",
+]
+
 MAX_WORKER_TIMEOUT = 60.0
 
 
@@ -80,7 +85,7 @@ class Command(BaseCommand):
                 line += f"  {style.ERROR(database['error'])}"
             out.write(line)
         out.write("")
-        out.write(f"{'model':<24} {'triggers':<10} {'log p/c/f':<16} {'oldest':>9}  last flush")
+        out.write(f"{'model':<24} {'triggers':<10} {'log p/c/f':<16} {'oldest':>9}  last delivery")
         for model in report["models"]:
             log = model["change_log"]
             counts = f"{log['pending']}/{log['claimed']}/{log['failed']}"
@@ -88,7 +93,8 @@ class Command(BaseCommand):
             triggers = model["triggers"] or "-"
             out.write(
                 f"{model['model']:<24} {triggers:<10} {counts:<16} "
-                f"{'-' if age is None else f'{age:,.0f} s':>9}  {status.ago(model['last_flush'])}"
+                f"{'-' if age is None else f'{age:,.0f} s':>9}  "
+                f"{status.ago(model['last_delivery'])}"
             )
         out.write("")
         out.write(

@@ -2,11 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.apps import apps
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import connections, models
+from django.db import connections
 
 from ormbridge import capture, registry, relay
+
+__all__ = [
+    "Command",
+]
 
 
 class Command(BaseCommand):
@@ -148,9 +151,6 @@ class Command(BaseCommand):
 
     def _label(self, text: str, registered: bool = True) -> str:
         try:
-            model: type[models.Model] = apps.get_model(text)
-        except (LookupError, ValueError):
-            raise CommandError(f"unknown model {text!r}; use app_label.ModelName.") from None
-        if registered and not registry.is_registered(model):
-            raise CommandError(f"{model._meta.label} is not registered with ormbridge.")
-        return model._meta.label_lower
+            return registry.get_model(text, registered)._meta.label_lower
+        except LookupError as exc:
+            raise CommandError(str(exc)) from None
