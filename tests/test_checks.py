@@ -14,6 +14,9 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from ormbridge import schedule
 from ormbridge.checks import check_settings, check_triggers
 
+# The tests that are not of the unit tier read the test database's triggers and log.
+pytestmark = pytest.mark.databases
+
 
 def ids(settings) -> list[str]:
     return [message.id for message in check_settings()]
@@ -23,15 +26,18 @@ def configure(settings, **values):
     settings.ORMBRIDGE = {**settings.ORMBRIDGE, **values}
 
 
+@pytest.mark.unit
 def test_the_test_settings_are_clean(settings):
     assert check_settings() == []
 
 
+@pytest.mark.unit
 def test_ormbridge_must_be_a_dict(settings):
     settings.ORMBRIDGE = ["REDIS_URL"]
     assert ids(settings) == ["ormbridge.E001"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("key", ["FLUSH_DELAYS", "REDELIVER_AFTER"])  # a typo, a removed key
 def test_unknown_key_is_a_warning_naming_it(settings, key):
     configure(settings, **{key: 1})
@@ -40,6 +46,7 @@ def test_unknown_key_is_a_warning_naming_it(settings, key):
     assert key in message.msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "key,value", [("RELAY_LEASE", 1), ("RELAY_POLL", 0.01), ("LOG_RETENTION", 0), ("RELAY", False)]
 )
@@ -48,12 +55,14 @@ def test_numbers_at_their_minimum_are_fine(settings, key, value):
     assert check_settings() == []
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("url", ["http://localhost", "localhost:6379", 6379, ""])
 def test_redis_url_must_be_a_redis_url(settings, url):
     configure(settings, REDIS_URL=url)
     assert ids(settings) == ["ormbridge.E002"]
 
 
+@pytest.mark.unit
 def test_the_retired_cache_alias_says_where_entries_live_now(settings):
     configure(settings, CACHE_ALIAS="default")
     [message] = check_settings()
@@ -61,6 +70,7 @@ def test_the_retired_cache_alias_says_where_entries_live_now(settings):
     assert "REDIS_URL" in message.hint
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "key,value",
     [
@@ -93,6 +103,7 @@ def test_numbers_must_be_in_range(settings, key, value):
     assert key in message.msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("key", ["KEY_PREFIX", "QUEUE"])
 @pytest.mark.parametrize("value", ["", "two words", None])
 def test_names_must_be_non_empty_strings(settings, key, value):
@@ -100,6 +111,7 @@ def test_names_must_be_non_empty_strings(settings, key, value):
     assert ids(settings) == ["ormbridge.E005"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("entry", ["shop.Nope", "nodot", "shop.DiscountedProduct"])
 def test_models_must_name_concrete_models(settings, entry):
     configure(settings, MODELS=["shop.Order", entry])
@@ -108,6 +120,7 @@ def test_models_must_name_concrete_models(settings, entry):
     assert entry in message.msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "options,named",
     [
@@ -123,6 +136,7 @@ def test_models_as_a_dict_must_give_known_options(settings, options, named):
     assert "shop.Tag" in message.msg and named in message.msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("models", [["testapp.Seat"], {"testapp.Seat": {}}])
 def test_models_naming_a_composite_primary_key_model_is_e009(settings, models):
     configure(settings, MODELS=models)
@@ -132,11 +146,13 @@ def test_models_naming_a_composite_primary_key_model_is_e009(settings, models):
     assert "Remove" in message.hint
 
 
+@pytest.mark.unit
 def test_emitters_must_import(settings):
     configure(settings, EMITTERS=["ormbridge.broadcast.NoSuchEmitter"])
     assert ids(settings) == ["ormbridge.E007"]
 
 
+@pytest.mark.unit
 def test_pickle_is_a_warning(settings):
     settings.CELERY_ACCEPT_CONTENT = ["json", "pickle"]
     assert ids(settings) == ["ormbridge.W003"]
@@ -158,6 +174,7 @@ class PickleConfig:
     accept_content = ["json", "pickle"]
 
 
+@pytest.mark.unit
 def test_pickle_accepted_through_a_celeryconfig_module_is_a_warning(settings, celery_app):
     celery_app.config_from_object(PickleConfig)
     [message] = check_settings()
@@ -165,6 +182,7 @@ def test_pickle_accepted_through_a_celeryconfig_module_is_a_warning(settings, ce
     assert "accept_content" in message.msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "key,value",
     [
@@ -181,11 +199,13 @@ def test_pickle_set_in_the_app_conf_is_a_warning(settings, celery_app, key, valu
     assert key in message.msg
 
 
+@pytest.mark.unit
 def test_a_json_only_celery_app_is_clean(settings, celery_app):
     celery_app.conf.accept_content = ["json", "msgpack"]
     assert check_settings() == []
 
 
+@pytest.mark.unit
 def test_manage_py_check_fails_on_bad_configuration(settings):
     configure(settings, REDIS_URL="http://nope")
     with pytest.raises(SystemCheckError, match=r"ormbridge\.E002"):
@@ -217,6 +237,7 @@ def test_manage_py_check_database_warns_of_missing_triggers(product_triggers_uni
     assert "ormbridge.W005" in out.getvalue()
 
 
+@pytest.mark.unit
 def test_a_database_with_registered_models_that_the_router_keeps_the_log_out_of_is_w006(
     settings,
 ):
@@ -229,6 +250,7 @@ def test_a_database_with_registered_models_that_the_router_keeps_the_log_out_of_
     assert "allow_migrate" in message.hint and "migrate --database other" in message.hint
 
 
+@pytest.mark.unit
 def test_databases_that_hold_a_log_or_no_registered_model_are_clean(settings):
     settings.DATABASE_ROUTERS = ["tests.routers.SecondDatabaseRouter"]  # a log in each
     assert [m for m in run_checks() if m.id == "ormbridge.W006"] == []
@@ -271,6 +293,7 @@ OLD_SNIPPET = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kwargs", [None, {}, {"key_prefix": "another"}])
 def test_a_beat_schedule_sending_the_sweep_without_this_key_prefix_is_w008(settings, kwargs):
     """Issue 17, item 10: every worker refuses such a sweep and the log is never pruned."""
@@ -284,6 +307,7 @@ def test_a_beat_schedule_sending_the_sweep_without_this_key_prefix_is_w008(setti
     assert "'key_prefix': 'ormbridge'" in message.hint
 
 
+@pytest.mark.unit
 def test_a_beat_schedule_in_the_celery_apps_conf_is_checked_too(settings, celery_app):
     celery_app.conf.beat_schedule = OLD_SNIPPET
     assert ids(settings) == ["ormbridge.W008"]

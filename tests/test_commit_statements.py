@@ -37,7 +37,7 @@ from ormbridge.querysets import cached_queryset
 from shop.models import DigitalProduct, Order, Product, Tag
 from tests.factories import make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 PG = "postgresql"
 

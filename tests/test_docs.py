@@ -2,7 +2,11 @@
 
 from pathlib import Path
 
+import pytest
+
 from ormbridge.conf import settings
+
+pytestmark = pytest.mark.unit
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

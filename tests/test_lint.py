@@ -47,6 +47,7 @@ def test_an_import_against_the_data_flow_fails_the_layers_contract(copy: Path):
     assert "ormbridge.conf is not allowed to import ormbridge.relay" in done.stdout
 
 
+@pytest.mark.lint
 def test_a_type_error_fails_mypy(copy: Path):
     module = copy / "ormbridge" / "replay.py"
     args = ("--follow-imports=silent", "--no-incremental", "ormbridge/replay.py")
