@@ -412,13 +412,33 @@ def broker() -> redis.Redis:
     return redis.Redis(unix_socket_path=str(RUN_DIR / "broker.sock"))
 
 
+def purge_task_messages() -> None:
+    """Drop the task messages earlier tests left queued in the broker (its list keys).
+
+    The service tier runs the tests that stop the session's worker together, so what
+    they enqueue for no worker would otherwise wait for the next worker a test starts
+    (which may refuse it, or run it, and be counted). kombu's bindings are kept.
+    """
+    client = redis.Redis(unix_socket_path=str(RUN_DIR / "broker.sock"))
+    try:
+        for key in client.scan_iter(count=1000):
+            if client.type(key) == b"list":
+                client.delete(key)
+    except redis.ConnectionError:  # stopped by the last test: started again empty
+        pass
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def no_relay(session_worker: Worker) -> None:
     """No relay runs anywhere: change-log rows stay as they are written.
 
-    The session's worker (whose relay would deliver them) is stopped if it runs.
+    The session's worker (whose relay would deliver them) is stopped if it runs, and
+    the task messages left queued for it are dropped.
     """
     session_worker.stop()
+    purge_task_messages()
 
 
 class Worker:
@@ -534,9 +554,15 @@ def session_worker(django_db_setup, django_db_blocker, redis_servers) -> Iterato
 
 @pytest.fixture
 def start_worker(
-    django_db_setup, django_db_blocker, redis_servers
+    request: pytest.FixtureRequest, django_db_setup, django_db_blocker, redis_servers
 ) -> Iterator[Callable[..., Worker]]:
-    """Start extra workers (for tests that kill them); stopped at the end of the test."""
+    """Start extra workers (for tests that kill them); stopped at the end of the test.
+
+    They find no task message an earlier test left queued (:func:`purge_task_messages`),
+    unless the session's worker runs (then it consumes them).
+    """
+    if request.getfixturevalue("session_worker").process is None:
+        purge_task_messages()
     started: list[Worker] = []
     with django_db_blocker.unblock():
         db_name = connection.settings_dict["NAME"]
