@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-cluster lint django-suite
+.PHONY: demo test test-fast test-unit test-postgresql test-sqlite test-cluster lint django-suite
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,17 +15,33 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	cd example && ../$(BIN)/python manage.py demo
 
-# The suite runs on PostgreSQL (DATABASE_URL, default postgres://postgres@127.0.0.1:5432/test),
-# then again on SQLite, then on PostgreSQL with ormbridge's Redis a Redis Cluster (test-cluster).
-test: $(BIN)/.installed
-	$(BIN)/python -m pytest
-	DATABASE_URL=sqlite:// $(BIN)/python -m pytest
-	$(MAKE) test-cluster
+# The suite in tiers and passes (README, "Tests"); which tests a pass runs is a marker:
+#   test-unit        the unit tier (-m unit): no database, Redis or worker; seconds
+#   test-postgresql  the service tier on PostgreSQL (DATABASE_URL, default
+#                    postgres://postgres@127.0.0.1:5432/test): every test but the unit tier
+#   test-sqlite      the tests whose behaviour differs by database (-m databases), on SQLite
+#   test-cluster     the tests that touch ormbridge's Redis (-m redis), with that Redis a Redis
+#                    Cluster of three masters the run starts on free ports of 127.0.0.1 (needs
+#                    redis-server >= 7 and redis-cli); the broker stays a plain server
+# The lint checks (-m lint) are make lint's, not the passes'.
+PYTEST := $(BIN)/python -m pytest
 
-# The suite with ormbridge's Redis a Redis Cluster of three masters that the run starts on free
-# ports of 127.0.0.1 (needs redis-server >= 7 and redis-cli); the cache and broker stay plain.
+test: test-unit test-postgresql test-sqlite test-cluster
+
+# For local work: the unit tier, then PostgreSQL's pass.
+test-fast: test-unit test-postgresql
+
+test-unit: $(BIN)/.installed
+	$(PYTEST) -m unit
+
+test-postgresql: $(BIN)/.installed
+	$(PYTEST) -m "not unit and not lint"
+
+test-sqlite: $(BIN)/.installed
+	DATABASE_URL=sqlite:// $(PYTEST) -m "databases and not unit and not lint"
+
 test-cluster: $(BIN)/.installed
-	ORMBRIDGE_TEST_REDIS_CLUSTER=1 $(BIN)/python -m pytest
+	ORMBRIDGE_TEST_REDIS_CLUSTER=1 $(PYTEST) -m "redis and not unit and not lint"
 
 # Peer check: Django's own transactions/delete/delete_regress/many_to_many/signals tests,
 # without and with ormbridge, on SQLite and PostgreSQL (docs/django-suite.md).
@@ -37,6 +53,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
+	$(PYTEST) -m lint
 
 # The sdist and the wheel, into dist/, checked by twine as the package index would (README
 # rendering, metadata). build and twine go into .venv here: they are not ormbridge's to need.

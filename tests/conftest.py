@@ -1,4 +1,12 @@
-"""Shared fixtures: real Redis servers, a real Celery worker process, helpers."""
+"""Shared fixtures: real Redis servers, a real Celery worker process, helpers; the tiers.
+
+The suite has two tiers (README, "Tests"). Tests marked ``unit`` (and ``lint``) use no
+service: the autouse fixtures below leave them alone, and a unit test that asks for a
+database or a service fails at collection. Every other test is the service tier: real
+PostgreSQL or SQLite, real Redis servers and real Celery workers. Its tests are run grouped
+by the state of the session's worker they need (:func:`pytest_collection_modifyitems`), so
+the worker starts a handful of times per pass rather than once every few tests.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +18,10 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import hypothesis
 import pytest
@@ -30,6 +39,85 @@ pytest_plugins = ["ormbridge.testing"]  # the ormbridge_testing fixture, as a pr
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = Path(os.environ["ORMBRIDGE_TEST_RUN_DIR"])
+
+
+# -- tiers and passes (README, "Tests") ---------------------------------------------------
+
+# What a test may not ask for when it is marked ``unit`` or ``lint``: a database or a service.
+SERVICE_FIXTURES = frozenset({
+    "django_db_setup", "db", "transactional_db", "live_server", "redis_servers", "broker",
+    "session_worker", "worker", "no_relay", "start_worker", "serve", "second_database",
+    "replica", "product_triggers_uninstalled",
+})  # fmt: skip
+
+
+def uses_no_service(item: pytest.Item) -> bool:
+    """Whether ``item`` is of the unit tier (or a lint check): the autouse fixtures that
+    empty the change log and Redis leave it alone, and no server is started for it."""
+    return any(item.get_closest_marker(name) for name in ("unit", "lint"))
+
+
+def worker_group(item: pytest.Item) -> int:
+    """Where ``item`` runs in a pass, by what it needs of the session's Celery worker.
+
+    0: no service (unit, lint); 1: the worker stopped (``no_relay``); 2: either way;
+    3: the worker running (``worker``); 4: the worker running, in a test that may stop a
+    Redis server or the broker (which can take the worker down: it is restarted next time).
+    """
+    if uses_no_service(item):
+        return 0
+    names = set(getattr(item, "fixturenames", ()))
+    if "no_relay" in names:
+        return 1
+    if "worker" not in names:
+        return 2
+    return 4 if names & {"redis_servers", "broker"} else 3
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a unit test that asks for a service; then group the tests by the worker state
+    they need, so a pass stops the session's worker once and starts it once (plus the
+    restarts tests cause on purpose) instead of at every change of state.
+
+    The sort is stable: pytest-randomly's shuffle (which runs first) still decides the
+    order of modules and of tests within each group, so order dependencies still show up.
+    """
+    wrong = [
+        item.nodeid
+        for item in items
+        if uses_no_service(item)
+        and (
+            item.get_closest_marker("django_db") is not None
+            or SERVICE_FIXTURES & set(getattr(item, "fixturenames", ()))
+        )
+    ]
+    if wrong:
+        raise pytest.UsageError(
+            "marked unit (or lint) but asks for a database or a service: " + ", ".join(wrong)
+        )
+    items.sort(key=worker_group)
+
+
+MISSING_TOOL = "missing tool"
+
+
+def skip_missing_tool(tool: str, install: str) -> NoReturn:
+    """Skip the test for want of ``tool``, in a way the end of the run counts out loud."""
+    pytest.skip(f"{MISSING_TOOL}: {tool}; {install}")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """A loud line per missing tool: how many tests did not run for want of it."""
+    missing: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+        if f"{MISSING_TOOL}: " in reason:
+            missing[reason.split(f"{MISSING_TOOL}: ", 1)[1]] += 1
+    for tool, count in sorted(missing.items()):
+        terminalreporter.write_sep(
+            "!", f"WARNING: {count} tests SKIPPED, {MISSING_TOOL}: {tool}", red=True, bold=True
+        )
 
 
 def elsewhere(work: Callable[[], T]) -> T:
@@ -227,14 +315,14 @@ class RedisCluster:
 @pytest.fixture(scope="session")
 def redis_servers() -> Iterator[dict[str, RedisServer | RedisCluster]]:
     """ormbridge's Redis (a Redis Cluster with ``ORMBRIDGE_TEST_REDIS_CLUSTER=1``, see
-    tests/settings.py), the Django cache's and the Celery broker."""
+    tests/settings.py) and the Celery broker's. (ormbridge keeps nothing in Django's cache:
+    the tests' ``CACHES`` is a local-memory one, and no Redis is started for it.)"""
     servers: dict[str, RedisServer | RedisCluster] = {
         "ormbridge": (
             RedisCluster("ormbridge", settings.CLUSTER_PORTS)
             if settings.CLUSTER
             else RedisServer("ormbridge")
         ),
-        "cache": RedisServer("cache"),
         "broker": RedisServer("broker", port=settings.BROKER_PORT),
     }
     for server in servers.values():
@@ -242,6 +330,15 @@ def redis_servers() -> Iterator[dict[str, RedisServer | RedisCluster]]:
     yield servers
     for server in servers.values():
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def channel_layer_server() -> Iterator[RedisServer]:
+    """A Redis of its own for a Channels channel layer (tests/test_channels.py)."""
+    server = RedisServer("channels")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -252,7 +349,7 @@ def one_database(request: pytest.FixtureRequest) -> Iterator[None]:
     It is on whenever pytest-django sets the databases up, so that "other" gets its
     tables (tests/routers.py).
     """
-    if "django_db_setup" in request.fixturenames:
+    if "django_db_setup" in request.fixturenames and not uses_no_service(request.node):
         request.getfixturevalue("django_db_setup")
     SecondDatabaseRouter.enabled = False
     yield
@@ -283,7 +380,7 @@ def clean_log(request: pytest.FixtureRequest) -> None:
     The previous test's flush deletes every row, and the capture triggers log
     those deletes (SQLite) or the truncation (PostgreSQL).
     """
-    if request.node.get_closest_marker("django_db") is None:
+    if request.node.get_closest_marker("django_db") is None or uses_no_service(request.node):
         return
     request.getfixturevalue("django_db_setup")
     with request.getfixturevalue("django_db_blocker").unblock(), connection.cursor() as cursor:
@@ -291,12 +388,15 @@ def clean_log(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture(autouse=True)
-def clean_redis(redis_servers: dict[str, RedisServer], clean_log: None) -> Iterator[None]:
-    """Each test starts with empty ormbridge and cache servers (the broker is left alone),
-    and with the commit path's circuit breaker closed."""
-    for name in ("ormbridge", "cache"):
-        if not redis_servers[name].running:
-            redis_servers[name].start()
+def clean_redis(request: pytest.FixtureRequest, clean_log: None) -> Iterator[None]:
+    """Each service test starts with an empty ormbridge Redis (the broker is left alone),
+    and with the commit path's circuit breakers closed. Unit tests start no server."""
+    if uses_no_service(request.node):
+        yield
+        return
+    redis_servers: dict[str, RedisServer | RedisCluster] = request.getfixturevalue("redis_servers")
+    if not redis_servers["ormbridge"].running:
+        redis_servers["ormbridge"].start()
     stats.counts.send()  # the last test's hits, not this one's
     redis_store.get_redis().flushall()  # on a cluster: every master
     redis_store.breaker.reset()
@@ -312,13 +412,33 @@ def broker() -> redis.Redis:
     return redis.Redis(unix_socket_path=str(RUN_DIR / "broker.sock"))
 
 
+def purge_task_messages() -> None:
+    """Drop the task messages earlier tests left queued in the broker (its list keys).
+
+    The service tier runs the tests that stop the session's worker together, so what
+    they enqueue for no worker would otherwise wait for the next worker a test starts
+    (which may refuse it, or run it, and be counted). kombu's bindings are kept.
+    """
+    client = redis.Redis(unix_socket_path=str(RUN_DIR / "broker.sock"))
+    try:
+        for key in client.scan_iter(count=1000):
+            if client.type(key) == b"list":
+                client.delete(key)
+    except redis.ConnectionError:  # stopped by the last test: started again empty
+        pass
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def no_relay(session_worker: Worker) -> None:
     """No relay runs anywhere: change-log rows stay as they are written.
 
-    The session's worker (whose relay would deliver them) is stopped if it runs.
+    The session's worker (whose relay would deliver them) is stopped if it runs, and
+    the task messages left queued for it are dropped.
     """
     session_worker.stop()
+    purge_task_messages()
 
 
 class Worker:
@@ -434,9 +554,15 @@ def session_worker(django_db_setup, django_db_blocker, redis_servers) -> Iterato
 
 @pytest.fixture
 def start_worker(
-    django_db_setup, django_db_blocker, redis_servers
+    request: pytest.FixtureRequest, django_db_setup, django_db_blocker, redis_servers
 ) -> Iterator[Callable[..., Worker]]:
-    """Start extra workers (for tests that kill them); stopped at the end of the test."""
+    """Start extra workers (for tests that kill them); stopped at the end of the test.
+
+    They find no task message an earlier test left queued (:func:`purge_task_messages`),
+    unless the session's worker runs (then it consumes them).
+    """
+    if request.getfixturevalue("session_worker").process is None:
+        purge_task_messages()
     started: list[Worker] = []
     with django_db_blocker.unblock():
         db_name = connection.settings_dict["NAME"]

@@ -1,8 +1,8 @@
 """Test settings: the example project on real services started by the test run.
 
-Each test run gets its own directory with three real Redis servers on unix
-sockets (ormbridge's Redis, the Django cache, the Celery broker) so a test can
-stop one without touching the others or the machine's Redis. The database is
+Each test run gets its own directory with real Redis servers on unix sockets
+(ormbridge's Redis and the Celery broker; test_channels adds a channel layer's)
+so a test can stop one without touching the others or the machine's Redis. The database is
 PostgreSQL unless ``DATABASE_URL`` says otherwise (``sqlite://`` for SQLite).
 
 ``ORMBRIDGE_TEST_REDIS_CLUSTER=1``: ormbridge's Redis is a Redis Cluster of three
@@ -58,7 +58,7 @@ os.environ["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{BROKER_PORT}/0"
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
 
 from example.settings import *  # noqa: E402, F403
-from example.settings import CACHES, DATABASES, INSTALLED_APPS, ORMBRIDGE  # noqa: E402
+from example.settings import DATABASES, INSTALLED_APPS, ORMBRIDGE  # noqa: E402
 from tests.routers import SecondDatabaseRouter  # noqa: E402
 
 INSTALLED_APPS = [*INSTALLED_APPS, "polymorphic", "tests.testapp", "tests.seconddb"]
@@ -66,8 +66,8 @@ if DATABASES["default"]["ENGINE"].endswith("postgresql"):
     # ArrayField and HStoreField (tests.pgapp): PostgreSQL's own.
     INSTALLED_APPS += ["django.contrib.postgres", "tests.pgapp"]
 
-CACHES["default"]["LOCATION"] = f"unix://{RUN_DIR}/cache.sock"
-CACHES["default"]["KEY_PREFIX"] = "test"
+# ormbridge keeps nothing in Django's cache: no Redis is started for it.
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 ORMBRIDGE = {
     **ORMBRIDGE,

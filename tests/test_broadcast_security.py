@@ -23,7 +23,7 @@ from tests import moving
 from tests.conftest import ROOT, Worker, wait_until
 from tests.factories import make_products, undelivered
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from django.test import Client
 
 import ormbridge
 from shop.models import Product
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, skip_missing_tool, wait_until
 from tests.factories import make_products
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -52,7 +52,9 @@ def asgi_server(worker):
 @pytest.fixture
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("no browser: install Debian's chromium and chromium-driver (.ci/run does)")
+        skip_missing_tool(
+            "chromium", "install Debian's chromium and chromium-driver (.ci/run does it)"
+        )
     from selenium import webdriver
 
     options = webdriver.ChromeOptions()

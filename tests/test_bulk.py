@@ -18,7 +18,7 @@ from tests import emitters, replays
 from tests.conftest import wait_until
 from tests.factories import cached_entry, log_mark, logged_since, make_products, wait_delivered
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from shop.models import Category, Product
 from tests import replays
 from tests.factories import make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases]
 postgresql = pytest.mark.skipif(
     connection.vendor != "postgresql", reason="kills a PostgreSQL backend from another"
 )

@@ -17,7 +17,7 @@ from shop.models import Category, Customer, DiscountedProduct, Order, Product, T
 from tests.conftest import wait_until
 from tests.factories import make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 def test_a_miss_loads_and_caches_the_instance(no_relay, django_assert_num_queries):

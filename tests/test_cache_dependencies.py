@@ -22,7 +22,7 @@ from shop.models import Category, Note, Order, Product
 from tests.factories import make_products
 from tests.testapp.models import ArtProject, Blog, Book, Entry, Number, Post, Project, Shelf
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 def stats(label: str) -> dict[str, str]:

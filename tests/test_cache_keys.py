@@ -33,6 +33,8 @@ from shop.models import Category, Customer, Order, Product
 from tests.factories import make_products
 from tests.testapp.models import Document
 
+pytestmark = [pytest.mark.databases, pytest.mark.redis]
+
 postgresql_only = pytest.mark.skipif(
     connection.vendor != "postgresql", reason="JSON containment (contains=) is PostgreSQL's"
 )
@@ -262,22 +264,26 @@ class Colour(enum.Enum):
     ONE = "1"
 
 
+@pytest.mark.unit
 def test_the_encoder_refuses_a_type_it_does_not_know_naming_it():
     with pytest.raises(keys.Unkeyable, match=r"builtins\.object value at \[1\]"):
         keys.encode([1, object()])
 
 
+@pytest.mark.unit
 def test_the_encoder_refuses_an_unsaved_instance():
     with pytest.raises(keys.Unkeyable, match=r"shop\.models\.Product"):
         keys.encode(Product(name="unsaved"))
 
 
+@pytest.mark.unit
 def test_the_encoder_encodes_a_psycopg_jsonb_in_full():
     jsonb = pytest.importorskip("psycopg.types.json").Jsonb
     assert keys.encode(jsonb({"owner": ALICE})) != keys.encode(jsonb({"owner": BOB}))
     assert keys.encode(jsonb({"owner": ALICE})) == keys.encode(jsonb({"owner": ALICE}))
 
 
+@pytest.mark.unit
 def test_the_encoder_tells_a_naive_datetime_from_an_aware_one():
     naive = datetime.datetime(2026, 12, 7, 9, 0)
     aware = naive.replace(tzinfo=datetime.UTC)
@@ -360,12 +366,14 @@ def identity(value: Any) -> Any:
     return (type(value), value)
 
 
+@pytest.mark.unit
 @settings(max_examples=400, deadline=None)
 @given(VALUES, VALUES)
 def test_two_values_share_an_encoding_only_when_they_are_the_same_value(a, b):
     assert (keys.encode(a) == keys.encode(b)) == (identity(a) == identity(b))
 
 
+@pytest.mark.unit
 @settings(max_examples=200, deadline=None)
 @given(st.lists(VALUES, max_size=3), st.dictionaries(st.text(max_size=3), VALUES, max_size=3))
 def test_positional_arguments_never_share_a_key_with_named_ones(args, kwargs):

@@ -67,7 +67,7 @@ from ormbridge.querysets import CachedQuerySet
 from shop.models import Category, Customer, DiscountedProduct, Note, Order, Product, Tag
 from tests.testapp.models import Document, Profile
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 POSTGRESQL = connection.vendor == "postgresql"
 postgresql_only = pytest.mark.skipif(
     not POSTGRESQL,

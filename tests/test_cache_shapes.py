@@ -27,7 +27,7 @@ from ormbridge.cache import cached_instance
 from shop.models import Category, DigitalProduct, DiscountedProduct, Note, Order, Product, Tag
 from tests.factories import make_products, wait_delivered
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 def cached_queryset(queryset: Any) -> list[Any]:

@@ -25,7 +25,7 @@ from shop.models import Product
 from tests.conftest import elsewhere
 from tests.factories import make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 postgresql_only = pytest.mark.skipif(
     connection.vendor != "postgresql",

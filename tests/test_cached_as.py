@@ -8,7 +8,7 @@ from ormbridge.models import ChangeBatch
 from shop.models import Category, Customer, Product
 from tests.factories import make_products, wait_delivered
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 def entry_ttls() -> list[int]:

@@ -22,7 +22,7 @@ from shop.models import Category, Customer, Product
 from tests import commands
 from tests.factories import make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 class MyQuerySet(models.QuerySet):

@@ -19,7 +19,12 @@ from ormbridge import redis_store, relay
 from shop.models import Product
 from tests.factories import make_products, wait_delivered
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.urls("tests.testapp.urls")]
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.urls("tests.testapp.urls"),
+    pytest.mark.databases,
+    pytest.mark.redis,
+]
 
 
 def view_ran(request, *args, **kwargs) -> bool:

@@ -43,7 +43,7 @@ from tests.conftest import wait_until
 from tests.factories import cached_entry
 from tests.testapp.apps import fail_save, hold_save, record_delete, record_save
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 PG = "postgresql"
 

@@ -12,7 +12,7 @@ from ormbridge.models import ChangeBatch
 from shop.models import Product, Tag
 from tests.factories import log_mark, logged_since, make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import re
 from urllib.parse import urlencode
 
 import pytest
+import redis
 from asgiref.sync import async_to_sync, sync_to_async
 from asgiref.testing import ApplicationCommunicator
 from channels.auth import AuthMiddlewareStack
@@ -19,20 +20,23 @@ from django.test import Client
 from ormbridge import broadcast, relay
 from ormbridge.contrib.channels import EventsConsumer, group_name
 from shop.models import Customer, Order
-from tests.conftest import RUN_DIR
 from tests.factories import make_products
 
 TIMEOUT = 10  # seconds a socket waits for a message that must come
 
 
 @pytest.fixture
-def channel_layer(settings):
-    """A Redis channel layer on the test run's cache Redis (emptied before each test), and
-    the Channels emitter beside the others."""
+def channel_layer(settings, channel_layer_server):
+    """A Redis channel layer on a Redis of its own (emptied before each test), and the
+    Channels emitter beside the others."""
+    redis.Redis(unix_socket_path=str(channel_layer_server.socket)).flushall()
     settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [f"unix://{RUN_DIR}/cache.sock"], "prefix": "ormbridge-test"},
+            "CONFIG": {
+                "hosts": [f"unix://{channel_layer_server.socket}"],
+                "prefix": "ormbridge-test",
+            },
         }
     }
     settings.ORMBRIDGE = {
@@ -99,6 +103,7 @@ async def refusal(communicator: Socket) -> tuple[dict, int]:
 VALID_GROUP_NAME = re.compile(r"[A-Za-z0-9._-]{1,99}")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("namespace", "group"),
     [
@@ -112,6 +117,7 @@ def test_namespaces_keep_their_names_in_their_groups(namespace, group):
     assert group_name(namespace) == group
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "namespace",
     [
@@ -130,6 +136,7 @@ def test_every_group_name_is_one_channels_accepts(namespace):
     assert BaseChannelLayer().require_valid_group_name(name)
 
 
+@pytest.mark.unit
 def test_a_group_name_too_long_for_channels_is_a_hash_of_the_namespace():
     namespace = "shop.order::" + "~" * 30  # 30 escapes of 3 characters
     assert group_name(namespace) == "ormbridge-" + hashlib.sha256(namespace.encode()).hexdigest()
@@ -137,6 +144,7 @@ def test_a_group_name_too_long_for_channels_is_a_hash_of_the_namespace():
     assert group_name("shop.order::" + "x" * 79).startswith("ormbridge-")  # would be 100
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "namespaces",
     [
@@ -151,6 +159,7 @@ def test_different_namespaces_never_share_a_group(namespaces):
     assert len({group_name(namespace) for namespace in namespaces}) == len(namespaces)
 
 
+@pytest.mark.unit
 def test_hashed_group_names_begin_where_no_readable_one_can():
     readable = ["shop.product", "ormbridge.x", "shop.order::-", "shop.order::" + "x" * 70]
     hashed = ["shop.order::" + "~" * 100, "no namespace", "-.x", "shop.order-x::y"]

@@ -15,6 +15,9 @@ from ormbridge import schedule
 from ormbridge.checks import check_settings, check_triggers
 from ormbridge.conf import settings as ormbridge_settings
 
+# The tests that are not of the unit tier read the test database's triggers and log.
+pytestmark = pytest.mark.databases
+
 
 def ids(settings) -> list[str]:
     return [message.id for message in check_settings()]
@@ -24,15 +27,18 @@ def configure(settings, **values):
     settings.ORMBRIDGE = {**settings.ORMBRIDGE, **values}
 
 
+@pytest.mark.unit
 def test_the_test_settings_are_clean(settings):
     assert check_settings() == []
 
 
+@pytest.mark.unit
 def test_ormbridge_must_be_a_dict(settings):
     settings.ORMBRIDGE = ["REDIS_URL"]
     assert ids(settings) == ["ormbridge.E001"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("key", ["DELIVERY_DELAYS", "REDELIVER_AFTER"])  # a typo, a removed key
 def test_unknown_key_is_a_warning_naming_it(settings, key):
     configure(settings, **{key: 1})
@@ -41,6 +47,7 @@ def test_unknown_key_is_a_warning_naming_it(settings, key):
     assert key in message.msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "key,value", [("RELAY_LEASE", 1), ("RELAY_POLL", 0.01), ("LOG_RETENTION", 0), ("RELAY", False)]
 )
@@ -49,12 +56,14 @@ def test_numbers_at_their_minimum_are_fine(settings, key, value):
     assert check_settings() == []
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("url", ["http://localhost", "localhost:6379", 6379, ""])
 def test_redis_url_must_be_a_redis_url(settings, url):
     configure(settings, REDIS_URL=url)
     assert ids(settings) == ["ormbridge.E002"]
 
 
+@pytest.mark.unit
 def test_the_retired_cache_alias_says_where_entries_live_now(settings):
     configure(settings, CACHE_ALIAS="default")
     [message] = check_settings()
@@ -62,6 +71,7 @@ def test_the_retired_cache_alias_says_where_entries_live_now(settings):
     assert "REDIS_URL" in message.hint
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "old,new,value",
     [("FLUSH_DELAY", "DELIVERY_DELAY", 0.5), ("FLUSH_BATCH_SIZE", "DELIVERY_BATCH_SIZE", 7)],
@@ -77,6 +87,7 @@ def test_a_renamed_key_is_still_read_with_a_deprecation_warning_and_a_check_nami
     assert old in message.msg and new in message.hint
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "old,new", [("FLUSH_DELAY", "DELIVERY_DELAY"), ("FLUSH_BATCH_SIZE", "DELIVERY_BATCH_SIZE")]
 )
@@ -89,6 +100,7 @@ def test_the_new_key_wins_over_the_renamed_one(settings, recwarn, old, new):
     assert "ignored" in message.msg
 
 
+@pytest.mark.unit
 def test_a_renamed_key_out_of_range_is_reported_under_the_new_name(settings):
     configure(settings, FLUSH_DELAY=-1)
     assert sorted(ids(settings)) == ["ormbridge.E004", "ormbridge.W010"]
@@ -126,6 +138,7 @@ def test_numbers_must_be_in_range(settings, key, value):
     assert key in message.msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("key", ["KEY_PREFIX", "QUEUE"])
 @pytest.mark.parametrize("value", ["", "two words", None])
 def test_names_must_be_non_empty_strings(settings, key, value):
@@ -133,6 +146,7 @@ def test_names_must_be_non_empty_strings(settings, key, value):
     assert ids(settings) == ["ormbridge.E005"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("entry", ["shop.Nope", "nodot", "shop.DiscountedProduct"])
 def test_models_must_name_concrete_models(settings, entry):
     configure(settings, MODELS=["shop.Order", entry])
@@ -141,6 +155,7 @@ def test_models_must_name_concrete_models(settings, entry):
     assert entry in message.msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "options,named",
     [
@@ -156,6 +171,7 @@ def test_models_as_a_dict_must_give_known_options(settings, options, named):
     assert "shop.Tag" in message.msg and named in message.msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("models", [["testapp.Seat"], {"testapp.Seat": {}}])
 def test_models_naming_a_composite_primary_key_model_is_e009(settings, models):
     configure(settings, MODELS=models)
@@ -165,11 +181,13 @@ def test_models_naming_a_composite_primary_key_model_is_e009(settings, models):
     assert "Remove" in message.hint
 
 
+@pytest.mark.unit
 def test_emitters_must_import(settings):
     configure(settings, EMITTERS=["ormbridge.broadcast.NoSuchEmitter"])
     assert ids(settings) == ["ormbridge.E007"]
 
 
+@pytest.mark.unit
 def test_pickle_is_a_warning(settings):
     settings.CELERY_ACCEPT_CONTENT = ["json", "pickle"]
     assert ids(settings) == ["ormbridge.W003"]
@@ -191,6 +209,7 @@ class PickleConfig:
     accept_content = ["json", "pickle"]
 
 
+@pytest.mark.unit
 def test_pickle_accepted_through_a_celeryconfig_module_is_a_warning(settings, celery_app):
     celery_app.config_from_object(PickleConfig)
     [message] = check_settings()
@@ -198,6 +217,7 @@ def test_pickle_accepted_through_a_celeryconfig_module_is_a_warning(settings, ce
     assert "accept_content" in message.msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "key,value",
     [
@@ -214,11 +234,13 @@ def test_pickle_set_in_the_app_conf_is_a_warning(settings, celery_app, key, valu
     assert key in message.msg
 
 
+@pytest.mark.unit
 def test_a_json_only_celery_app_is_clean(settings, celery_app):
     celery_app.conf.accept_content = ["json", "msgpack"]
     assert check_settings() == []
 
 
+@pytest.mark.unit
 def test_manage_py_check_fails_on_bad_configuration(settings):
     configure(settings, REDIS_URL="http://nope")
     with pytest.raises(SystemCheckError, match=r"ormbridge\.E002"):
@@ -250,6 +272,7 @@ def test_manage_py_check_database_warns_of_missing_triggers(product_triggers_uni
     assert "ormbridge.W005" in out.getvalue()
 
 
+@pytest.mark.unit
 def test_a_database_with_registered_models_that_the_router_keeps_the_log_out_of_is_w006(
     settings,
 ):
@@ -262,6 +285,7 @@ def test_a_database_with_registered_models_that_the_router_keeps_the_log_out_of_
     assert "allow_migrate" in message.hint and "migrate --database other" in message.hint
 
 
+@pytest.mark.unit
 def test_databases_that_hold_a_log_or_no_registered_model_are_clean(settings):
     settings.DATABASE_ROUTERS = ["tests.routers.SecondDatabaseRouter"]  # a log in each
     assert [m for m in run_checks() if m.id == "ormbridge.W006"] == []
@@ -304,6 +328,7 @@ OLD_SNIPPET = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kwargs", [None, {}, {"key_prefix": "another"}])
 def test_a_beat_schedule_sending_the_sweep_without_this_key_prefix_is_w008(settings, kwargs):
     """Issue 17, item 10: every worker refuses such a sweep and the log is never pruned."""
@@ -317,6 +342,7 @@ def test_a_beat_schedule_sending_the_sweep_without_this_key_prefix_is_w008(setti
     assert "'key_prefix': 'ormbridge'" in message.hint
 
 
+@pytest.mark.unit
 def test_a_beat_schedule_in_the_celery_apps_conf_is_checked_too(settings, celery_app):
     celery_app.conf.beat_schedule = OLD_SNIPPET
     assert ids(settings) == ["ormbridge.W008"]

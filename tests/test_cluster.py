@@ -28,6 +28,8 @@ from tests import sse
 from tests.conftest import RedisCluster, RedisServer
 from tests.factories import make_products
 
+pytestmark = pytest.mark.redis
+
 
 @pytest.fixture(scope="session")
 def redis_cluster(redis_servers: dict[str, RedisServer | RedisCluster]) -> Iterator[RedisCluster]:
@@ -85,6 +87,7 @@ def run_id_of(node: RedisServer) -> str:
         client.close()
 
 
+@pytest.mark.unit
 def test_every_key_of_a_prefix_is_in_one_hash_slot():
     keys = [
         redis_store.key("anything"),
@@ -206,12 +209,14 @@ def ids() -> list[str]:
     return [message.id for message in check_settings()]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:7000", "rediss://localhost:6380/0"])
 def test_a_cluster_node_url_passes_the_checks(settings, url):
     configure(settings, REDIS_URL=url, REDIS_CLUSTER=True)
     assert check_settings() == []
 
 
+@pytest.mark.unit
 def test_a_unix_socket_is_refused_for_a_cluster(settings):
     configure(settings, REDIS_URL="unix:///run/redis.sock", REDIS_CLUSTER=True)
     [message] = check_settings()
@@ -219,12 +224,14 @@ def test_a_unix_socket_is_refused_for_a_cluster(settings):
     assert "Redis Cluster node" in message.msg
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", ["yes", 1, None])
 def test_redis_cluster_must_be_a_bool(settings, value):
     configure(settings, REDIS_CLUSTER=value)
     assert ids() == ["ormbridge.E002"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("prefix", ["{shop}", "a}b", "x{"])
 def test_a_key_prefix_with_braces_is_refused(settings, prefix):
     configure(settings, KEY_PREFIX=prefix)

@@ -26,7 +26,7 @@ from tests.conftest import Worker, wait_until
 from tests.factories import cached_entry, make_products, wait_delivered
 from tests.test_resync import resync_command
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 CAP = 1_000
 ROWS = 10_000

@@ -10,6 +10,8 @@ from django.test import override_settings
 
 from ormbridge.conf import settings
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 

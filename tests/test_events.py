@@ -13,7 +13,7 @@ from shop.models import Customer, Order, Product, Tag
 from tests import sse
 from tests.factories import make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 @pytest.fixture

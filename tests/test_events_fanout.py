@@ -13,7 +13,7 @@ from ormbridge import broadcast, fanout, redis_store
 from tests import sse
 from tests.conftest import wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]
 
 BUFFER = 200  # EVENTS_BUFFER of the slow-client server
 BIG = list(range(1500))  # an event this size is about 8 kB

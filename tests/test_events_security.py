@@ -22,7 +22,7 @@ from tests import sse
 from tests.conftest import wait_until
 from tests.test_browser import browser as headless_chromium  # noqa: F401  (a fixture)
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]
 
 REAUTH = 1  # seconds between the servers' re-checks of an open stream's access
 MAX_NAMESPACES = 20  # the default of EVENTS_MAX_NAMESPACES

@@ -19,7 +19,7 @@ from tests import sse
 from tests.conftest import wait_until
 from tests.factories import make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]
 
 REAUTH = 1  # seconds between the server's re-checks of an open stream's access
 MAX_AGE = 6  # seconds a stream lives (less up to a tenth): ample for a save to be delivered

@@ -22,10 +22,10 @@ from ormbridge.models import ChangeBatch
 from shop.models import Product
 from tests import pushpin as pushpin_proxy
 from tests import sse
-from tests.conftest import wait_until
+from tests.conftest import skip_missing_tool, wait_until
 from tests.factories import UNDELIVERED, make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]
 
 EMITTER = "ormbridge.contrib.eventstream.EventStreamEmitter"
 
@@ -33,7 +33,7 @@ EMITTER = "ormbridge.contrib.eventstream.EventStreamEmitter"
 @pytest.fixture
 def pushpin(tmp_path):
     if pushpin_proxy.executable() is None:
-        pytest.skip("no pushpin: install Debian's pushpin (.ci/run does)")
+        skip_missing_tool("pushpin", "install Debian's pushpin (.ci/run does)")
     proxy = pushpin_proxy.Pushpin(tmp_path / "pushpin")
     yield proxy
     proxy.stop()

@@ -29,7 +29,7 @@ from tests import emitters, replays
 from tests.conftest import ROOT, RedisCluster, RedisServer, wait_until
 from tests.factories import cached_entry, make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 def django_env() -> dict[str, str]:

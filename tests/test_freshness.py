@@ -32,7 +32,7 @@ from tests import emitters
 from tests.conftest import ROOT, wait_until
 from tests.factories import cached_entry, make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 READER = textwrap.dedent(
     """

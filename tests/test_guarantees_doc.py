@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 GUARANTEES = ROOT / "docs" / "guarantees.md"
 DESIGN = ROOT / "docs" / "design.md"

@@ -10,7 +10,7 @@ from shop.models import Product, Tag
 from tests import commands
 from tests.factories import log_mark, logged_since, make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 def test_the_named_models_are_read_from_the_database_again(no_relay, django_assert_num_queries):

@@ -27,7 +27,7 @@ from tests.conftest import Worker, wait_until
 from tests.factories import make_products, wait_delivered
 from tests.test_resync import resync_command
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases]
 
 LEASE = 1.0
 ROWS = 30

@@ -8,7 +8,7 @@ from django.utils import timezone
 from ormbridge import relay, status
 from ormbridge.models import ChangeBatch
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases]
 
 DONE_ROWS = 200_000
 

@@ -18,7 +18,7 @@ from tests import emitters
 from tests.conftest import wait_until
 from tests.factories import cached_entry, make_products, undelivered
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 def settled(rows: list) -> list:

@@ -9,6 +9,8 @@ import pytest
 from ormbridge import broadcast
 from ormbridge.contrib.pusher import PusherEmitter
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def pusher_api(settings):

@@ -20,7 +20,7 @@ from tests.commands import run
 from tests.conftest import RUN_DIR, Worker, wait_until
 from tests.factories import make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 OTHER = "shop-b"  # project B's KEY_PREFIX; project A (these tests) keeps the default
 B_QUEUE = "ormbridge.shop-b"  # project B's default queue

@@ -24,7 +24,7 @@ from tests import commands, emitters, replays
 from tests.conftest import wait_until
 from tests.factories import cached_entry, make_products, wait_delivered
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 RECEIVER = "tests.testapp.apps.fail_save"
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "status.schema.json").read_text())

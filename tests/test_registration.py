@@ -12,17 +12,23 @@ from ormbridge import registry
 from shop.models import Category, Customer, DiscountedProduct, Order, Product, Tag
 from tests.factories import log_mark, logged_since
 
+# The tests that are not of the unit tier read the test database's triggers and log.
+pytestmark = pytest.mark.databases
 
+
+@pytest.mark.unit
 def test_models_listed_in_settings_are_registered():
     assert all(registry.is_registered(m) for m in (Category, Tag, Order, Customer))
 
 
+@pytest.mark.unit
 def test_models_given_as_a_dict_in_settings_get_their_options():
     """The example lists Customer as {"shop.Customer": {"cache_timeout": 600}}."""
     assert registry.options(Customer).cache_timeout == 600
     assert registry.options(Category).cache_timeout is None
 
 
+@pytest.mark.unit
 def test_decorator_registers_the_class_and_returns_it():
     assert registry.is_registered(Product)
     assert Product.__name__ == "Product"
@@ -39,6 +45,7 @@ def receiver_counts(sender) -> list[int]:
     return counts
 
 
+@pytest.mark.unit
 def test_registering_connects_no_signal_receivers():
     before = receiver_counts(Product), receiver_counts(Product.tags.through)
     ormbridge.register(Product)
@@ -46,6 +53,7 @@ def test_registering_connects_no_signal_receivers():
     assert (receiver_counts(Product), receiver_counts(Product.tags.through)) == before
 
 
+@pytest.mark.unit
 def test_registered_models_keep_djangos_fast_paths():
     # Tag is registered and nobody else listens to it: ormbridge must not either,
     # or Django would load every row before a delete and send m2m_changed.
@@ -56,27 +64,32 @@ def test_registered_models_keep_djangos_fast_paths():
     assert Collector(using="default", origin=None).can_fast_delete(links)
 
 
+@pytest.mark.unit
 def test_registering_with_other_options_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         ormbridge.register(Product, cache_timeout=5)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("thing", [object(), "shop.Product", 42, Product(sku="x")])
 def test_registering_a_non_model_raises_type_error(thing):
     with pytest.raises(TypeError, match="takes a Django model class"):
         ormbridge.register(thing)
 
 
+@pytest.mark.unit
 def test_registering_an_abstract_model_raises_type_error():
     with pytest.raises(TypeError, match="abstract"):
         ormbridge.register(AbstractUser)
 
 
+@pytest.mark.unit
 def test_registering_a_proxy_names_the_concrete_model():
     with pytest.raises(TypeError, match=r"register its concrete model shop\.Product"):
         ormbridge.register(DiscountedProduct)
 
 
+@pytest.mark.unit
 def test_registering_a_composite_primary_key_model_raises_type_error_naming_it(scratch_registry):
     from tests.testapp.models import Seat
 
@@ -85,6 +98,7 @@ def test_registering_a_composite_primary_key_model_raises_type_error_naming_it(s
     assert not registry.is_registered(Seat)
 
 
+@pytest.mark.unit
 def test_unknown_option_is_named():
     with pytest.raises(TypeError, match=r"unknown option.*colour"):
         ormbridge.register(Product, colour="red")
@@ -102,6 +116,7 @@ def test_a_proxys_writes_are_logged_as_its_concrete_model():
     assert [row.action for row in logged] == ["create", "delete"]
 
 
+@pytest.mark.unit
 def test_unregistered_models_get_no_delete_receivers():
     from django.contrib.auth.models import User
 
@@ -119,6 +134,7 @@ def scratch_registry():
     registry._implied.update(implied)
 
 
+@pytest.mark.unit
 @isolate_apps("tests.testapp")
 def test_registering_a_multi_table_child_registers_its_parents(scratch_registry):
     class Venue(models.Model):  # noqa: DJ008

@@ -8,7 +8,7 @@ from ormbridge.models import ChangeBatch
 from shop.models import Product
 from tests.factories import log_mark, logged_since, make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases]
 
 
 def test_a_claim_takes_at_most_one_chunk_to_replay(no_relay):

@@ -28,6 +28,7 @@ from tests.testapp.apps import hold_key
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
+    pytest.mark.redis,
     pytest.mark.skipif(
         "connection.vendor != 'postgresql'", reason="pg_terminate_backend is PostgreSQL's"
     ),

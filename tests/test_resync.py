@@ -15,7 +15,7 @@ from tests.conftest import wait_until
 from tests.factories import cached_entry, log_mark, logged_since, make_products
 from tests.seconddb.models import Item
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 
 def resync_command(*args: str) -> str:

@@ -24,7 +24,7 @@ from tests import commands, replays
 from tests.conftest import ROOT, wait_until
 from tests.factories import make_products
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases]
 
 RED = b"\x1b[31"
 

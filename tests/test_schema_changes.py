@@ -150,6 +150,7 @@ def probe_pks(project: Project, table: str, pk: str) -> dict[str, int]:
 # -- pure functions --------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_trigger_names_are_plain_and_distinct_whatever_the_table_is_called():
     tables = ["shop_product", "Shop_Product", "my table", "my_table", 'ledger"."entry',
               "ledger_entry", "x" * 80, "x" * 81]  # fmt: skip
@@ -159,6 +160,7 @@ def test_trigger_names_are_plain_and_distinct_whatever_the_table_is_called():
     assert names[0] == "ormbridge_ins_shop_product"  # plain names keep their triggers' names
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "sql,keyword",
     [

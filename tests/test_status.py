@@ -17,7 +17,7 @@ from ormbridge.models import ChangeBatch
 from tests import commands
 from tests.factories import make_products, wait_delivered
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases, pytest.mark.redis]
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "status.schema.json").read_text())
 

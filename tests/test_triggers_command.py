@@ -16,7 +16,7 @@ from tests import commands
 from tests.factories import log_mark, logged_since
 from tests.testapp.models import Seat
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.databases]
 
 HINT = (
     "CommandError: some captured tables lack their triggers or have stale ones; "
