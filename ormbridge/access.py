@@ -20,7 +20,6 @@ project's own transport may (the import contract in ``pyproject.toml`` checks co
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 from importlib import import_module
@@ -55,7 +54,6 @@ __all__ = [
     "requested_namespaces",
 ]
 
-logger = logging.getLogger(__name__)
 
 MAX_NAMESPACE_LENGTH = 200
 

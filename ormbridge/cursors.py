@@ -14,7 +14,6 @@ import base64
 import binascii
 import functools
 import json
-import logging
 import math
 import re
 from typing import Any, cast
@@ -24,7 +23,6 @@ from ormbridge.conf import settings
 
 __all__ = ["decode_cursor", "encode_cursor", "max_cursor_length"]
 
-logger = logging.getLogger(__name__)
 
 _STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")

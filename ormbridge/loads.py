@@ -11,7 +11,6 @@ invalidation and outside a transaction whose writes may roll back.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
@@ -23,8 +22,6 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from ormbridge import tables
 
 __all__ = ["Recorder", "Uncacheable", "in_manual_transaction", "learnt", "note_nested", "recording"]
-
-logger = logging.getLogger(__name__)
 
 
 class Uncacheable(Exception):

@@ -17,15 +17,12 @@ Nothing else on the write side imports the delivery side: the import contract in
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 from ormbridge import relay
 from ormbridge.relay import DrainResult
 
 __all__ = ["DrainResult", "deliver_held", "new_owner"]
-
-logger = logging.getLogger(__name__)
 
 
 def new_owner() -> str:

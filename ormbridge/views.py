@@ -22,7 +22,6 @@ django-eventstream integrations); the ``Last-Event-ID`` cursors are
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import time
@@ -71,7 +70,6 @@ __all__ = [
     "stream",
 ]
 
-logger = logging.getLogger(__name__)
 
 RETRY_MS = 2000  # the browser's wait before it reconnects to a stream that ended
 

@@ -46,7 +46,6 @@ import asyncio
 import hashlib
 import io
 import json
-import logging
 import re
 from typing import Any
 
@@ -85,7 +84,6 @@ __all__ = [
     "scope_request",
 ]
 
-logger = logging.getLogger(__name__)
 
 PREFIX = "ormbridge."
 HASHED_PREFIX = "ormbridge-"

@@ -21,8 +21,6 @@ GRIP proxy (Pushpin) it is checked when a client subscribes. See docs/eventstrea
 
 from __future__ import annotations
 
-import logging
-
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
@@ -41,7 +39,6 @@ except ImportError:
 
 __all__ = ["EVENT_TYPE", "EventStreamEmitter", "NamespaceChannelManager"]
 
-logger = logging.getLogger(__name__)
 
 EVENT_TYPE = "message"
 """The SSE ``event:`` of every change event: what ``EventSource.onmessage`` receives."""

@@ -20,7 +20,6 @@ was away.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -31,7 +30,6 @@ from ormbridge.conf import settings
 
 __all__ = ["MAX_EVENT_BYTES", "PusherEmitter"]
 
-logger = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 10_000
 BATCH = 10  # events per Pusher batch request
